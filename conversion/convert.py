@@ -1,0 +1,143 @@
+"""Convert a pretrained dense OPT causal LM or BERT encoder into a SEA model.
+
+Every dense weight is copied; the new SEA parameters are initialised so that, with a key budget covering every
+key, the SEA model computes exactly what the dense model computes (its gates start neutral).
+
+    python conversion/convert.py --model PATH_OR_HUB_ID --output-dir DIR [--key-budget 64 ...]
+"""
+
+import argparse
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, OPTForCausalLM, PreTrainedModel
+
+from sea.configuration_sea import SEA_BUDGET_RULES, SeaBertConfig, SeaOptConfig
+from sea.modeling_sea import SeaBertForSequenceClassification, SeaOptForCausalLM
+
+# model_type of the dense checkpoint -> (SEA config, SEA model, dense class whose weights match it one to one)
+SEA_FAMILIES = {
+    "opt": (SeaOptConfig, SeaOptForCausalLM, "OPTForCausalLM"),
+    "bert": (SeaBertConfig, SeaBertForSequenceClassification, "BertForSequenceClassification"),
+}
+SUPPORTED = "'opt' (OPTForCausalLM checkpoints) and 'bert' (BERT encoders, with or without a classification head)"
+# Config entries that describe the dense checkpoint itself rather than the architecture.
+NOT_INHERITED = ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", "dtype")
+
+
+def family_of(model_type: str):
+    if model_type not in SEA_FAMILIES:
+        raise ValueError(f"Cannot convert a model of type {model_type!r} to SEA: supported types are {SUPPORTED}.")
+    return SEA_FAMILIES[model_type]
+
+
+def load_dense(model: str | os.PathLike, num_labels: int | None = None) -> PreTrainedModel:
+    """Load the dense checkpoint with the class SEA mirrors (a BERT encoder gets a fresh classification head)."""
+    config = AutoConfig.from_pretrained(model)
+    family_of(config.model_type)
+    if config.model_type == "opt":
+        return OPTForCausalLM.from_pretrained(model)
+    extra = {} if num_labels is None else {"num_labels": num_labels}
+    return AutoModelForSequenceClassification.from_pretrained(model, **extra)
+
+
+def sea_config_for(dense_config, **sea_options):
+    config_class, _, _ = family_of(dense_config.model_type)
+    fields = {k: v for k, v in dense_config.to_dict().items() if k not in NOT_INHERITED}
+    fields.update({k: v for k, v in sea_options.items() if v is not None})
+    return config_class(**fields)
+
+
+def convert_to_sea(dense: PreTrainedModel | str | os.PathLike, num_labels: int | None = None, **sea_options):
+    """Return the SEA model of `dense` (a model object, or a path / Hub id to load).
+
+    `sea_options` are `SeaOptConfig`/`SeaBertConfig` fields (`sea_key_budget=...`); None keeps the default.
+    `num_labels` sets the size of a fresh BERT classification head when the checkpoint has none.
+    """
+    if not isinstance(dense, PreTrainedModel):
+        dense = load_dense(dense, num_labels)
+    _, sea_class, matching_class = family_of(dense.config.model_type)
+    config = sea_config_for(dense.config, **sea_options)
+    if num_labels is not None and config.model_type == "sea_bert":
+        config.num_labels = num_labels
+    sea = sea_class(config).to(dense.dtype)
+    whole_model = type(dense).__name__ == matching_class
+    target, source = (sea, dense) if whole_model else (sea.base_model, dense.base_model)
+    missing, unexpected = target.load_state_dict(source.state_dict(), strict=False)
+    if unexpected:
+        raise ValueError(f"Weights of {type(dense).__name__} with no place in {sea_class.__name__}: {unexpected}")
+    not_sea = [name for name in missing if ".sea." not in name and not name.startswith("sea.")]
+    if not_sea and whole_model:
+        raise ValueError(f"{type(dense).__name__} lacks weights that {sea_class.__name__} needs: {not_sea}")
+    sea.eval()
+    return sea
+
+
+def save_atomically(model: PreTrainedModel, output_dir: str | os.PathLike, tokenizer=None, overwrite: bool = False):
+    """Write `model` (and tokenizer) to `output_dir` via a temporary sibling folder renamed into place, so a
+    killed run never leaves a half-written model behind."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not overwrite:
+        raise FileExistsError(f"{output_dir} already exists; pass --overwrite-output-dir to replace it.")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    try:
+        model.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        staging.rename(output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def add_sea_arguments(parser: argparse.ArgumentParser):
+    """SEA options shared by the conversion and distillation command lines (None keeps the config default)."""
+    group = parser.add_argument_group("SEA attention")
+    group.add_argument("--key-budget", type=int, help="keys each query attends to, per head (default 64)")
+    group.add_argument("--compressed-width", type=int, help="bins M of the estimated attention row (default 128)")
+    group.add_argument("--performer-nb-factor", type=float, help="kernel features = D ln D / factor (default 8)")
+    group.add_argument("--budget-rule", choices=SEA_BUDGET_RULES, help="constant (default) or reference")
+    group.add_argument(
+        "--no-output-gates", dest="output_gates", action="store_false", default=None,
+        help="drop the learned gates and the average context",
+    )
+
+
+def sea_options_from(args: argparse.Namespace) -> dict:
+    return {
+        "sea_key_budget": args.key_budget,
+        "sea_compressed_width": args.compressed_width,
+        "sea_performer_nb_factor": args.performer_nb_factor,
+        "sea_budget_rule": args.budget_rule,
+        "sea_output_gates": args.output_gates,
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="local path or Hub id of a dense OPT causal LM or BERT")
+    parser.add_argument("--output-dir", required=True, help="folder to write the SEA model to")
+    parser.add_argument("--num-labels", type=int, help="labels of a fresh BERT classification head")
+    parser.add_argument("--overwrite-output-dir", action="store_true", help="replace an existing output folder")
+    add_sea_arguments(parser)
+    args = parser.parse_args(argv)
+    if Path(args.output_dir).exists() and not args.overwrite_output_dir:
+        parser.error(f"{args.output_dir} already exists; pass --overwrite-output-dir to replace it.")
+    sea = convert_to_sea(args.model, num_labels=args.num_labels, **sea_options_from(args))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    except (OSError, ValueError):
+        tokenizer = None  # a checkpoint without tokenizer files converts all the same
+    path = save_atomically(sea, args.output_dir, tokenizer, overwrite=args.overwrite_output_dir)
+    trainable = sum(p.numel() for n, p in sea.named_parameters() if ".sea." in n)
+    print(f"Wrote {type(sea).__name__} to {path} ({trainable:,} new SEA parameters).")
+
+
+if __name__ == "__main__":
+    main()

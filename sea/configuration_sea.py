@@ -1,0 +1,111 @@
+"""Configurations of the SEA model family (Sparse linear attention with an Estimated Attention mask).
+
+Each SEA config is the backbone's own config (OPT, BERT) plus the `sea_*` fields read by `SeaAttention`.
+"""
+
+from dataclasses import dataclass
+
+from transformers import BertConfig, OPTConfig
+
+SEA_BUDGET_RULES = ("constant", "reference")
+
+# Width reduction of the row decoder before the CNN (see `SeaAttention`): causal models decode M/4 bins in 2
+# channels per head, bidirectional ones M/2 bins in 4 channels, as in the reference implementation.
+SEA_DECODER_WIDTH_DIVISOR = {True: 4, False: 2}
+
+
+@dataclass(kw_only=True, repr=False)
+class SeaConfigMixin:
+    r"""
+    SEA fields shared by every family:
+
+    sea_key_budget (`int`, defaults to 64):
+        Keys each query may attend to, per head. With `sea_budget_rule="constant"` this is a hard cap that holds
+        at any sequence length; a row with at most this many visible keys is attended exactly.
+    sea_compressed_width (`int`, defaults to 128):
+        Width M of the estimated (compressed) attention row: every query's visible keys are split into M bins.
+        Must be a multiple of 4 for causal models and of 2 for bidirectional ones.
+    sea_performer_nb_factor (`float`, defaults to 8.0):
+        The kernel attention uses `floor(head_dim * ln(head_dim) / sea_performer_nb_factor)` random features.
+    sea_budget_rule (`str`, defaults to `"constant"`):
+        `"constant"`: the best-estimated bins are taken whole until `sea_key_budget` keys are filled (the bin
+        that overflows contributes its first keys), so a query never reads more than `sea_key_budget` keys.
+        `"reference"`: `round(sea_key_budget * M / L)` bins are taken whole for a row of `L` visible keys, as in
+        the reference implementation; a query then reads about `sea_key_budget` keys while `L <= sea_key_budget * M`
+        and more beyond.
+    sea_output_gates (`bool`, defaults to `True`):
+        Learned per-query gates that scale the sparse attention and mix in an average context carrying
+        information from keys outside the mask. They start neutral (scale 1, mix 0).
+    """
+
+    sea_key_budget: int = 64
+    sea_compressed_width: int = 128
+    sea_performer_nb_factor: float = 8.0
+    sea_budget_rule: str = "constant"
+    sea_output_gates: bool = True
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.validate_sea_fields()
+
+    def validate(self):
+        super().validate()
+        self.validate_sea_fields()
+
+    def validate_sea_fields(self):
+        """Raise a `ValueError` naming the first SEA field whose value is outside its allowed range."""
+        if not isinstance(self.sea_key_budget, int) or self.sea_key_budget < 1:
+            raise ValueError(f"`sea_key_budget` must be an integer >= 1 (keys per query and head), got {self.sea_key_budget!r}.")
+        divisor = SEA_DECODER_WIDTH_DIVISOR[self.sea_causal]
+        width = self.sea_compressed_width
+        if not isinstance(width, int) or width < divisor or width % divisor:
+            raise ValueError(
+                f"`sea_compressed_width` must be a positive multiple of {divisor} for {type(self).__name__}, got {width!r}."
+            )
+        if not isinstance(self.sea_performer_nb_factor, (int, float)) or not self.sea_performer_nb_factor > 0:
+            raise ValueError(f"`sea_performer_nb_factor` must be a number > 0, got {self.sea_performer_nb_factor!r}.")
+        if self.sea_budget_rule not in SEA_BUDGET_RULES:
+            raise ValueError(f"`sea_budget_rule` must be one of {SEA_BUDGET_RULES}, got {self.sea_budget_rule!r}.")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"`hidden_size` ({self.hidden_size}) must be a multiple of `num_attention_heads` "
+                f"({self.num_attention_heads}): SEA needs one integer head_dim."
+            )
+
+
+class SeaOptConfig(SeaConfigMixin, OPTConfig):
+    r"""
+    Configuration of [`SeaOptModel`] / [`SeaOptForCausalLM`]: an [`OPTConfig`] plus the SEA fields documented in
+    [`SeaConfigMixin`]. Build one from a dense checkpoint with `conversion/convert.py`.
+
+    Example:
+
+    ```python
+    >>> config = SeaOptConfig(sea_key_budget=64, sea_compressed_width=128)
+    ```
+    """
+
+    model_type = "sea_opt"
+    @property
+    def sea_causal(self) -> bool:
+        return True
+
+
+class SeaBertConfig(SeaConfigMixin, BertConfig):
+    r"""
+    Configuration of [`SeaBertModel`] / [`SeaBertForSequenceClassification`]: a [`BertConfig`] plus the SEA fields
+    documented in [`SeaConfigMixin`].
+    """
+
+    model_type = "sea_bert"
+    @property
+    def sea_causal(self) -> bool:
+        return False
+
+    def validate_sea_fields(self):
+        super().validate_sea_fields()
+        if self.is_decoder or self.add_cross_attention:
+            raise ValueError("SeaBertConfig is an encoder: `is_decoder` and `add_cross_attention` must be False.")
+
+
+__all__ = ["SeaOptConfig", "SeaBertConfig"]

@@ -1,0 +1,346 @@
+"""The SEA attention operator: the readable PyTorch reference path.
+
+One SEA layer, given the usual per-head queries, keys and values (N, H, T, D) and a key padding mask (N, T):
+
+1. kernel (Performer) linear attention over `[positional code || V]` estimates, for every query, where its
+   attention mass goes (O(T) cost);
+2. a per-head encoder, a row decoder and a small CNN turn that into estimated attention logits over M bins:
+   bin b of query i covers the b-th of M equal slices of the keys visible to i;
+3. the best-estimated bins are expanded to key positions within a per-query key budget (`select_keys`);
+4. exact softmax attention runs over the selected keys only (`sparse_attention`), in chunks of query rows, so
+   nothing of size T x T is ever built;
+5. learned gates scale the sparse attention and mix in an average context.
+
+Every faster kernel is tested against these functions.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .configuration_sea import SEA_DECODER_WIDTH_DIVISOR
+
+# Decoder channels per head: causal models decode 2 channels of M/4 bins, bidirectional ones 4 channels of M/2.
+DECODER_CHANNELS = {True: 2, False: 4}
+# Rows of the causal prefix-sum linear attention processed as one exact block.
+LINEAR_ATTENTION_CHUNK = 64
+# Upper bound on gathered key/value elements per chunk of query rows in `sparse_attention`.
+GATHER_CHUNK_ELEMENTS = 1 << 22
+# Added to kernel features so that no normaliser is exactly zero.
+FEATURE_EPS = {True: 1e-3, False: 1e-4}
+
+
+@dataclass
+class SeaSelection:
+    """The keys each (batch, head, query) attends to.
+
+    key_index: (N, H, T, S) key positions; key_valid: (N, H, T, S), False for unused slots (their index is 0).
+    """
+
+    key_index: torch.Tensor
+    key_valid: torch.Tensor
+
+
+@dataclass
+class SeaAttentionOutput:
+    """context (N, H, T, D); sparse_probs (N, H, T, S) over `selection`'s slots, gate-scaled, zero in unused
+    slots; estimate_log_probs (N, H, T, M) the estimated compressed attention (log-probabilities over bins)."""
+
+    context: torch.Tensor
+    sparse_probs: torch.Tensor
+    selection: SeaSelection
+    estimate_log_probs: torch.Tensor
+
+    def dense_probs(self, num_keys: int) -> torch.Tensor:
+        """The sparse attention as an (N, H, T, num_keys) matrix, zero outside the mask. O(T^2): for inspection."""
+        n, h, t, _ = self.sparse_probs.shape
+        dense = self.sparse_probs.new_zeros(n, h, t, num_keys)
+        probs = self.sparse_probs * self.selection.key_valid
+        return dense.scatter_add_(-1, self.selection.key_index, probs)
+
+
+def visible_key_counts(key_valid: torch.Tensor, causal: bool) -> torch.Tensor:
+    """(N, T) number of valid keys visible to each query (queries and keys are the same T positions); zero for
+    padded queries, which therefore attend to nothing."""
+    counts = key_valid.long().cumsum(-1)
+    counts = counts if causal else counts[:, -1:].expand_as(counts)
+    return counts * key_valid
+
+
+def valid_key_positions(key_valid: torch.Tensor) -> torch.Tensor:
+    """(N, T) positions of the valid keys, in order, followed by the padded ones: rank r -> position."""
+    return torch.sort((~key_valid).to(torch.int8), dim=-1, stable=True).indices
+
+
+def bin_edges(counts: torch.Tensor, width: int) -> torch.Tensor:
+    """(N, T, M + 1) rank where each bin starts: bin b of a row with L visible keys covers ranks
+    [floor(b L / M), floor((b + 1) L / M)); bins are empty when L < M."""
+    b = torch.arange(width + 1, device=counts.device)
+    return torch.div(counts.unsqueeze(-1) * b, width, rounding_mode="floor")
+
+
+def positional_code(key_valid: torch.Tensor, head_dim: int, table: torch.Tensor | None) -> torch.Tensor:
+    """(N, T, D) position channel fed to the kernel attention, by rank among the valid tokens (so padding does
+    not shift it). Causal: a learned table. Bidirectional: a soft one-hot of the relative position rank / (L - 1)
+    spread linearly over D channels. Zero for padded tokens."""
+    rank = (key_valid.long().cumsum(-1) - 1).clamp_min(0)
+    if table is not None:
+        code = table[rank]
+    else:
+        length = key_valid.sum(-1, keepdim=True).clamp_min(2)
+        where = rank.to(torch.float32) / (length - 1) * (head_dim - 1)
+        channels = torch.arange(head_dim, device=key_valid.device, dtype=torch.float32)
+        code = (1 - (channels - where.unsqueeze(-1)).abs()).clamp_min(0)
+    return code * key_valid.unsqueeze(-1)
+
+
+def kernel_features(x: torch.Tensor, projection: torch.Tensor, causal: bool, key_valid: torch.Tensor | None):
+    """Random features phi(x) (N, H, T, F) in float32 with phi(q).phi(k) ~ attention kernel.
+
+    Causal: generalized ReLU features (positive, need no global stabiliser, so prefixes can be summed).
+    Bidirectional: FAVOR+ softmax features, stabilised per query row or over the valid keys of each sequence.
+    Padded keys (key_valid False) get zero features.
+    """
+    head_dim = x.shape[-1]
+    x = x.float() * head_dim**-0.25
+    proj = x @ projection.float().t()
+    if causal:
+        features = F.relu(proj) + FEATURE_EPS[True]
+    else:
+        proj = proj - x.pow(2).sum(-1, keepdim=True) / 2
+        if key_valid is None:
+            stabiliser = proj.amax(-1, keepdim=True)
+        else:
+            valid = key_valid[:, None, :, None]
+            stabiliser = proj.masked_fill(~valid, float("-inf")).amax(dim=(-2, -1), keepdim=True).clamp_min(-1e4)
+        features = torch.exp(proj - stabiliser) + FEATURE_EPS[False]
+    if key_valid is not None:
+        features = features * key_valid[:, None, :, None]
+    return features
+
+
+def linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, values: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Kernel attention sum_j phi(q_i).phi(k_j) v_j / sum_j phi(q_i).phi(k_j), over all keys or (causal) the keys
+    j <= i. The causal form works on blocks of rows: exact inside a block, running prefix sums across blocks,
+    so memory stays linear in T."""
+    values = values.float()
+    if not causal:
+        numerator = phi_q @ (phi_k.transpose(-1, -2) @ values)
+        denominator = phi_q @ phi_k.sum(-2).unsqueeze(-1)
+        return numerator / denominator.clamp_min(1e-30)
+    n, h, t, f = phi_q.shape
+    chunk = LINEAR_ATTENTION_CHUNK
+    pad = (-t) % chunk
+    blocks = (t + pad) // chunk
+
+    def blocked(x):
+        return F.pad(x, (0, 0, 0, pad)).view(n, h, blocks, chunk, x.shape[-1])
+
+    q, k, v = blocked(phi_q), blocked(phi_k), blocked(values)
+    kv = k.transpose(-1, -2) @ v  # (N, H, B, F, E): one block's sum of phi(k) v^T
+    kv_before = kv.cumsum(2) - kv
+    k_sum = k.sum(-2)
+    k_before = k_sum.cumsum(2) - k_sum
+    within = torch.tril(q @ k.transpose(-1, -2))  # (N, H, B, C, C)
+    numerator = q @ kv_before + within @ v
+    denominator = (q @ k_before.unsqueeze(-1)).squeeze(-1) + within.sum(-1)
+    out = numerator / denominator.clamp_min(1e-30).unsqueeze(-1)
+    return out.view(n, h, blocks * chunk, -1)[:, :, :t]
+
+
+def select_keys(
+    estimate_logits: torch.Tensor,
+    edges: torch.Tensor,
+    key_positions: torch.Tensor,
+    budget: int,
+    rule: str,
+) -> SeaSelection:
+    """Expand the best-estimated bins of every query into key positions.
+
+    estimate_logits (N, H, T, M) with empty bins at -inf; edges (N, T, M + 1) from `bin_edges`; key_positions
+    (N, T) from `valid_key_positions`. "constant": bins are taken whole in estimate order until `budget` keys are
+    filled (the overflowing bin gives its first keys), so a row of L <= budget keys gets all of them.
+    "reference": round(budget * M / L) bins are taken whole.
+    """
+    width = estimate_logits.shape[-1]
+    starts, sizes = edges[..., :-1].unsqueeze(1), edges.diff(dim=-1).unsqueeze(1)
+    head_shape = estimate_logits.shape
+    top = min(width, budget) if rule == "constant" else width
+    order = estimate_logits.topk(top, dim=-1, sorted=True).indices
+    top_sizes = sizes.expand(head_shape).gather(-1, order)
+    top_starts = starts.expand(head_shape).gather(-1, order)
+    if rule == "reference":
+        counts = edges[..., -1:].unsqueeze(1)
+        bins = torch.round(budget * width / counts.clamp_min(1)).clamp(1, width)
+        top_sizes = top_sizes * (torch.arange(top, device=order.device) < bins)
+    filled = top_sizes.cumsum(-1)
+    slots = budget if rule == "constant" else max(int(filled[..., -1].max()), 1)
+    slot = torch.arange(slots, device=order.device).expand(*head_shape[:-1], slots).contiguous()
+    which = torch.searchsorted(filled, slot, right=True).clamp_max(top - 1)
+    rank = top_starts.gather(-1, which) + slot - (filled - top_sizes).gather(-1, which)
+    valid = slot < filled[..., -1:]
+    rank = rank.masked_fill(~valid, 0)
+    n, h, t, _ = rank.shape
+    key_index = key_positions.gather(-1, rank.view(n, -1)).view(n, h, t, slots)
+    return SeaSelection(key_index=key_index.masked_fill(~valid, 0), key_valid=valid)
+
+
+def sparse_attention(q, k, v, selection: SeaSelection, scaling: float):
+    """Exact softmax attention of each query over its selected keys only. Returns probabilities (N, H, T, S), zero
+    in unused slots (a row with no key gets all zeros), and the context (N, H, T, D). Works on chunks of query
+    rows so the gathered keys and values stay a bounded size at any T."""
+    n, h, t, d = q.shape
+    slots = selection.key_index.shape[-1]
+    rows = max(1, GATHER_CHUNK_ELEMENTS // max(1, n * h * slots * d))
+    probs, contexts = [], []
+    for r0 in range(0, t, rows):
+        index = selection.key_index[:, :, r0 : r0 + rows]
+        valid = selection.key_valid[:, :, r0 : r0 + rows]
+        c = index.shape[2]
+        flat = index.reshape(n, h, c * slots, 1).expand(-1, -1, -1, d)
+        k_sel = k.gather(2, flat).view(n, h, c, slots, d)
+        v_sel = v.gather(2, flat).view(n, h, c, slots, d)
+        scores = torch.einsum("nhcd,nhcsd->nhcs", q[:, :, r0 : r0 + rows], k_sel).float() * scaling
+        scores = scores.masked_fill(~valid, torch.finfo(scores.dtype).min)
+        p = (torch.softmax(scores, dim=-1) * valid).to(v.dtype)
+        probs.append(p)
+        contexts.append(torch.einsum("nhcs,nhcsd->nhcd", p, v_sel))
+    return torch.cat(probs, 2), torch.cat(contexts, 2)
+
+
+def average_context(v, key_valid, estimate_log_probs, key_positions, causal: bool):
+    """Context from every valid key, cheap and dense, mixed into the output by a gate.
+
+    Causal: the running mean of the valid values up to each query. Bidirectional: the mean value of every bin,
+    weighted by the estimate averaged over the valid queries (one vector per sequence and head)."""
+    valid = key_valid[:, None, :, None].to(v.dtype)
+    if causal:
+        counts = key_valid.long().cumsum(-1).clamp_min(1)[:, None, :, None]
+        return (v * valid).cumsum(2) / counts
+    n, h, t, d = v.shape
+    ordered = v.gather(2, key_positions[:, None, :, None].expand(n, h, t, d)) * valid.gather(
+        2, key_positions[:, None, :, None]
+    )
+    prefix = F.pad(ordered.cumsum(2), (0, 0, 1, 0))  # (N, H, T + 1, D): sum of the first r valid values
+    row_edges = bin_edges(key_valid.sum(-1, keepdim=True), estimate_log_probs.shape[-1])  # same for every row
+    at_edges = prefix.gather(2, row_edges.reshape(n, 1, -1, 1).expand(n, h, -1, d))
+    bin_means = at_edges.diff(dim=2) / row_edges.diff(dim=-1).clamp_min(1).reshape(n, 1, -1, 1)
+    q_weight = key_valid[:, None, :, None].to(torch.float32)
+    mean_estimate = (estimate_log_probs.exp() * q_weight).sum(2) / q_weight.sum(2).clamp_min(1)
+    return (mean_estimate.to(v.dtype).unsqueeze(-2) @ bin_means).expand(n, h, t, d)
+
+
+class SeaRowCnn(nn.Module):
+    """Refines the decoded rows (N, H * c, T, M / s) into estimated attention logits (N, H, T, M).
+
+    Convolutions run over the (query, bin) image of all heads. Causal models pad only above, so row t never sees
+    a later row (receptive field: rows t - 8 .. t); bidirectional ones use plain 3 x 3 convolutions. Padded query
+    rows are zeroed after every layer, which makes a padded batch match each sequence alone."""
+
+    def __init__(self, num_heads: int, width: int, causal: bool):
+        super().__init__()
+        channels = num_heads * DECODER_CHANNELS[causal]
+        self.causal = causal
+        self.upsample = SEA_DECODER_WIDTH_DIVISOR[causal]
+        self.row_dilation = 2 if causal else 1
+        self.input_norm = nn.LayerNorm(width // self.upsample)
+        self.conv1 = nn.Conv2d(channels, channels, 3, dilation=(self.row_dilation, 1))
+        self.conv2 = nn.Conv2d(channels, channels, 3, dilation=(self.row_dilation, 1))
+        self.to_heads = nn.Conv2d(channels, num_heads, 1)
+        self.output_norm = nn.LayerNorm(width)
+
+    def _conv(self, conv: nn.Conv2d, x: torch.Tensor, row_valid: torch.Tensor) -> torch.Tensor:
+        reach = 2 * self.row_dilation
+        above, below = (reach, 0) if self.causal else (reach // 2, reach // 2)
+        return F.relu(conv(F.pad(x, (1, 1, above, below)))) * row_valid
+
+    def forward(self, rows: torch.Tensor, row_valid: torch.Tensor) -> torch.Tensor:
+        x = self.input_norm(rows) * row_valid
+        x = x + self._conv(self.conv2, self._conv(self.conv1, x, row_valid), row_valid)
+        x = x.repeat_interleave(self.upsample, dim=-1)
+        return self.output_norm(self.to_heads(x))
+
+
+class SeaAttention(nn.Module):
+    """The SEA parameters of one attention layer and its forward pass (see the module docstring).
+
+    The q/k/v/o projections stay with the backbone's attention module; this module receives per-head q, k, v.
+    """
+
+    def __init__(self, config, num_heads: int, head_dim: int, causal: bool):
+        super().__init__()
+        self.causal = causal
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.width = config.sea_compressed_width
+        self.budget = config.sea_key_budget
+        self.budget_rule = config.sea_budget_rule
+        num_features = max(1, int(head_dim * math.log(head_dim) / config.sea_performer_nb_factor))
+        self.register_buffer("feature_projection", torch.empty(num_features, head_dim))
+        if causal:
+            self.position_table = nn.Parameter(torch.empty(config.max_position_embeddings, head_dim))
+        else:
+            self.position_table = None
+        self.encoder = nn.Sequential(nn.Linear(3 * head_dim, 2 * head_dim), nn.LayerNorm(2 * head_dim), nn.GELU())
+        channels = DECODER_CHANNELS[causal]
+        self.row_decoder = nn.Linear(2 * head_dim, channels * self.width // SEA_DECODER_WIDTH_DIVISOR[causal])
+        self.cnn = SeaRowCnn(num_heads, self.width, causal)
+        self.gates = nn.Linear(2 * head_dim, 2) if config.sea_output_gates else None
+
+    def estimate(self, q, k, v, key_valid, counts):
+        """Estimated attention log-probabilities over bins (N, H, T, M), and the per-query encoding (N, H, T, 2D)."""
+        n, h, t, d = v.shape
+        code = positional_code(key_valid, d, self.position_table).to(v.dtype)
+        augmented = torch.cat([code.unsqueeze(1).expand(n, h, t, d), v], dim=-1)
+        phi_q = kernel_features(q, self.feature_projection, self.causal, None)
+        phi_k = kernel_features(k, self.feature_projection, self.causal, key_valid)
+        estimate = linear_attention(phi_q, phi_k, augmented, self.causal).to(v.dtype)
+        encoding = self.encoder(torch.cat([estimate, v], dim=-1))
+        rows = self.row_decoder(encoding).view(n, h, t, DECODER_CHANNELS[self.causal], -1)
+        rows = rows.permute(0, 1, 3, 2, 4).reshape(n, -1, t, rows.shape[-1])
+        logits = self.cnn(rows, key_valid[:, None, :, None].to(rows.dtype)).float()
+        empty = (bin_edges(counts, self.width).diff(dim=-1) == 0).unsqueeze(1)
+        logits = logits.masked_fill(empty, torch.finfo(logits.dtype).min)
+        return torch.log_softmax(logits, dim=-1), encoding
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_valid: torch.Tensor | None,
+        scaling: float,
+        selection: SeaSelection | None = None,
+    ) -> SeaAttentionOutput:
+        """q, k, v: (N, H, T, D); key_valid: (N, T) bool, True for real tokens (None: no padding). A given
+        `selection` replaces the estimated one (to compare two passes with the same keys)."""
+        n, _, t, _ = q.shape
+        if key_valid is None:
+            key_valid = torch.ones(n, t, dtype=torch.bool, device=q.device)
+        counts = visible_key_counts(key_valid, self.causal)
+        edges = bin_edges(counts, self.width)
+        positions = valid_key_positions(key_valid)
+        estimate_log_probs, encoding = self.estimate(q, k, v, key_valid, counts)
+        if selection is None:
+            with torch.no_grad():
+                selection = select_keys(estimate_log_probs, edges, positions, self.budget, self.budget_rule)
+        probs, context = sparse_attention(q, k, v, selection, scaling)
+        if self.gates is not None:
+            gate_logits = self.gates(encoding)
+            scale = 2 * torch.sigmoid(gate_logits[..., :1])
+            mix = torch.tanh(gate_logits[..., 1:])
+            average = average_context(v, key_valid, estimate_log_probs, positions, self.causal)
+            context = scale * context + mix * average
+            probs = probs * scale
+        context = context * key_valid[:, None, :, None]
+        return SeaAttentionOutput(context, probs, selection, estimate_log_probs)
+
+
+def orthogonal_gaussian_features(num_features: int, dim: int) -> torch.Tensor:
+    """(F, D) FAVOR+ projection: stacked random orthogonal blocks, rows scaled to Gaussian norms."""
+    blocks = [torch.linalg.qr(torch.randn(dim, dim))[0].t() for _ in range(math.ceil(num_features / dim))]
+    rows = torch.cat(blocks)[:num_features]
+    return rows * torch.randn(num_features, dim).norm(dim=-1, keepdim=True)

@@ -1,0 +1,191 @@
+"""The SEA operator against independent dense float64 computations."""
+
+import pytest
+import torch
+
+from sea.configuration_sea import SeaBertConfig, SeaOptConfig
+from sea.sea_attention import (
+    SeaAttention,
+    kernel_features,
+    linear_attention,
+    orthogonal_gaussian_features,
+    visible_key_counts,
+)
+
+N, H, D = 3, 4, 16
+
+
+def make_operator(causal: bool, budget: int, width: int = 16, rule: str = "constant", dtype=torch.float32):
+    config_class = SeaOptConfig if causal else SeaBertConfig
+    config = config_class(
+        hidden_size=H * D, num_attention_heads=H, max_position_embeddings=512,
+        sea_key_budget=budget, sea_compressed_width=width, sea_budget_rule=rule,
+    )
+    op = SeaAttention(config, H, D, causal)
+    with torch.no_grad():
+        op.feature_projection.copy_(orthogonal_gaussian_features(*op.feature_projection.shape))
+        if causal:
+            op.position_table.normal_()
+        op.gates.weight.normal_(std=0.5)
+        op.gates.bias.normal_(std=0.5)
+    return op.to(dtype)
+
+
+def random_padding(t: int) -> torch.Tensor:
+    """Row 0 unpadded, row 1 left-padded, row 2 right-padded, by random amounts."""
+    valid = torch.ones(N, t, dtype=torch.bool)
+    valid[1, : torch.randint(1, t // 2, ()).item()] = False
+    valid[2, t - torch.randint(1, t // 2, ()).item() :] = False
+    return valid
+
+
+def visibility(valid: torch.Tensor, causal: bool) -> torch.Tensor:
+    """(N, 1, T, T) which keys each query may see, built densely and independently of the operator."""
+    t = valid.shape[-1]
+    seen = valid[:, None, None, :] & valid[:, None, :, None]
+    if causal:
+        seen = seen & torch.ones(t, t, dtype=torch.bool).tril()
+    return seen
+
+
+def selected_matrix(selection, t: int) -> torch.Tensor:
+    """(N, H, T, T) how many times each key fills a valid slot of each query."""
+    counts = torch.zeros(*selection.key_index.shape[:-1], t, dtype=torch.long)
+    return counts.scatter_add_(-1, selection.key_index, selection.key_valid.long())
+
+
+def dense_reference(op, q, k, v, valid, selection, scaling, causal):
+    """float64 masked softmax over exactly the selected keys, then the gates and the average context."""
+    q, k, v = q.double(), k.double(), v.double()
+    n, h, t, d = q.shape
+    chosen = selected_matrix(selection, t) > 0
+    scores = (q @ k.transpose(-1, -2)) * scaling
+    probs = torch.softmax(scores.masked_fill(~chosen, float("-inf")), -1).nan_to_num(0.0)
+    sparse = probs @ v
+    log_probs, encoding = op.estimate(q.float(), k.float(), v.float(), valid, visible_key_counts(valid, causal))
+    gates = op.gates(encoding).double()
+    scale, mix = 2 * torch.sigmoid(gates[..., :1]), torch.tanh(gates[..., 1:])
+    seen = visibility(valid, causal).double()
+    if causal:
+        average = (seen @ v) / seen.sum(-1, keepdim=True).clamp_min(1)
+    else:
+        average = torch.zeros(n, h, 1, d, dtype=torch.float64)
+        width = log_probs.shape[-1]
+        for b in range(n):
+            length = int(valid[b].sum())
+            values = v[b][:, valid[b]]  # (H, L, D) in order
+            starts = [(i * length) // width for i in range(width + 1)]
+            q_valid = valid[b]
+            mean_estimate = log_probs[b][:, q_valid].double().exp().mean(1)  # (H, M)
+            for bin_ in range(width):
+                lo, hi = starts[bin_], starts[bin_ + 1]
+                if hi > lo:
+                    average[b, :, 0] += mean_estimate[:, bin_, None] * values[:, lo:hi].mean(1)
+    context = (scale * sparse + mix * average) * valid[:, None, :, None]
+    return context, probs * scale * valid[:, None, :, None]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("rule,budget", [("constant", 5), ("constant", 200), ("reference", 3)])
+def test_operator_matches_float64_dense_reference(causal, rule, budget):
+    t = 70
+    op = make_operator(causal, budget, rule=rule)
+    q, k, v = torch.randn(3, N, H, t, D).unbind(0)
+    valid = random_padding(t)
+    scaling = D**-0.5
+    out = op(q, k, v, valid, scaling)
+    times_selected = selected_matrix(out.selection, t)
+    assert times_selected.max() <= 1, "a key was selected twice"
+    assert not ((times_selected > 0) & ~visibility(valid, causal)).any(), "a padded or future key was selected"
+    expected_context, expected_probs = dense_reference(op, q, k, v, valid, out.selection, scaling, causal)
+    torch.testing.assert_close(out.context.double(), expected_context, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.dense_probs(t).double(), expected_probs, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_constant_budget_caps_keys_and_covers_short_rows(causal):
+    t, budget = 300, 24
+    op = make_operator(causal, budget, width=16)
+    q, k, v = torch.randn(3, N, H, t, D).unbind(0)
+    valid = random_padding(t)
+    out = op(q, k, v, valid, D**-0.5)
+    visible = visibility(valid, causal).sum(-1).expand(N, H, t)
+    counts = out.selection.key_valid.sum(-1)
+    assert counts.equal(visible.clamp_max(budget)), "every query must read min(visible keys, budget) keys"
+
+
+def test_reference_rule_takes_round_budget_m_over_l_whole_bins():
+    t, budget, width = 400, 4, 16
+    op = make_operator(False, budget, width=width, rule="reference")
+    q, k, v = torch.randn(3, 1, H, t, D).unbind(0)
+    out = op(q, k, v, None, D**-0.5)
+    bins = round(budget * width / t) or 1  # 400 keys in 16 bins of 25: one bin per query and head
+    assert out.selection.key_valid.sum(-1).eq(bins * t // width).all()
+    chosen = out.selection.key_index.masked_fill(~out.selection.key_valid, -1)
+    spans = chosen.amax(-1) - chosen.amin(-1)
+    assert spans.eq(t // width - 1).all(), "a whole bin is a contiguous key range"
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_kernel_attention_matches_dense_float64(causal):
+    t = 150  # several causal blocks plus a ragged one
+    projection = orthogonal_gaussian_features(8, D)
+    q, k = torch.randn(2, N, H, t, D).unbind(0)
+    values = torch.randn(N, H, t, 2 * D)
+    valid = random_padding(t)
+    phi_q = kernel_features(q, projection, causal, None)
+    phi_k = kernel_features(k, projection, causal, valid)
+    out = linear_attention(phi_q, phi_k, values, causal)
+    weights = phi_q.double() @ phi_k.double().transpose(-1, -2)
+    if causal:
+        weights = weights.tril()
+    expected = (weights @ values.double()) / weights.sum(-1, keepdim=True)
+    rows = valid[:, None, :, None].expand_as(out) if causal else torch.ones_like(out, dtype=torch.bool)
+    rows = rows & (weights.sum(-1, keepdim=True) > 0)
+    torch.testing.assert_close(out.double()[rows], expected[rows], atol=1e-5, rtol=1e-4)
+
+
+def test_causal_estimate_never_reads_later_rows():
+    t = 90
+    op = make_operator(True, 8)
+    q, k, v = torch.randn(3, 1, H, t, D).unbind(0)
+    out = op(q, k, v, None, D**-0.5)
+    cut = 41
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    for x in (q2, k2, v2):
+        x[:, :, cut:] = torch.randn_like(x[:, :, cut:])
+    out2 = op(q2, k2, v2, None, D**-0.5)
+    torch.testing.assert_close(out.estimate_log_probs[:, :, :cut], out2.estimate_log_probs[:, :, :cut], atol=1e-5, rtol=0)
+    assert out.selection.key_index[:, :, :cut].equal(out2.selection.key_index[:, :, :cut])
+    torch.testing.assert_close(out.context[:, :, :cut], out2.context[:, :, :cut], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_padded_rows_are_finite_and_padding_matches_alone_with_selection_held(causal):
+    t, pad = 60, 13
+    op = make_operator(causal, 6)
+    q, k, v = torch.randn(3, 1, H, t, D).unbind(0)
+    alone = op(q, k, v, None, D**-0.5)
+    for left in (True, False):
+        def padded(x):
+            filler = torch.randn(1, H, pad, D)
+            return torch.cat([filler, x] if left else [x, filler], dim=2)
+        valid = torch.ones(1, t + pad, dtype=torch.bool)
+        if left:
+            valid[:, :pad] = False
+        else:
+            valid[:, t:] = False
+        out = op(padded(q), padded(k), padded(v), valid, D**-0.5)
+        assert torch.isfinite(out.context).all() and torch.isfinite(out.sparse_probs).all()
+        assert out.context[:, :, ~valid[0]].abs().sum() == 0, "padded query rows must give zero context"
+        rows = slice(pad, None) if left else slice(0, t)
+        shifted = alone.selection.key_index + (pad if left else 0)
+        same_keys = (out.selection.key_index[:, :, rows] == shifted) | ~alone.selection.key_valid
+        assert same_keys.float().mean() > 0.99, "padding changed which keys were selected"
+        torch.testing.assert_close(out.estimate_log_probs[:, :, rows], alone.estimate_log_probs, atol=1e-4, rtol=0)
+        # With the selection held fixed, the outputs must agree up to rounding.
+        held = type(alone.selection)(out.selection.key_index.clone(), out.selection.key_valid.clone())
+        held.key_index[:, :, rows] = shifted.masked_fill(~alone.selection.key_valid, 0)
+        held.key_valid[:, :, rows] = alone.selection.key_valid
+        fixed = op(padded(q), padded(k), padded(v), valid, D**-0.5, selection=held)
+        torch.testing.assert_close(fixed.context[:, :, rows], alone.context, atol=1e-5, rtol=1e-5)
