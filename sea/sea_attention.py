@@ -33,6 +33,11 @@ GATHER_CHUNK_ELEMENTS = 1 << 22
 FEATURE_EPS = {True: 1e-3, False: 1e-4}
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision tensors upcast to float32 (normalisers and softmax); float32/float64 stay as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 @dataclass
 class SeaSelection:
     """The keys each (batch, head, query) attends to.
@@ -63,11 +68,10 @@ class SeaAttentionOutput:
 
 
 def visible_key_counts(key_valid: torch.Tensor, causal: bool) -> torch.Tensor:
-    """(N, T) number of valid keys visible to each query (queries and keys are the same T positions); zero for
-    padded queries, which therefore attend to nothing."""
+    """(N, T) number of valid keys visible to each query (queries and keys are the same T positions). Padded
+    queries are computed like the others, as dense attention does; a query that sees no valid key gets zeros."""
     counts = key_valid.long().cumsum(-1)
-    counts = counts if causal else counts[:, -1:].expand_as(counts)
-    return counts * key_valid
+    return counts if causal else counts[:, -1:].expand_as(counts)
 
 
 def valid_key_positions(key_valid: torch.Tensor) -> torch.Tensor:
@@ -98,15 +102,15 @@ def positional_code(key_valid: torch.Tensor, head_dim: int, table: torch.Tensor 
 
 
 def kernel_features(x: torch.Tensor, projection: torch.Tensor, causal: bool, key_valid: torch.Tensor | None):
-    """Random features phi(x) (N, H, T, F) in float32 with phi(q).phi(k) ~ attention kernel.
+    """Random features phi(x) (N, H, T, F), at least float32, with phi(q).phi(k) ~ attention kernel.
 
     Causal: generalized ReLU features (positive, need no global stabiliser, so prefixes can be summed).
     Bidirectional: FAVOR+ softmax features, stabilised per query row or over the valid keys of each sequence.
     Padded keys (key_valid False) get zero features.
     """
     head_dim = x.shape[-1]
-    x = x.float() * head_dim**-0.25
-    proj = x @ projection.float().t()
+    x = at_least_float32(x) * head_dim**-0.25
+    proj = x @ projection.to(x.dtype).t()
     if causal:
         features = F.relu(proj) + FEATURE_EPS[True]
     else:
@@ -126,7 +130,7 @@ def linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, values: torch.Ten
     """Kernel attention sum_j phi(q_i).phi(k_j) v_j / sum_j phi(q_i).phi(k_j), over all keys or (causal) the keys
     j <= i. The causal form works on blocks of rows: exact inside a block, running prefix sums across blocks,
     so memory stays linear in T."""
-    values = values.float()
+    values = values.to(phi_q.dtype)
     if not causal:
         numerator = phi_q @ (phi_k.transpose(-1, -2) @ values)
         denominator = phi_q @ phi_k.sum(-2).unsqueeze(-1)
@@ -203,7 +207,8 @@ def sparse_attention(q, k, v, selection: SeaSelection, scaling: float):
         flat = index.reshape(n, h, c * slots, 1).expand(-1, -1, -1, d)
         k_sel = k.gather(2, flat).view(n, h, c, slots, d)
         v_sel = v.gather(2, flat).view(n, h, c, slots, d)
-        scores = torch.einsum("nhcd,nhcsd->nhcs", q[:, :, r0 : r0 + rows], k_sel).float() * scaling
+        scores = torch.einsum("nhcd,nhcsd->nhcs", q[:, :, r0 : r0 + rows], k_sel)
+        scores = at_least_float32(scores) * scaling
         scores = scores.masked_fill(~valid, torch.finfo(scores.dtype).min)
         p = (torch.softmax(scores, dim=-1) * valid).to(v.dtype)
         probs.append(p)
@@ -228,7 +233,7 @@ def average_context(v, key_valid, estimate_log_probs, key_positions, causal: boo
     row_edges = bin_edges(key_valid.sum(-1, keepdim=True), estimate_log_probs.shape[-1])  # same for every row
     at_edges = prefix.gather(2, row_edges.reshape(n, 1, -1, 1).expand(n, h, -1, d))
     bin_means = at_edges.diff(dim=2) / row_edges.diff(dim=-1).clamp_min(1).reshape(n, 1, -1, 1)
-    q_weight = key_valid[:, None, :, None].to(torch.float32)
+    q_weight = key_valid[:, None, :, None].to(estimate_log_probs.dtype)
     mean_estimate = (estimate_log_probs.exp() * q_weight).sum(2) / q_weight.sum(2).clamp_min(1)
     return (mean_estimate.to(v.dtype).unsqueeze(-2) @ bin_means).expand(n, h, t, d)
 
@@ -301,7 +306,7 @@ class SeaAttention(nn.Module):
         encoding = self.encoder(torch.cat([estimate, v], dim=-1))
         rows = self.row_decoder(encoding).view(n, h, t, DECODER_CHANNELS[self.causal], -1)
         rows = rows.permute(0, 1, 3, 2, 4).reshape(n, -1, t, rows.shape[-1])
-        logits = self.cnn(rows, key_valid[:, None, :, None].to(rows.dtype)).float()
+        logits = at_least_float32(self.cnn(rows, key_valid[:, None, :, None].to(rows.dtype)))
         empty = (bin_edges(counts, self.width).diff(dim=-1) == 0).unsqueeze(1)
         logits = logits.masked_fill(empty, torch.finfo(logits.dtype).min)
         return torch.log_softmax(logits, dim=-1), encoding
@@ -335,7 +340,6 @@ class SeaAttention(nn.Module):
             average = average_context(v, key_valid, estimate_log_probs, positions, self.causal)
             context = scale * context + mix * average
             probs = probs * scale
-        context = context * key_valid[:, None, :, None]
         return SeaAttentionOutput(context, probs, selection, estimate_log_probs)
 
 

@@ -1,0 +1,167 @@
+"""SeaOpt / SeaBert models: conversion from dense, causality, padding and batching, gradients, dtypes."""
+
+import pytest
+import torch
+from transformers import BertForSequenceClassification, OPTConfig, OPTForCausalLM
+
+from conftest import OPT_125M, randomize_sea_gates, tiny_bert_config, tiny_opt_config
+from conversion.convert import convert_to_sea
+from sea.modeling_sea import SeaBertForSequenceClassification, SeaOptForCausalLM
+from sea.sea_attention import SeaAttention
+
+
+def random_ids(n: int, t: int, vocab: int = 120) -> torch.Tensor:
+    return torch.randint(3, vocab, (n, t))
+
+
+def converted_opt(**sea):
+    dense = OPTForCausalLM(tiny_opt_config(dense=True)).eval()
+    return dense, convert_to_sea(dense, **sea)
+
+
+def converted_bert(**sea):
+    dense = BertForSequenceClassification(tiny_bert_config(dense=True)).eval()
+    return dense, convert_to_sea(dense, **sea)
+
+
+def test_full_budget_conversion_equals_dense_opt_125m_shape():
+    dense = OPTForCausalLM(OPTConfig(**OPT_125M)).eval()
+    sea = convert_to_sea(dense, sea_key_budget=2048)
+    ids = random_ids(2, 96, dense.config.vocab_size)
+    mask = torch.ones_like(ids)
+    mask[1, :17] = 0  # left padding, as in batched generation
+    with torch.no_grad():
+        expected = dense(ids, attention_mask=mask).logits
+        got = sea(ids, attention_mask=mask).logits
+    assert (got - expected)[mask.bool()].abs().max() <= 1e-4
+
+
+def test_default_budget_attends_short_sequences_exactly():
+    dense, sea = converted_opt()
+    t = sea.config.sea_key_budget  # a sequence no longer than the default budget
+    ids = random_ids(2, t)
+    with torch.no_grad():
+        torch.testing.assert_close(sea(ids).logits, dense(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_full_budget_conversion_equals_dense_bert():
+    dense, sea = converted_bert(sea_key_budget=256)
+    ids = random_ids(3, 80)
+    mask = torch.ones_like(ids)
+    mask[1, 50:] = 0
+    mask[2, :9] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(sea(ids, attention_mask=mask).logits, dense(ids, attention_mask=mask).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["opt", "bert"])
+def test_small_budget_outputs_finite_and_sparse_attentions_returned(family):
+    dense, sea = (converted_opt if family == "opt" else converted_bert)(sea_key_budget=4, sea_compressed_width=8)
+    randomize_sea_gates(sea)
+    t = 90
+    ids = random_ids(2, t)
+    mask = torch.ones_like(ids)
+    mask[1, :20] = 0
+    with torch.no_grad():
+        out = sea(ids, attention_mask=mask, output_attentions=True, output_hidden_states=True)
+    assert torch.isfinite(out.logits).all()
+    assert len(out.attentions) == sea.config.num_hidden_layers
+    assert len(out.hidden_states) == sea.config.num_hidden_layers + 1
+    for probs in out.attentions:
+        assert probs.shape == (2, sea.config.num_attention_heads, t, t)
+        assert ((probs > 0).sum(-1) <= 4).all(), "more keys than the budget"
+        assert probs[1, :, :, :20].abs().sum() == 0, "padded keys got attention"
+        if family == "opt":
+            assert probs.triu(1).abs().sum() == 0, "future keys got attention"
+
+
+def test_changing_future_tokens_never_changes_earlier_logits():
+    _, sea = converted_opt(sea_key_budget=5, sea_compressed_width=8)
+    randomize_sea_gates(sea)
+    ids = random_ids(1, 120)
+    changed = ids.clone()
+    cut = 57
+    changed[:, cut:] = random_ids(1, 120 - cut)
+    with torch.no_grad():
+        a, b = sea(ids).logits, sea(changed).logits
+    torch.testing.assert_close(a[:, :cut], b[:, :cut], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family,side", [("opt", "left"), ("opt", "right"), ("bert", "right")])
+def test_padded_batch_equals_each_sequence_alone(family, side):
+    # float64 so that rounding cannot flip a top-k choice between the batched and the single pass. BERT's
+    # absolute positions are not left-padding invariant even when dense, so BERT is checked right-padded.
+    _, sea = (converted_opt if family == "opt" else converted_bert)(sea_key_budget=6, sea_compressed_width=8)
+    randomize_sea_gates(sea)
+    sea = sea.double()
+    lengths = [70, 45, 58]
+    sequences = [random_ids(1, n) for n in lengths]
+    t = max(lengths)
+    ids = torch.full((3, t), 1)
+    mask = torch.zeros(3, t, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        span = slice(t - seq.shape[1], t) if side == "left" else slice(0, seq.shape[1])
+        ids[row, span], mask[row, span] = seq[0], 1
+    with torch.no_grad():
+        batched = sea(ids, attention_mask=mask, output_hidden_states=True)
+        for row, seq in enumerate(sequences):
+            alone = sea(seq, output_hidden_states=True)
+            got = batched.hidden_states[-1][row][mask[row].bool()]
+            torch.testing.assert_close(got, alone.hidden_states[-1][0], atol=1e-8, rtol=1e-8)
+            if family == "bert":  # the classifier reads the first token
+                torch.testing.assert_close(batched.logits[row], alone.logits[0], atol=1e-8, rtol=1e-8)
+
+
+def test_gradients_reach_every_sea_parameter():
+    _, sea = converted_opt(sea_key_budget=6, sea_compressed_width=8)
+    _, bert = converted_bert(sea_key_budget=6, sea_compressed_width=8)
+    for model in (sea, bert):
+        model.train()
+        estimates = []
+        hooks = [m.register_forward_hook(lambda _m, _i, out: estimates.append(out.estimate_log_probs))
+                 for m in model.modules() if isinstance(m, SeaAttention)]
+        ids = random_ids(2, 40)
+        out = model(ids, labels=ids if model is sea else torch.tensor([0, 2]))
+        # The estimator is trained by distillation against the teacher's attention: stand in a random target.
+        distill = sum((e.exp() * torch.randn_like(e)).sum() for e in estimates)
+        (out.loss + distill).backward()
+        for hook in hooks:
+            hook.remove()
+        sea_params = {n: p for n, p in model.named_parameters() if ".sea." in n}
+        assert sea_params
+        silent = [n for n, p in sea_params.items() if p.grad is None or p.grad.abs().sum() == 0]
+        assert not silent, f"no gradient reached {silent}"
+
+
+def test_gradient_checkpointing_matches_plain_backward():
+    _, sea = converted_opt(sea_key_budget=6, sea_compressed_width=8)
+    randomize_sea_gates(sea)
+    sea.train()
+    ids = random_ids(2, 50)
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            sea.gradient_checkpointing_enable()
+        sea.zero_grad()
+        sea(ids, labels=ids).loss.backward()
+        grads.append(sea.model.decoder.layers[0].self_attn.q_proj.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_forward_is_close_to_float32(dtype):
+    dense, sea = converted_opt()
+    ids = random_ids(2, 40)
+    with torch.no_grad():
+        reference = sea(ids).logits
+        half = sea.to(dtype)(ids).logits
+    assert half.dtype == dtype and torch.isfinite(half).all()
+    assert (half.float() - reference).norm() / reference.norm() < 3e-2
+
+
+def test_too_long_input_and_4d_mask_give_clear_errors():
+    _, sea = converted_opt()
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        sea(random_ids(1, sea.config.max_position_embeddings + 1))
+    with pytest.raises(ValueError, match="2-D `attention_mask`"):
+        sea(random_ids(1, 8), attention_mask=torch.ones(1, 1, 8, 8))
