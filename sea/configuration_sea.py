@@ -47,6 +47,8 @@ class SeaConfigMixin:
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         self.validate_sea_fields()
+        # Every Auto class a user may load this model family with, not only the class that saved it.
+        self.auto_map = {**self.family_auto_map, **(getattr(self, "auto_map", None) or {})}
 
     def validate(self):
         super().validate()
@@ -86,6 +88,11 @@ class SeaOptConfig(SeaConfigMixin, OPTConfig):
     """
 
     model_type = "sea_opt"
+    family_auto_map = {
+        "AutoConfig": "configuration_sea.SeaOptConfig",
+        "AutoModel": "modeling_sea.SeaOptModel",
+        "AutoModelForCausalLM": "modeling_sea.SeaOptForCausalLM",
+    }
     @property
     def sea_causal(self) -> bool:
         return True
@@ -98,6 +105,12 @@ class SeaBertConfig(SeaConfigMixin, BertConfig):
     """
 
     model_type = "sea_bert"
+    family_auto_map = {
+        "AutoConfig": "configuration_sea.SeaBertConfig",
+        "AutoModel": "modeling_sea.SeaBertModel",
+        "AutoModelForSequenceClassification": "modeling_sea.SeaBertForSequenceClassification",
+        "AutoModelForMaskedLM": "modeling_sea.SeaBertForMaskedLM",
+    }
     @property
     def sea_causal(self) -> bool:
         return False
