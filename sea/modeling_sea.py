@@ -8,7 +8,6 @@ causality itself), so no T x T mask is ever built.
 
 import torch
 from torch import nn
-from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.bert.modeling_bert import (
     BertForMaskedLM,
@@ -27,7 +26,8 @@ from transformers.models.opt.modeling_opt import (
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_sea import SeaBertConfig, SeaOptConfig
-from .sea_attention import SeaAttention, orthogonal_gaussian_features
+from .sea_attention import SeaAttention
+from .sea_cache import SeaCache
 
 
 def padding_mask_to_key_valid(attention_mask: torch.Tensor | None, batch_size: int, length: int):
@@ -60,12 +60,7 @@ class SeaPreTrainedMixin:
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, SeaAttention):
-            init.copy_(module.feature_projection, orthogonal_gaussian_features(*module.feature_projection.shape))
-            if module.position_table is not None:
-                init.normal_(module.position_table, std=1.0)
-            if module.gates is not None:  # neutral start: sparse scale 1, no average mixed in
-                init.zeros_(module.gates.weight)
-                init.zeros_(module.gates.bias)
+            module.init_sea_weights()
 
 
 # ----------------------------------------------------------------------------------------------------------- OPT
@@ -92,9 +87,15 @@ class SeaOptAttention(OPTAttention):
         query = (self.q_proj(hidden_states) * self.scaling).view(shape).transpose(1, 2)
         key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
         value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-        result = self.sea(query, key, value, attention_mask, scaling=1.0)
+        state = None
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+            state = past_key_values.sea_state(self.layer_idx)
+        result = self.sea(query, key, value, attention_mask, scaling=1.0, state=state)
+        if past_key_values is not None:
+            past_key_values.set_sea_state(self.layer_idx, result.state)
         output = self.out_proj(heads_to_hidden(result.context))
-        return output, result.dense_probs(t) if output_attentions else None
+        return output, result.dense_probs(key.shape[2]) if output_attentions else None
 
 
 class SeaOptPreTrainedModel(SeaPreTrainedMixin, OPTPreTrainedModel):
@@ -104,7 +105,8 @@ class SeaOptPreTrainedModel(SeaPreTrainedMixin, OPTPreTrainedModel):
 
 
 class SeaOptDecoder(SeaOptPreTrainedModel, OPTDecoder):
-    """OPT's decoder with SEA self-attention. Its forward passes the (N, T) padding mask to every layer."""
+    """OPT's decoder with SEA self-attention. Every layer gets the (N, T_all) padding mask of all positions so far
+    and, when caching, a `SeaCache`."""
 
     def __init__(self, config: SeaOptConfig):
         super().__init__(config)
@@ -125,34 +127,44 @@ class SeaOptDecoder(SeaOptPreTrainedModel, OPTDecoder):
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if past_key_values is not None and past_key_values.get_seq_length() > 0:
-            raise NotImplementedError(
-                "SeaOptModel cannot continue from a KV cache yet; run the full sequence, or "
-                "`generate(..., use_cache=False)`."
-            )
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         n, t = inputs_embeds.shape[:2]
-        if t > self.config.max_position_embeddings:
+        if t == 0:
+            raise ValueError("The input is empty: SEA models need at least one token.")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        cache = SeaCache.for_model(past_key_values, self.config) if use_cache or past_key_values is not None else None
+        past = cache.get_seq_length() if cache is not None else 0
+        if past + t > self.config.max_position_embeddings:
             raise ValueError(
-                f"Sequence length {t} exceeds max_position_embeddings={self.config.max_position_embeddings} of this "
-                "OPT model (learned positions); truncate the input."
+                f"{past + t} tokens exceed max_position_embeddings={self.config.max_position_embeddings} of this "
+                "OPT model (learned positions); truncate the input or generate fewer tokens."
             )
-        key_valid = padding_mask_to_key_valid(attention_mask, n, t)
-        mask = torch.ones(n, t, dtype=torch.long, device=inputs_embeds.device) if key_valid is None else key_valid.long()
-        pos_embeds = self.embed_positions(mask, 0, position_ids=position_ids)
+        if attention_mask is not None:
+            key_valid = padding_mask_to_key_valid(attention_mask, n, past + t)
+        else:
+            new_valid = torch.ones(n, t, dtype=torch.bool, device=inputs_embeds.device)
+            key_valid = new_valid if not past else torch.cat([cache.key_valid, new_valid], dim=1)
+        if cache is not None:
+            cache.key_valid = key_valid
+        if position_ids is None:  # OPT's rule: positions count the tokens, not the padding
+            mask = key_valid.long()
+            position_ids = (mask.cumsum(-1) * mask - 1)[:, past:]
+        pos_embeds = self.embed_positions(key_valid.long(), past, position_ids=position_ids)
         if self.project_in is not None:
             inputs_embeds = self.project_in(inputs_embeds)
         hidden_states = inputs_embeds + pos_embeds.to(inputs_embeds.device)
         for layer in self.layers:
             if self.training and self.layerdrop > 0.0 and torch.rand([]) < self.layerdrop:
                 continue
-            hidden_states = layer(hidden_states, attention_mask=key_valid, position_ids=position_ids, **kwargs)
+            hidden_states = layer(
+                hidden_states, attention_mask=key_valid, past_key_values=cache, position_ids=position_ids, **kwargs
+            )
         if self.final_layer_norm is not None:
             hidden_states = self.final_layer_norm(hidden_states)
         if self.project_out is not None:
             hidden_states = self.project_out(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=cache)
 
 
 class SeaOptModel(SeaOptPreTrainedModel, OPTModel):
@@ -163,12 +175,37 @@ class SeaOptModel(SeaOptPreTrainedModel, OPTModel):
 
 
 class SeaOptForCausalLM(SeaOptPreTrainedModel, OPTForCausalLM):
-    """`OPTForCausalLM` with SEA attention: same forward, outputs, loss and generation API."""
+    """`OPTForCausalLM` with SEA attention: same forward, outputs, loss and generation API. Cached generation
+    uses a `SeaCache`, which the first forward creates."""
 
     def __init__(self, config: SeaOptConfig):
         super().__init__(config)
         self.model = SeaOptModel(config)
         self.post_init()
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # generate() must not pre-build a plain DynamicCache: the model returns its SeaCache from the first step.
+        return False
+
+    def generate(self, inputs=None, generation_config=None, **kwargs):
+        """`GenerationMixin.generate`, after checking that the prompt plus the new tokens fit OPT's learned
+        positions, so a too-long request fails before any work."""
+        prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        config = generation_config or self.generation_config
+        new_tokens = kwargs.get("max_new_tokens", config.max_new_tokens)
+        if prompt is not None and prompt.shape[1] == 0:
+            raise ValueError("The prompt is empty: SEA models need at least one token to generate from.")
+        total = kwargs.get("max_length", config.max_length) if new_tokens is None else None
+        if prompt is not None and new_tokens is not None:
+            total = prompt.shape[1] + new_tokens
+        if total is not None and total > self.config.max_position_embeddings:
+            raise ValueError(
+                f"Generating up to {total} tokens exceeds max_position_embeddings="
+                f"{self.config.max_position_embeddings} of this OPT model (learned positions): shorten the prompt "
+                "or lower `max_new_tokens`."
+            )
+        return super().generate(inputs, generation_config, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------- BERT

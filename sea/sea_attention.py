@@ -15,11 +15,12 @@ Every faster kernel is tested against these functions.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import initialization as init
 
 from .configuration_sea import SEA_DECODER_WIDTH_DIVISOR
 
@@ -50,14 +51,33 @@ class SeaSelection:
 
 
 @dataclass
+class SeaCausalState:
+    """What a causal SEA layer carries from one forward to the next, so a decode step never revisits the prefix:
+    the kernel-attention prefix sums, the running sum of valid values, and the CNN's last input and hidden rows
+    (its receptive field). Every tensor has the batch on dim 0; a fresh state is all zeros."""
+
+    kv_sum: torch.Tensor  # (N, H, F, 2D): sum of phi(k_j) [pos_j || v_j]^T
+    k_sum: torch.Tensor  # (N, H, F): sum of phi(k_j)
+    value_sum: torch.Tensor  # (N, H, D): sum of the valid v_j
+    cnn_input_rows: torch.Tensor  # (N, C, R, W)
+    cnn_hidden_rows: torch.Tensor  # (N, C, R, W)
+
+    def map(self, fn) -> "SeaCausalState":
+        """The same state with `fn` applied to every tensor (batch reordering, repetition, selection)."""
+        return SeaCausalState(*(fn(getattr(self, f.name)) for f in fields(self)))
+
+
+@dataclass
 class SeaAttentionOutput:
     """context (N, H, T, D); sparse_probs (N, H, T, S) over `selection`'s slots, gate-scaled, zero in unused
-    slots; estimate_log_probs (N, H, T, M) the estimated compressed attention (log-probabilities over bins)."""
+    slots; estimate_log_probs (N, H, T, M) the estimated compressed attention (log-probabilities over bins);
+    state: the causal state after these queries (None for bidirectional layers)."""
 
     context: torch.Tensor
     sparse_probs: torch.Tensor
     selection: SeaSelection
     estimate_log_probs: torch.Tensor
+    state: SeaCausalState | None = None
 
     def dense_probs(self, num_keys: int) -> torch.Tensor:
         """The sparse attention as an (N, H, T, num_keys) matrix, zero outside the mask. O(T^2): for inspection."""
@@ -67,10 +87,11 @@ class SeaAttentionOutput:
         return dense.scatter_add_(-1, self.selection.key_index, probs)
 
 
-def visible_key_counts(key_valid: torch.Tensor, causal: bool) -> torch.Tensor:
-    """(N, T) number of valid keys visible to each query (queries and keys are the same T positions). Padded
-    queries are computed like the others, as dense attention does; a query that sees no valid key gets zeros."""
-    counts = key_valid.long().cumsum(-1)
+def visible_key_counts(key_valid: torch.Tensor, causal: bool, num_queries: int) -> torch.Tensor:
+    """(N, num_queries) number of valid keys visible to each query; the queries are the last `num_queries` of the
+    key positions. Padded queries are computed like the others, as dense attention does; a query that sees no
+    valid key gets zeros."""
+    counts = key_valid.long().cumsum(-1)[:, -num_queries:]
     return counts if causal else counts[:, -1:].expand_as(counts)
 
 
@@ -86,19 +107,21 @@ def bin_edges(counts: torch.Tensor, width: int) -> torch.Tensor:
     return torch.div(counts.unsqueeze(-1) * b, width, rounding_mode="floor")
 
 
-def positional_code(key_valid: torch.Tensor, head_dim: int, table: torch.Tensor | None) -> torch.Tensor:
-    """(N, T, D) position channel fed to the kernel attention, by rank among the valid tokens (so padding does
-    not shift it). Causal: a learned table. Bidirectional: a soft one-hot of the relative position rank / (L - 1)
-    spread linearly over D channels. Zero for padded tokens."""
-    rank = (key_valid.long().cumsum(-1) - 1).clamp_min(0)
+def positional_code(key_valid: torch.Tensor, head_dim: int, table: torch.Tensor | None, num_new: int) -> torch.Tensor:
+    """(N, num_new, D) position channel of the last `num_new` keys, fed to the kernel attention, by rank among the
+    valid tokens (so padding does not shift it). Causal: a learned table. Bidirectional: a soft one-hot of the
+    relative position rank / (L - 1) spread linearly over D channels. Zero for padded tokens."""
+    rank = (key_valid.long().cumsum(-1) - 1).clamp_min(0)[:, -num_new:]
     if table is not None:
+        if rank.max() >= table.shape[0]:
+            raise ValueError(f"SEA's positional table covers {table.shape[0]} tokens; the input has more.")
         code = table[rank]
     else:
         length = key_valid.sum(-1, keepdim=True).clamp_min(2)
         where = rank.to(torch.float32) / (length - 1) * (head_dim - 1)
         channels = torch.arange(head_dim, device=key_valid.device, dtype=torch.float32)
         code = (1 - (channels - where.unsqueeze(-1)).abs()).clamp_min(0)
-    return code * key_valid.unsqueeze(-1)
+    return code * key_valid[:, -num_new:].unsqueeze(-1)
 
 
 def kernel_features(x: torch.Tensor, projection: torch.Tensor, causal: bool, key_valid: torch.Tensor | None):
@@ -126,17 +149,18 @@ def kernel_features(x: torch.Tensor, projection: torch.Tensor, causal: bool, key
     return features
 
 
-def linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, values: torch.Tensor, causal: bool) -> torch.Tensor:
+def linear_attention(phi_q, phi_k, values, causal: bool, kv_sum=None, k_sum=None):
     """Kernel attention sum_j phi(q_i).phi(k_j) v_j / sum_j phi(q_i).phi(k_j), over all keys or (causal) the keys
-    j <= i. The causal form works on blocks of rows: exact inside a block, running prefix sums across blocks,
-    so memory stays linear in T."""
+    j <= i plus an earlier prefix summarised by `kv_sum` (N, H, F, E) and `k_sum` (N, H, F). Returns the output
+    and (causal) the prefix sums including these keys. The causal form works on blocks of rows: exact inside a
+    block, running prefix sums across blocks, so memory stays linear in T."""
     values = values.to(phi_q.dtype)
     if not causal:
         numerator = phi_q @ (phi_k.transpose(-1, -2) @ values)
         denominator = phi_q @ phi_k.sum(-2).unsqueeze(-1)
-        return numerator / denominator.clamp_min(1e-30)
+        return numerator / denominator.clamp_min(1e-30), None
     n, h, t, f = phi_q.shape
-    chunk = LINEAR_ATTENTION_CHUNK
+    chunk = min(LINEAR_ATTENTION_CHUNK, t)
     pad = (-t) % chunk
     blocks = (t + pad) // chunk
 
@@ -145,14 +169,14 @@ def linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, values: torch.Ten
 
     q, k, v = blocked(phi_q), blocked(phi_k), blocked(values)
     kv = k.transpose(-1, -2) @ v  # (N, H, B, F, E): one block's sum of phi(k) v^T
-    kv_before = kv.cumsum(2) - kv
-    k_sum = k.sum(-2)
-    k_before = k_sum.cumsum(2) - k_sum
+    kv_through = kv.cumsum(2) + kv_sum.unsqueeze(2)
+    k_through = k.sum(-2).cumsum(2) + k_sum.unsqueeze(2)
+    kv_before, k_before = kv_through - kv, k_through - k.sum(-2)
     within = torch.tril(q @ k.transpose(-1, -2))  # (N, H, B, C, C)
     numerator = q @ kv_before + within @ v
     denominator = (q @ k_before.unsqueeze(-1)).squeeze(-1) + within.sum(-1)
     out = numerator / denominator.clamp_min(1e-30).unsqueeze(-1)
-    return out.view(n, h, blocks * chunk, -1)[:, :, :t]
+    return out.view(n, h, blocks * chunk, -1)[:, :, :t], (kv_through[:, :, -1], k_through[:, :, -1])
 
 
 def select_keys(
@@ -216,15 +240,17 @@ def sparse_attention(q, k, v, selection: SeaSelection, scaling: float):
     return torch.cat(probs, 2), torch.cat(contexts, 2)
 
 
-def average_context(v, key_valid, estimate_log_probs, key_positions, causal: bool):
-    """Context from every valid key, cheap and dense, mixed into the output by a gate.
+def causal_average_context(v_new, new_valid, counts, value_sum):
+    """Running mean of the valid values up to each of the new queries (N, H, T_new, D), and the new running sum.
+    `counts` (N, T_new) are the valid keys visible to each query; `value_sum` sums the valid values before them."""
+    through = at_least_float32(v_new * new_valid[:, None, :, None]).cumsum(2) + value_sum.unsqueeze(2)
+    return (through / counts.clamp_min(1)[:, None, :, None]).to(v_new.dtype), through[:, :, -1]
 
-    Causal: the running mean of the valid values up to each query. Bidirectional: the mean value of every bin,
-    weighted by the estimate averaged over the valid queries (one vector per sequence and head)."""
+
+def bidirectional_average_context(v, key_valid, estimate_log_probs, key_positions):
+    """The mean value of every bin, weighted by the estimate averaged over the valid queries: one context vector
+    per sequence and head that carries information from every valid key."""
     valid = key_valid[:, None, :, None].to(v.dtype)
-    if causal:
-        counts = key_valid.long().cumsum(-1).clamp_min(1)[:, None, :, None]
-        return (v * valid).cumsum(2) / counts
     n, h, t, d = v.shape
     ordered = v.gather(2, key_positions[:, None, :, None].expand(n, h, t, d)) * valid.gather(
         2, key_positions[:, None, :, None]
@@ -257,16 +283,38 @@ class SeaRowCnn(nn.Module):
         self.to_heads = nn.Conv2d(channels, num_heads, 1)
         self.output_norm = nn.LayerNorm(width)
 
-    def _conv(self, conv: nn.Conv2d, x: torch.Tensor, row_valid: torch.Tensor) -> torch.Tensor:
-        reach = 2 * self.row_dilation
-        above, below = (reach, 0) if self.causal else (reach // 2, reach // 2)
-        return F.relu(conv(F.pad(x, (1, 1, above, below)))) * row_valid
+    @property
+    def rows_above(self) -> int:
+        """Earlier rows one causal convolution reads: its receptive field above the current row."""
+        return 2 * self.row_dilation
 
-    def forward(self, rows: torch.Tensor, row_valid: torch.Tensor) -> torch.Tensor:
+    def _conv(self, conv: nn.Conv2d, x: torch.Tensor, row_valid: torch.Tensor, above: torch.Tensor | None):
+        """Causal: `above` holds the rows before `x` (zeros at the start of a sequence). Bidirectional: zero
+        padding on both sides."""
+        if above is not None:
+            x = torch.cat([above, x], dim=2)
+            padded = F.pad(x, (1, 1, 0, 0))
+        else:
+            padded = F.pad(x, (1, 1, self.row_dilation, self.row_dilation))
+        return F.relu(conv(padded)) * row_valid
+
+    def forward(self, rows: torch.Tensor, row_valid: torch.Tensor, state: SeaCausalState | None = None):
+        """Logits (N, H, T, M) and, for causal models, the last input and hidden rows for the next call."""
         x = self.input_norm(rows) * row_valid
-        x = x + self._conv(self.conv2, self._conv(self.conv1, x, row_valid), row_valid)
-        x = x.repeat_interleave(self.upsample, dim=-1)
-        return self.output_norm(self.to_heads(x))
+        if not self.causal:
+            hidden = self._conv(self.conv1, x, row_valid, None)
+            refined = x + self._conv(self.conv2, hidden, row_valid, None)
+            memory = None
+        else:
+            hidden = self._conv(self.conv1, x, row_valid, state.cnn_input_rows)
+            refined = x + self._conv(self.conv2, hidden, row_valid, state.cnn_hidden_rows)
+            keep = self.rows_above
+            memory = (
+                torch.cat([state.cnn_input_rows, x], dim=2)[:, :, -keep:],
+                torch.cat([state.cnn_hidden_rows, hidden], dim=2)[:, :, -keep:],
+            )
+        refined = refined.repeat_interleave(self.upsample, dim=-1)
+        return self.output_norm(self.to_heads(refined)), memory
 
 
 class SeaAttention(nn.Module):
@@ -295,21 +343,53 @@ class SeaAttention(nn.Module):
         self.cnn = SeaRowCnn(num_heads, self.width, causal)
         self.gates = nn.Linear(2 * head_dim, 2) if config.sea_output_gates else None
 
-    def estimate(self, q, k, v, key_valid, counts):
-        """Estimated attention log-probabilities over bins (N, H, T, M), and the per-query encoding (N, H, T, 2D)."""
-        n, h, t, d = v.shape
-        code = positional_code(key_valid, d, self.position_table).to(v.dtype)
-        augmented = torch.cat([code.unsqueeze(1).expand(n, h, t, d), v], dim=-1)
+    @torch.no_grad()
+    def init_sea_weights(self):
+        """Initialise what a converted model adds beyond ordinary layers: fresh random features, the positional
+        table, and neutral gates (sparse scale 1, no average context), so conversion starts from the dense model.
+        Uses transformers' init functions, which leave weights loaded from a checkpoint untouched."""
+        init.copy_(self.feature_projection, orthogonal_gaussian_features(*self.feature_projection.shape))
+        if self.position_table is not None:
+            init.normal_(self.position_table, std=1.0)
+        if self.gates is not None:
+            init.zeros_(self.gates.weight)
+            init.zeros_(self.gates.bias)
+
+    def initial_state(self, batch_size: int, dtype: torch.dtype, device: torch.device) -> SeaCausalState:
+        """The state before the first token: empty prefix sums and zero CNN rows (the convolutions' padding)."""
+        h, d, f = self.num_heads, self.head_dim, self.feature_projection.shape[0]
+        sums = at_least_float32(torch.zeros((), dtype=dtype)).dtype
+        rows = torch.zeros(batch_size, self.cnn.to_heads.in_channels, self.cnn.rows_above, self.cnn.input_norm.normalized_shape[0], dtype=dtype, device=device)
+        return SeaCausalState(
+            kv_sum=torch.zeros(batch_size, h, f, 2 * d, dtype=sums, device=device),
+            k_sum=torch.zeros(batch_size, h, f, dtype=sums, device=device),
+            value_sum=torch.zeros(batch_size, h, d, dtype=sums, device=device),
+            cnn_input_rows=rows,
+            cnn_hidden_rows=rows.clone(),
+        )
+
+    def estimate(self, q, k_new, v_new, key_valid, counts, state):
+        """Estimated attention log-probabilities over bins (N, H, T, M) of the new queries, their encoding
+        (N, H, T, 2D), and the causal state after them. `k_new`, `v_new` are the keys and values of the new
+        positions (the last T of `key_valid`)."""
+        n, h, t, d = v_new.shape
+        new_valid = key_valid[:, -t:]
+        code = positional_code(key_valid, d, self.position_table, t).to(v_new.dtype)
+        augmented = torch.cat([code.unsqueeze(1).expand(n, h, t, d), v_new], dim=-1)
         phi_q = kernel_features(q, self.feature_projection, self.causal, None)
-        phi_k = kernel_features(k, self.feature_projection, self.causal, key_valid)
-        estimate = linear_attention(phi_q, phi_k, augmented, self.causal).to(v.dtype)
-        encoding = self.encoder(torch.cat([estimate, v], dim=-1))
+        phi_k = kernel_features(k_new, self.feature_projection, self.causal, new_valid)
+        sums = (state.kv_sum, state.k_sum) if self.causal else (None, None)
+        estimate, new_sums = linear_attention(phi_q, phi_k, augmented, self.causal, *sums)
+        encoding = self.encoder(torch.cat([estimate.to(v_new.dtype), v_new], dim=-1))
         rows = self.row_decoder(encoding).view(n, h, t, DECODER_CHANNELS[self.causal], -1)
         rows = rows.permute(0, 1, 3, 2, 4).reshape(n, -1, t, rows.shape[-1])
-        logits = at_least_float32(self.cnn(rows, key_valid[:, None, :, None].to(rows.dtype)))
+        logits, cnn_rows = self.cnn(rows, new_valid[:, None, :, None].to(rows.dtype), state)
+        logits = at_least_float32(logits)
         empty = (bin_edges(counts, self.width).diff(dim=-1) == 0).unsqueeze(1)
         logits = logits.masked_fill(empty, torch.finfo(logits.dtype).min)
-        return torch.log_softmax(logits, dim=-1), encoding
+        if self.causal:
+            state = SeaCausalState(*new_sums, state.value_sum, *cnn_rows)
+        return torch.log_softmax(logits, dim=-1), encoding, state
 
     def forward(
         self,
@@ -319,28 +399,39 @@ class SeaAttention(nn.Module):
         key_valid: torch.Tensor | None,
         scaling: float,
         selection: SeaSelection | None = None,
+        state: SeaCausalState | None = None,
     ) -> SeaAttentionOutput:
-        """q, k, v: (N, H, T, D); key_valid: (N, T) bool, True for real tokens (None: no padding). A given
-        `selection` replaces the estimated one (to compare two passes with the same keys)."""
+        """q: (N, H, T, D) queries of the last T positions; k, v: (N, H, T_all, D) keys and values of every
+        position so far (T_all = T without a cache); key_valid: (N, T_all) bool, True for real tokens (None: no
+        padding). Causal layers continue from `state` (None: the start of the sequence), which must summarise
+        exactly the first T_all - T positions. A given `selection` replaces the estimated one (to compare two
+        passes with the same keys)."""
         n, _, t, _ = q.shape
         if key_valid is None:
-            key_valid = torch.ones(n, t, dtype=torch.bool, device=q.device)
-        counts = visible_key_counts(key_valid, self.causal)
-        edges = bin_edges(counts, self.width)
+            key_valid = torch.ones(n, k.shape[2], dtype=torch.bool, device=q.device)
+        if self.causal and state is None:
+            state = self.initial_state(n, v.dtype, v.device)
+        counts = visible_key_counts(key_valid, self.causal, t)
         positions = valid_key_positions(key_valid)
-        estimate_log_probs, encoding = self.estimate(q, k, v, key_valid, counts)
+        v_new = v[:, :, -t:]
+        estimate_log_probs, encoding, state = self.estimate(q, k[:, :, -t:], v_new, key_valid, counts, state)
         if selection is None:
             with torch.no_grad():
+                edges = bin_edges(counts, self.width)
                 selection = select_keys(estimate_log_probs, edges, positions, self.budget, self.budget_rule)
         probs, context = sparse_attention(q, k, v, selection, scaling)
+        if self.causal:
+            average, value_sum = causal_average_context(v_new, key_valid[:, -t:], counts, state.value_sum)
+            state.value_sum = value_sum
+        elif self.gates is not None:
+            average = bidirectional_average_context(v, key_valid, estimate_log_probs, positions)
         if self.gates is not None:
             gate_logits = self.gates(encoding)
             scale = 2 * torch.sigmoid(gate_logits[..., :1])
             mix = torch.tanh(gate_logits[..., 1:])
-            average = average_context(v, key_valid, estimate_log_probs, positions, self.causal)
             context = scale * context + mix * average
             probs = probs * scale
-        return SeaAttentionOutput(context, probs, selection, estimate_log_probs)
+        return SeaAttentionOutput(context, probs, selection, estimate_log_probs, state)
 
 
 def orthogonal_gaussian_features(num_features: int, dim: int) -> torch.Tensor:

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from transformers import BertForSequenceClassification, OPTConfig, OPTForCausalLM
+from transformers import BertForMaskedLM, BertForSequenceClassification, OPTConfig, OPTForCausalLM
 
 from conftest import OPT_125M, randomize_sea_gates, tiny_bert_config, tiny_opt_config
 from conversion.convert import convert_to_sea
-from sea.modeling_sea import SeaBertForSequenceClassification, SeaOptForCausalLM
+from sea.modeling_sea import SeaBertForMaskedLM, SeaBertForSequenceClassification, SeaOptForCausalLM
 from sea.sea_attention import SeaAttention
 
 
@@ -165,3 +165,13 @@ def test_too_long_input_and_4d_mask_give_clear_errors():
         sea(random_ids(1, sea.config.max_position_embeddings + 1))
     with pytest.raises(ValueError, match="2-D `attention_mask`"):
         sea(random_ids(1, 8), attention_mask=torch.ones(1, 1, 8, 8))
+
+
+def test_masked_lm_head_loads_dense_weights_and_matches_at_full_budget():
+    dense = BertForMaskedLM(tiny_bert_config(dense=True)).eval()
+    sea = SeaBertForMaskedLM(tiny_bert_config(sea_key_budget=128)).eval()
+    missing, unexpected = sea.load_state_dict(dense.state_dict(), strict=False)
+    assert not unexpected and all(".sea." in name for name in missing)
+    ids = random_ids(2, 60)
+    with torch.no_grad():
+        torch.testing.assert_close(sea(ids).logits, dense(ids).logits, atol=1e-4, rtol=0)

@@ -62,7 +62,8 @@ def dense_reference(op, q, k, v, valid, selection, scaling, causal):
     scores = (q @ k.transpose(-1, -2)) * scaling
     probs = torch.softmax(scores.masked_fill(~chosen, float("-inf")), -1).nan_to_num(0.0)
     sparse = probs @ v
-    log_probs, encoding = op.estimate(q.float(), k.float(), v.float(), valid, visible_key_counts(valid, causal))
+    state = op.initial_state(n, torch.float32, q.device) if causal else None
+    log_probs, encoding, _ = op.estimate(q.float(), k.float(), v.float(), valid, visible_key_counts(valid, causal, t), state)
     gates = op.gates(encoding).double()
     scale, mix = 2 * torch.sigmoid(gates[..., :1]), torch.tanh(gates[..., 1:])
     seen = visibility(valid, causal).double()
@@ -136,7 +137,8 @@ def test_kernel_attention_matches_dense_float64(causal):
     valid = random_padding(t)
     phi_q = kernel_features(q, projection, causal, None)
     phi_k = kernel_features(k, projection, causal, valid)
-    out = linear_attention(phi_q, phi_k, values, causal)
+    zeros = (torch.zeros(N, H, 8, 2 * D), torch.zeros(N, H, 8)) if causal else (None, None)
+    out, _ = linear_attention(phi_q, phi_k, values, causal, *zeros)
     weights = phi_q.double() @ phi_k.double().transpose(-1, -2)
     if causal:
         weights = weights.tril()
