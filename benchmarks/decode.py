@@ -1,0 +1,106 @@
+"""Time per generated token and cache bytes per token: SeaOptForCausalLM vs dense OPT (SDPA), same shapes.
+
+The caches are filled to each context length directly (random keys, values and SEA state: the cost of a decode
+step does not depend on their values), then `--steps` single-token forwards are timed and the median reported.
+
+    python benchmarks/decode.py [--contexts 1024 4096 16384 65536] [--layers 4] [--device cpu]
+"""
+
+import argparse
+import json
+import time
+
+import torch
+from transformers import DynamicCache, OPTConfig, OPTForCausalLM
+
+from conversion.convert import convert_to_sea
+from sea.sea_cache import SeaCache
+
+
+def build_models(layers: int, max_positions: int, device: str, dtype: torch.dtype, sea_options: dict):
+    config = OPTConfig(hidden_size=768, num_attention_heads=12, ffn_dim=3072, num_hidden_layers=layers,
+                       max_position_embeddings=max_positions)
+    dense = OPTForCausalLM._from_config(config, attn_implementation="sdpa").eval()
+    sea = convert_to_sea(dense, **sea_options)
+    return dense.to(device, dtype), sea.to(device, dtype)
+
+
+def filled_cache(model, context: int, device: str, dtype: torch.dtype):
+    """A cache holding `context` tokens for every layer of `model`."""
+    config = model.config
+    heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
+    is_sea = config.model_type == "sea_opt"
+    cache = SeaCache(config) if is_sea else DynamicCache()
+    for index, layer in enumerate(model.model.decoder.layers):
+        keys, values = torch.randn(2, 1, heads, context, head_dim, device=device, dtype=dtype).unbind(0)
+        cache.update(keys, values, index)
+        if is_sea:
+            state = layer.self_attn.sea.initial_state(1, dtype, device)
+            cache.set_sea_state(index, state.map(lambda t: torch.rand_like(t) * context))
+    if is_sea:
+        cache.key_valid = torch.ones(1, context, dtype=torch.bool, device=device)
+    return cache
+
+
+def cache_bytes(cache) -> int:
+    tensors = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+    if isinstance(cache, SeaCache):
+        tensors += [cache.key_valid] + [getattr(s, f) for s in cache.sea_states.values() for f in s.__dataclass_fields__]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def synchronize(device: str):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def time_decode(model, context: int, steps: int, device: str, dtype: torch.dtype) -> tuple[float, float]:
+    cache = filled_cache(model, context, device, dtype)
+    per_token = cache_bytes(cache) / context
+    token = torch.randint(3, 1000, (1, 1), device=device)
+    times = []
+    for step in range(steps + 1):  # the first step warms up
+        mask = torch.ones(1, context + step + 1, dtype=torch.long, device=device)
+        synchronize(device)
+        start = time.perf_counter()
+        logits = model(token, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+        token = logits[:, -1:].argmax(-1)
+    return sorted(times[1:])[steps // 2], per_token
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
+    parser.add_argument("--layers", type=int, default=4, help="decoder layers (opt-125m widths: 12 x 64 heads)")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--key-budget", type=int, default=64)
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    dense, sea = build_models(args.layers, max(args.contexts) + args.steps + 2, args.device, dtype,
+                              {"sea_key_budget": args.key_budget})
+    rows = []
+    for context in args.contexts:
+        dense_s, dense_bytes = time_decode(dense, context, args.steps, args.device, dtype)
+        sea_s, sea_bytes = time_decode(sea, context, args.steps, args.device, dtype)
+        rows.append({"context": context, "dense_ms": dense_s * 1e3, "sea_ms": sea_s * 1e3,
+                     "dense_cache_bytes_per_token": dense_bytes, "sea_cache_bytes_per_token": sea_bytes})
+    print(f"decode, {args.layers} layers x 12 heads x 64, {args.dtype}, batch 1, device {args.device}, "
+          f"SEA key budget {args.key_budget}")
+    print("| context | dense SDPA ms/token | SEA ms/token | dense / SEA | dense cache B/token | SEA cache B/token |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['context']} | {r['dense_ms']:.1f} | {r['sea_ms']:.1f} | {r['dense_ms'] / r['sea_ms']:.2f} | "
+              f"{r['dense_cache_bytes_per_token']:.0f} | {r['sea_cache_bytes_per_token']:.0f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

