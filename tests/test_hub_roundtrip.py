@@ -17,7 +17,7 @@ from conversion.convert import convert_to_sea, main as convert_main
 from sea.configuration_sea import SeaBertConfig, SeaOptConfig
 from sea.modeling_sea import SeaBertForSequenceClassification, SeaOptForCausalLM
 
-BUNDLE = {"configuration_sea.py", "modeling_sea.py", "sea_attention.py"}
+BUNDLE = {"configuration_sea.py", "modeling_sea.py", "sea_attention.py", "sea_cache.py"}
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
