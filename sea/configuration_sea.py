@@ -36,6 +36,9 @@ class SeaConfigMixin:
     sea_output_gates (`bool`, defaults to `True`):
         Learned per-query gates that scale the sparse attention and mix in an average context carrying
         information from keys outside the mask. They start neutral (scale 1, mix 0).
+    sea_kernel_attention_only (`bool`, defaults to `False`):
+        A baseline, not SEA: each layer outputs the kernel (Performer) linear attention of its values instead of
+        sparse attention over estimated keys. Used to compare SEA with a pure linear-attention model.
     """
 
     sea_key_budget: int = 64
@@ -43,6 +46,7 @@ class SeaConfigMixin:
     sea_performer_nb_factor: float = 8.0
     sea_budget_rule: str = "constant"
     sea_output_gates: bool = True
+    sea_kernel_attention_only: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

