@@ -10,6 +10,7 @@ import argparse
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, OPTForCausalLM, PreTrainedModel
@@ -77,10 +78,10 @@ def convert_to_sea(dense: PreTrainedModel | str | os.PathLike, num_labels: int |
 
 def save_atomically(
     model: PreTrainedModel, output_dir: str | os.PathLike, tokenizer=None, overwrite: bool = False,
-    extra_files: dict[str, str] | None = None,
+    populate: Callable[[Path], None] | None = None,
 ):
-    """Write `model` (and tokenizer, and `extra_files` name -> text) to `output_dir` via a temporary sibling folder
-    renamed into place, so a killed run never leaves a half-written model behind."""
+    """Write `model` (and tokenizer, and whatever `populate(folder)` adds) to `output_dir` via a temporary sibling
+    folder renamed into place, so a killed run never leaves a half-written model behind."""
     output_dir = Path(output_dir)
     if output_dir.exists() and not overwrite:
         raise FileExistsError(f"{output_dir} already exists; pass --overwrite-output-dir to replace it.")
@@ -90,8 +91,8 @@ def save_atomically(
         model.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        for name, text in (extra_files or {}).items():
-            (staging / name).write_text(text)
+        if populate is not None:
+            populate(staging)
         if output_dir.exists():
             shutil.rmtree(output_dir)
         staging.rename(output_dir)

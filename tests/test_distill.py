@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, GPT2Config, OPTConfig, OPTForCausalLM
+from transformers import GPT2Config
 
-from conftest import TINY_BERT, TINY_OPT
 from conversion import distill
 from conversion.convert import convert_to_sea
 from training.data import packaged_file
@@ -25,33 +24,11 @@ FAST = ["--max-steps", "6", "--per-device-train-batch-size", "4", "--per-device-
         "--baseline", "false", "--logging-steps", "2", "--save-steps", "3", "--max-length", "32"]
 
 
-@pytest.fixture(scope="module")
-def tiny_bert_classifier(tmp_path_factory, minilm_path):
-    """A small BERT with a classification head and the real MiniLM tokenizer, saved like a Hub checkpoint."""
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(**{**TINY_BERT, "vocab_size": tokenizer.vocab_size}, num_labels=2))
-    path = tmp_path_factory.mktemp("tiny-bert")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def tiny_opt_lm(tmp_path_factory, minilm_path):
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
-    torch.manual_seed(0)
-    model = OPTForCausalLM(OPTConfig(**{**TINY_OPT, "vocab_size": tokenizer.vocab_size}))
-    path = tmp_path_factory.mktemp("tiny-opt")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-def run(args: list[str], launcher: list[str] | None = None, **popen) -> subprocess.CompletedProcess:
+def run(args: list[str], launcher: list[str] | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run distill.py in a fresh process (offline unless `env` says otherwise); it must succeed."""
     command = (launcher or [sys.executable]) + [DISTILL] + args
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600, **popen)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 

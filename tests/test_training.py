@@ -56,7 +56,7 @@ def reference_losses(tq, tk, out, valid, causal):
                 sums["teacher_mass"] += float(teacher_on_chosen.sum())
                 sums["key_fraction"] += len(chosen) / len(keys)
                 target = teacher_on_chosen / teacher_on_chosen.sum()
-                sparse = out.sparse_probs[b, head, i].double()[out.selection.key_valid[b, head, i]]
+                sparse = out.sparse_probs[b, head, i].detach().double()[out.selection.key_valid[b, head, i]]
                 sparse = sparse / sparse.sum()
                 sums["sparse_kl"] += float((target * (target.log() - sparse.log())).sum())
                 sums["sparse_mse"] += float(((sparse - target) ** 2).mean())

@@ -62,15 +62,16 @@ def load_raw_dataset(dataset: str | None, dataset_config: str | None, data_files
     return packaged_polarity_sentences()
 
 
-def train_eval_split(raw: DatasetDict, eval_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
-    """The train split, and the first evaluation split found or else a held-out `eval_fraction` of train."""
+def train_eval_split(raw: DatasetDict, eval_fraction: float, seed: int) -> tuple[Dataset, Dataset, str]:
+    """The train split, the first evaluation split found or else a held-out `eval_fraction` of train, and the name
+    of what was held out."""
     if "train" not in raw or len(raw["train"]) == 0:
         raise ValueError("The dataset has no training examples (an empty file, or no 'train' split).")
     for name in EVAL_SPLITS:
         if name in raw and len(raw[name]) > 0:
-            return raw["train"], raw[name]
+            return raw["train"], raw[name], name
     split = raw["train"].train_test_split(test_size=eval_fraction, seed=seed)
-    return split["train"], split["test"]
+    return split["train"], split["test"], f"held-out {eval_fraction:.0%} of train (seed {seed})"
 
 
 def text_columns(dataset: Dataset, requested: list[str] | None) -> tuple[str, ...]:
