@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from transformers import BertConfig, OPTConfig
 
 SEA_BUDGET_RULES = ("constant", "reference")
+SEA_KERNELS = ("auto", "triton", "torch")
 
 # Width reduction of the row decoder before the CNN (see `SeaAttention`): causal models decode M/4 bins in 2
 # channels per head, bidirectional ones M/2 bins in 4 channels, as in the reference implementation.
@@ -36,6 +37,10 @@ class SeaConfigMixin:
     sea_output_gates (`bool`, defaults to `True`):
         Learned per-query gates that scale the sparse attention and mix in an average context carrying
         information from keys outside the mask. They start neutral (scale 1, mix 0).
+    sea_kernel (`str`, defaults to `"auto"`):
+        Which implementation computes the sparse attention: `"auto"` picks the Triton kernel on CUDA when it can
+        run (else the PyTorch path, with one warning saying why), `"triton"` always uses it (an error when it cannot
+        run), `"torch"` always uses the PyTorch reference path.
     sea_kernel_attention_only (`bool`, defaults to `False`):
         A baseline, not SEA: each layer outputs the kernel (Performer) linear attention of its values instead of
         sparse attention over estimated keys. Used to compare SEA with a pure linear-attention model.
@@ -46,6 +51,7 @@ class SeaConfigMixin:
     sea_performer_nb_factor: float = 8.0
     sea_budget_rule: str = "constant"
     sea_output_gates: bool = True
+    sea_kernel: str = "auto"
     sea_kernel_attention_only: bool = False
 
     def __post_init__(self, **kwargs):
@@ -72,6 +78,8 @@ class SeaConfigMixin:
             raise ValueError(f"`sea_performer_nb_factor` must be a number > 0, got {self.sea_performer_nb_factor!r}.")
         if self.sea_budget_rule not in SEA_BUDGET_RULES:
             raise ValueError(f"`sea_budget_rule` must be one of {SEA_BUDGET_RULES}, got {self.sea_budget_rule!r}.")
+        if self.sea_kernel not in SEA_KERNELS:
+            raise ValueError(f"`sea_kernel` must be one of {SEA_KERNELS}, got {self.sea_kernel!r}.")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"`hidden_size` ({self.hidden_size}) must be a multiple of `num_attention_heads` "

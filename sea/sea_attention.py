@@ -22,7 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 
+from transformers.utils import logging
+
 from .configuration_sea import SEA_DECODER_WIDTH_DIVISOR
+from .sea_triton import kernel_unavailable_reason, sparse_attention_triton
+
+logger = logging.get_logger(__name__)
 
 # Decoder channels per head: causal models decode 2 channels of M/4 bins, bidirectional ones 4 channels of M/2.
 DECODER_CHANNELS = {True: 2, False: 4}
@@ -240,6 +245,23 @@ def sparse_attention(q, k, v, selection: SeaSelection, scaling: float):
     return torch.cat(probs, 2), torch.cat(contexts, 2)
 
 
+def sparse_attention_implementation(q: torch.Tensor, kernel: str):
+    """The implementation of `sparse_attention` for these queries under the config's `sea_kernel` setting."""
+    if kernel == "torch":
+        return sparse_attention
+    reason = kernel_unavailable_reason(q)
+    if kernel == "triton":
+        if reason is not None:
+            raise RuntimeError(f"sea_kernel='triton' was requested, but {reason}. Use sea_kernel='auto' or 'torch'.")
+        return sparse_attention_triton
+    if not q.is_cuda:
+        return sparse_attention
+    if reason is not None:
+        logger.warning_once(f"SEA: the Triton kernel cannot run ({reason}); using the slower PyTorch path.")
+        return sparse_attention
+    return sparse_attention_triton
+
+
 def causal_average_context(v_new, new_valid, counts, value_sum):
     """Running mean of the valid values up to each of the new queries (N, H, T_new, D), and the new running sum.
     `counts` (N, T_new) are the valid keys visible to each query; `value_sum` sums the valid values before them."""
@@ -343,6 +365,7 @@ class SeaAttention(nn.Module):
         self.cnn = SeaRowCnn(num_heads, self.width, causal)
         self.gates = nn.Linear(2 * head_dim, 2) if config.sea_output_gates else None
         self.kernel_attention_only = config.sea_kernel_attention_only
+        self.kernel = config.sea_kernel
 
     @torch.no_grad()
     def init_sea_weights(self):
@@ -426,7 +449,7 @@ class SeaAttention(nn.Module):
             with torch.no_grad():
                 edges = bin_edges(counts, self.width)
                 selection = select_keys(estimate_log_probs, edges, positions, self.budget, self.budget_rule)
-        probs, context = sparse_attention(q, k, v, selection, scaling)
+        probs, context = sparse_attention_implementation(q, self.kernel)(q, k, v, selection, scaling)
         if self.causal:
             average, value_sum = causal_average_context(v_new, key_valid[:, -t:], counts, state.value_sum)
             state.value_sum = value_sum

@@ -1,7 +1,12 @@
 import importlib.resources
+import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run on CPU tensors in Triton's interpreter; it must be chosen before any kernel is defined.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, OPTConfig, OPTForCausalLM
 
 from sea.configuration_sea import SeaBertConfig, SeaOptConfig

@@ -167,6 +167,7 @@ def test_cli_refuses_to_overwrite_output(tmp_path, capsys):
         ("sea_key_budget", -3, "sea_key_budget"),
         ("sea_budget_rule", "topk", "sea_budget_rule.*constant.*reference"),
         ("sea_performer_nb_factor", 0.0, "sea_performer_nb_factor.*> 0"),
+        ("sea_kernel", "cuda", "sea_kernel.*auto.*triton.*torch"),
         ("hidden_size", 100, "hidden_size.*num_attention_heads"),
     ],
 )

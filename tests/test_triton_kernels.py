@@ -1,0 +1,88 @@
+"""The Triton kernels against the PyTorch reference path they accelerate: forward, gradients (of the context and
+of the returned probabilities), half precision, the model-level switch and its errors. On a CPU machine the
+kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import tiny_opt_config
+from sea.modeling_sea import SeaOptForCausalLM
+from sea.sea_attention import SeaSelection, sparse_attention
+from sea.sea_triton import sparse_attention_triton
+
+pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def random_problem(n=2, h=3, t=41, d=16, slots=7, dtype=torch.float32):
+    q, k, v = (torch.randn(n, h, t, d, device=DEVICE).to(dtype).requires_grad_() for _ in range(3))
+    valid = torch.rand(n, h, t, slots, device=DEVICE) > 0.3
+    valid[0, 1, 5] = False  # a query with no key at all
+    index = torch.randint(0, t, (n, h, t, slots), device=DEVICE).masked_fill(~valid, 0)
+    return q, k, v, SeaSelection(index, valid)
+
+
+def test_forward_and_gradients_match_the_float64_reference_path():
+    q, k, v, selection = random_problem()
+    scaling = q.shape[-1] ** -0.5
+    probs, context = sparse_attention_triton(q, k, v, selection, scaling)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref_probs, ref_context = sparse_attention(q64, k64, v64, selection, scaling)
+    torch.testing.assert_close(probs.double(), ref_probs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(context.double(), ref_context, rtol=1e-5, atol=1e-6)
+    assert torch.all(context[0, 1, 5] == 0) and torch.all(probs[0, 1, 5] == 0)
+
+    grad_probs, grad_context = torch.randn_like(ref_probs), torch.randn_like(ref_context)
+    got = torch.autograd.grad((probs * grad_probs.float()).sum() + (context * grad_context.float()).sum(), (q, k, v))
+    want = torch.autograd.grad((ref_probs * grad_probs).sum() + (ref_context * grad_context).sum(), (q64, k64, v64))
+    for name, a, b in zip("qkv", got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5, msg=f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_within_one_percent_of_float32(dtype):
+    q, k, v, selection = random_problem(dtype=dtype)
+    scaling = q.shape[-1] ** -0.5
+    probs, context = sparse_attention_triton(q, k, v, selection, scaling)
+    assert probs.dtype == dtype and context.dtype == dtype
+    q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
+    ref_probs, ref_context = sparse_attention(q32, k32, v32, selection, scaling)
+    relative = lambda a, b: float((a.float() - b).norm() / b.norm())
+    assert relative(context, ref_context) <= 1e-2
+    grad = torch.randn_like(ref_context)
+    got = torch.autograd.grad((context.float() * grad).sum(), (q, k, v))
+    want = torch.autograd.grad((ref_context * grad).sum(), (q32, k32, v32))
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all() and relative(a, b) <= 1e-2
+
+
+def test_model_with_the_kernel_equals_the_pytorch_path():
+    torch.manual_seed(0)
+    reference = SeaOptForCausalLM(tiny_opt_config(sea_key_budget=8, sea_compressed_width=8, sea_kernel="torch")).eval()
+    kernel = SeaOptForCausalLM(tiny_opt_config(sea_key_budget=8, sea_compressed_width=8, sea_kernel="triton")).eval()
+    kernel.load_state_dict(reference.state_dict())
+    ids = torch.randint(0, 120, (2, 30))
+    mask = torch.ones_like(ids).index_fill_(1, torch.arange(4), 0)
+    mask[1] = 1
+    with torch.no_grad():
+        torch.testing.assert_close(kernel(ids, attention_mask=mask).logits, reference(ids, attention_mask=mask).logits,
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_forced_kernel_without_a_usable_triton_is_a_clear_error():
+    code = (
+        "import torch\nfrom sea.modeling_sea import SeaOptForCausalLM\nfrom sea.configuration_sea import SeaOptConfig\n"
+        "config = SeaOptConfig(hidden_size=32, num_attention_heads=2, num_hidden_layers=1, ffn_dim=64, vocab_size=50,"
+        " word_embed_proj_dim=32, sea_key_budget=4, sea_compressed_width=8, sea_kernel='triton')\n"
+        "SeaOptForCausalLM(config)(torch.randint(0, 50, (1, 9)))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU machine the kernel can run")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "sea_kernel='triton' was requested" in out.stderr and "not on a CUDA device" in out.stderr
