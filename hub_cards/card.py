@@ -101,6 +101,7 @@ def render_card(folder: str | os.PathLike, load_from: str) -> ModelCard:
     return ModelCard.from_template(
         data,
         template_path=str(TEMPLATE),
+        model_name=model_name,
         base_model=summary.get("base_model_id"),
         base_architecture=config["model_type"].removeprefix("sea_").upper(),
         task_description=TASKS[task]["description"],

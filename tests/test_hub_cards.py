@@ -59,6 +59,7 @@ def test_card_metadata_and_body_from_a_real_distillation(distilled_bert):
     assert all(isinstance(r, EvalResult) and r.dataset_type == "pang_lee_polarity" for r in results)
 
     body = card.text
+    assert "# sea-bert\n" in body and "This is **sea-bert**, a SEA version of" in body
     for section in ("## Usage", "## SEA configuration", "## Evaluation", "## Conversion cost", "## Limitations",
                     "## Citation", "@inproceedings{lee2024sea"):
         assert section in body, section
