@@ -1,0 +1,36 @@
+"""Where one SEA layer's forward spends its time on a GPU: the top CUDA kernels of torch.profiler, grouped.
+
+    python benchmarks/profile_sea.py --length 32768
+"""
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from attention import sea_layer
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--length", type=int, default=32768)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--bidirectional", action="store_true")
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    op = sea_layer(args.heads, args.head_dim, not args.bidirectional, "auto", 64, 128, device).to(torch.bfloat16)
+    q, k, v = (torch.randn(1, args.heads, args.length, args.head_dim, device=device, dtype=torch.bfloat16)
+               for _ in range(3))
+    with torch.no_grad():
+        for _ in range(2):
+            op(q, k, v, None, args.head_dim**-0.5)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            op(q, k, v, None, args.head_dim**-0.5)
+            torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+
+
+if __name__ == "__main__":
+    main()
