@@ -154,7 +154,7 @@ def main():
     args = parser.parse_args()
     device = torch.device("cuda")
     torch.manual_seed(0)
-    checks = check_kernel(device)
+    checks = check_kernel(device, args.heads, args.head_dim)
     print("kernel check (bf16 Triton vs float32 PyTorch, relative L2 error):")
     for row in checks:
         print(json.dumps(row))
