@@ -123,7 +123,10 @@ def parse_arguments(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.set_defaults(**TRAINING_DEFAULTS)
-    args, distillation, training = parser.parse_args_into_dataclasses(rest)
+    try:
+        args, distillation, training = parser.parse_args_into_dataclasses(rest)
+    except ValueError as error:  # a value the argument dataclasses refuse, e.g. every loss weight 0
+        fail(str(error))
     if not training.use_cpu and not torch.accelerator.is_available():
         # No accelerator: say so, so that N launched processes (e.g. `accelerate launch --multi_gpu`, which runs
         # torchrun) form one gloo group instead of N independent runs.

@@ -150,6 +150,9 @@ def test_errors_before_training(tmp_path, capsys, tiny_bert_classifier, tiny_opt
     expect_error(["--model", tiny_opt_lm, "--dataset-path", str(empty), *out], capsys, "no training examples")
     expect_error(["--model", tiny_bert_classifier, "--max-length", "100000", *out], capsys,
                  "--max-length 100000", "max_position_embeddings=256")
+    zero_weights = [f"--{name.replace('_', '-')}=0" for name in ("task_loss_weight", "logits_kd_weight",
+                    "estimate_kl_weight", "estimate_mse_weight", "sparse_kl_weight", "sparse_mse_weight")]
+    expect_error(["--model", tiny_bert_classifier, *zero_weights, *out], capsys, "At least one loss weight must be > 0")
     (tmp_path / "out").mkdir()
     expect_error(["--model", tiny_bert_classifier, *out], capsys, "already exists", "--overwrite-output-dir")
     expect_error(["--model", tiny_bert_classifier, "--output-dir", str(tmp_path / "fresh"), "--resume"], capsys,
