@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from sea.sea_attention import bin_edges, visible_key_counts  # noqa: E402
-from training.sea_trainer import record_sea_layers, record_teacher_queries_keys  # noqa: E402
+from training.sea_trainer import record_sea_layers, record_teacher_queries_keys, teacher_attention  # noqa: E402
 
 BENCHMARK_RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
@@ -49,14 +49,11 @@ def attention_maps(student, teacher, inputs: dict, layer: int, head: int) -> dic
     with record_teacher_queries_keys(teacher) as teacher_layers:
         teacher(**inputs)
     module, output, key_valid = student_layers[layer]
-    q, k = teacher_layers[layer]["q"][0, head].double(), teacher_layers[layer]["k"][0, head].double()
-    t = q.shape[0]
-    valid = torch.ones(1, t, dtype=torch.bool) if key_valid is None else key_valid[:1].cpu()
-    visible = valid[0][None, :].expand(t, t)
-    if module.causal:
-        visible = visible & torch.ones(t, t, dtype=torch.bool).tril()
-    scores = (q @ k.t() / q.shape[-1] ** 0.5).cpu().masked_fill(~visible, float("-inf"))
-    teacher_map = torch.softmax(scores, -1).nan_to_num(0.0)
+    valid = key_valid[:1].cpu()
+    q, k = (teacher_layers[layer][name][:1, head : head + 1].double().cpu() for name in ("q", "k"))
+    t = q.shape[2]
+    teacher_map, visible = teacher_attention(q, k, valid, module.causal, slice(0, t))
+    teacher_map, visible = teacher_map[0, 0], visible[0]
 
     counts = visible_key_counts(valid, module.causal, t)[0]
     edges = bin_edges(counts[None], output.estimate_log_probs.shape[-1])[0]

@@ -7,7 +7,6 @@ causality itself), so no T x T mask is ever built.
 """
 
 import torch
-from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.bert.modeling_bert import (
     BertForMaskedLM,

@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-
 from transformers.utils import logging
 
 from .configuration_sea import SEA_DECODER_WIDTH_DIVISOR

@@ -6,7 +6,7 @@ from transformers import BertForMaskedLM, BertForSequenceClassification, OPTConf
 
 from conftest import OPT_125M, randomize_sea_gates, tiny_bert_config, tiny_opt_config
 from conversion.convert import convert_to_sea
-from sea.modeling_sea import SeaBertForMaskedLM, SeaBertForSequenceClassification, SeaOptForCausalLM
+from sea.modeling_sea import SeaBertForMaskedLM
 from sea.sea_attention import SeaAttention
 
 

@@ -15,7 +15,6 @@ from training.sea_trainer import (
     SeaDistillationArguments,
     SeaDistillationTrainer,
     attention_losses,
-    record_sea_layers,
     record_teacher_queries_keys,
 )
 

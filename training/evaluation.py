@@ -51,8 +51,6 @@ class SeaAttentionStats:
     def add(self, student_layers, teacher_layers, chunk: int):
         masses, fractions = [], []
         for (module, output, key_valid), t in zip(student_layers, teacher_layers):
-            if key_valid is None:
-                key_valid = torch.ones(t["q"].shape[0], t["q"].shape[2], dtype=torch.bool, device=t["q"].device)
             stats = attention_losses(t["q"], t["k"], output, key_valid, module.causal, chunk)
             masses.append(float(stats["teacher_mass"]))
             fractions.append(float(stats["key_fraction"]))

@@ -70,11 +70,15 @@ def is_gate(name: str) -> bool:
 
 @contextlib.contextmanager
 def record_sea_layers(model):
-    """Collects, in layer order, each SEA layer's output and key-validity mask during a forward."""
+    """Collects, in layer order, each SEA layer's output and key-validity mask (N, T_all) during a forward; a
+    forward without padding records an all-True mask."""
     records = []
 
     def hook(module, args, kwargs, output):
         key_valid = args[3] if len(args) > 3 else kwargs.get("key_valid")
+        if key_valid is None:
+            keys = args[1] if len(args) > 1 else kwargs["k"]
+            key_valid = torch.ones(keys.shape[0], keys.shape[2], dtype=torch.bool, device=keys.device)
         records.append((module, output, key_valid))
 
     handles = [m.register_forward_hook(hook, with_kwargs=True) for m in model.modules() if isinstance(m, SeaAttention)]
@@ -125,6 +129,19 @@ def kl_rows(target: torch.Tensor, log_pred: torch.Tensor) -> torch.Tensor:
     return terms.sum(-1)
 
 
+def teacher_attention(teacher_q, teacher_k, key_valid, causal: bool, rows: slice):
+    """The teacher's attention probabilities (N, H, C, T) of query rows `rows`, rebuilt from its unscaled queries
+    and keys (N, H, T, D), and which keys each of those rows sees (N, C, T)."""
+    n, _, t, d = teacher_q.shape
+    positions = torch.arange(t, device=key_valid.device)
+    visible = key_valid[:, None, :].expand(n, rows.stop - rows.start, t)
+    if causal:
+        visible = visible & (positions[None, None, :] <= positions[rows, None])
+    scores = (at_least_float32(teacher_q[:, :, rows]) @ at_least_float32(teacher_k).transpose(-1, -2)) * d**-0.5
+    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    return torch.softmax(scores, -1).nan_to_num(0.0), visible
+
+
 def attention_losses(teacher_q, teacher_k, output, key_valid, causal: bool, chunk: int) -> dict:
     """KL and MSE of the student's estimate and sparse attention against the teacher's attention for one layer,
     averaged over query rows that see a key, and heads; also (without gradient) the teacher's attention mass on
@@ -135,18 +152,12 @@ def attention_losses(teacher_q, teacher_k, output, key_valid, causal: bool, chun
     counts = visible_key_counts(key_valid, causal, t)
     edges = bin_edges(counts, width)
     rank = key_valid.long().cumsum(-1) - 1  # each key's rank among the valid keys
-    positions = torch.arange(t, device=key_valid.device)
     totals = dict.fromkeys(("estimate_kl", "estimate_mse", "sparse_kl", "sparse_mse", "teacher_mass", "key_fraction"), 0.0)
     rows_seen = 0
     for r0 in range(0, t, chunk):
         rows = slice(r0, min(t, r0 + chunk))
         c = rows.stop - r0
-        visible = key_valid[:, None, :].expand(n, c, t)
-        if causal:
-            visible = visible & (positions[None, None, :] <= positions[rows, None])
-        scores = (at_least_float32(teacher_q[:, :, rows]) @ at_least_float32(teacher_k).transpose(-1, -2)) * d**-0.5
-        scores = scores.masked_fill(~visible[:, None], float("-inf"))
-        teacher_p = torch.softmax(scores, -1).nan_to_num(0.0)  # (N, H, C, T)
+        teacher_p, visible = teacher_attention(teacher_q, teacher_k, key_valid, causal, rows)
         # Teacher mass per student bin: bin of key j for row i = the b with edges[b] <= rank_j < edges[b+1].
         row_edges = edges[:, rows]  # (N, C, M + 1)
         bins = torch.searchsorted(row_edges[..., 1:].contiguous(), rank[:, None, :].expand(n, c, t).contiguous(),
@@ -208,8 +219,7 @@ class SeaDistillationTrainer(Trainer):
             ).mean()
         if weights.needs_attention:
             per_layer = [
-                attention_losses(t["q"], t["k"], out, key_valid if key_valid is not None else self._all_valid(t["q"]),
-                                 module.causal, weights.attention_query_chunk)
+                attention_losses(t["q"], t["k"], out, key_valid, module.causal, weights.attention_query_chunk)
                 for (module, out, key_valid), t in zip(student_layers, teacher_layers)
             ]
             for name in ("estimate_kl", "estimate_mse", "sparse_kl", "sparse_mse"):
@@ -226,10 +236,6 @@ class SeaDistillationTrainer(Trainer):
         for name, value in parts.items():
             self._loss_parts.setdefault(name, []).append(float(value.detach()))
         return (loss, outputs) if return_outputs else loss
-
-    @staticmethod
-    def _all_valid(q):
-        return torch.ones(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device)
 
     def _logits_kd(self, student_logits, teacher_logits, attention_mask):
         """KL(teacher || student) of temperature-softened distributions x T^2, per token (LM) or example."""
