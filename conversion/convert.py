@@ -1,9 +1,9 @@
-"""Convert a pretrained dense OPT causal LM or BERT encoder into a SEA model.
+"""Convert a pretrained dense OPT or Llama causal LM, or a BERT encoder, into a SEA model.
 
 Every dense weight is copied; the new SEA parameters are initialised so that, with a key budget covering every
 key, the SEA model computes exactly what the dense model computes (its gates start neutral).
 
-    python conversion/convert.py --model PATH_OR_HUB_ID --output-dir DIR [--key-budget 64 ...]
+    python conversion/convert.py --model PATH_OR_HUB_ID --output-dir DIR [--gguf-file NAME] [--key-budget 64 ...]
 """
 
 import argparse
@@ -13,19 +13,32 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, OPTForCausalLM, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+)
 
-from sea.configuration_sea import SEA_BUDGET_RULES, SeaBertConfig, SeaOptConfig
-from sea.modeling_sea import SeaBertForSequenceClassification, SeaOptForCausalLM
+from sea.configuration_sea import SEA_BUDGET_RULES, SeaBertConfig, SeaLlamaConfig, SeaOptConfig
+from sea.modeling_sea import SeaBertForSequenceClassification, SeaLlamaForCausalLM, SeaOptForCausalLM
 
 # model_type of the dense checkpoint -> (SEA config, SEA model, dense class whose weights match it one to one)
 SEA_FAMILIES = {
     "opt": (SeaOptConfig, SeaOptForCausalLM, "OPTForCausalLM"),
+    "llama": (SeaLlamaConfig, SeaLlamaForCausalLM, "LlamaForCausalLM"),
     "bert": (SeaBertConfig, SeaBertForSequenceClassification, "BertForSequenceClassification"),
 }
-SUPPORTED = "'opt' (OPTForCausalLM checkpoints) and 'bert' (BERT encoders, with or without a classification head)"
+SUPPORTED = (
+    "'opt' and 'llama' (OPTForCausalLM / LlamaForCausalLM checkpoints, also Llama GGUF files) and 'bert' (BERT "
+    "encoders, with or without a classification head)"
+)
+CAUSAL_TYPES = ("opt", "llama")
 # Config entries that describe the dense checkpoint itself rather than the architecture.
-NOT_INHERITED = ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", "dtype")
+NOT_INHERITED = (
+    "model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", "dtype", "quantization_config",
+)
 
 
 def family_of(model_type: str):
@@ -34,14 +47,16 @@ def family_of(model_type: str):
     return SEA_FAMILIES[model_type]
 
 
-def load_dense(model: str | os.PathLike, num_labels: int | None = None) -> PreTrainedModel:
-    """Load the dense checkpoint with the class SEA mirrors (a BERT encoder gets a fresh classification head)."""
-    config = AutoConfig.from_pretrained(model)
+def load_dense(model: str | os.PathLike, num_labels: int | None = None, gguf_file: str | None = None) -> PreTrainedModel:
+    """Load the dense checkpoint with the class SEA mirrors (a BERT encoder gets a fresh classification head).
+    `gguf_file` names a GGUF file inside `model` (quantised weights are dequantised to float by transformers)."""
+    gguf = {} if gguf_file is None else {"gguf_file": gguf_file}
+    config = AutoConfig.from_pretrained(model, **gguf)
     family_of(config.model_type)
-    if config.model_type == "opt":
-        return OPTForCausalLM.from_pretrained(model)
+    if config.model_type in CAUSAL_TYPES:
+        return AutoModelForCausalLM.from_pretrained(model, **gguf)
     extra = {} if num_labels is None else {"num_labels": num_labels}
-    return AutoModelForSequenceClassification.from_pretrained(model, **extra)
+    return AutoModelForSequenceClassification.from_pretrained(model, **extra, **gguf)
 
 
 def sea_config_for(dense_config, **sea_options):
@@ -51,14 +66,17 @@ def sea_config_for(dense_config, **sea_options):
     return config_class(**fields)
 
 
-def convert_to_sea(dense: PreTrainedModel | str | os.PathLike, num_labels: int | None = None, **sea_options):
-    """Return the SEA model of `dense` (a model object, or a path / Hub id to load).
+def convert_to_sea(
+    dense: PreTrainedModel | str | os.PathLike, num_labels: int | None = None, gguf_file: str | None = None,
+    **sea_options,
+):
+    """Return the SEA model of `dense` (a model object, or a path / Hub id to load, optionally a GGUF file in it).
 
     `sea_options` are `SeaOptConfig`/`SeaBertConfig` fields (`sea_key_budget=...`); None keeps the default.
     `num_labels` sets the size of a fresh BERT classification head when the checkpoint has none.
     """
     if not isinstance(dense, PreTrainedModel):
-        dense = load_dense(dense, num_labels)
+        dense = load_dense(dense, num_labels, gguf_file)
     _, sea_class, matching_class = family_of(dense.config.model_type)
     config = sea_config_for(dense.config, **sea_options)
     if num_labels is not None and config.model_type == "sea_bert":
@@ -127,7 +145,8 @@ def sea_options_from(args: argparse.Namespace) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="local path or Hub id of a dense OPT causal LM or BERT")
+    parser.add_argument("--model", required=True, help="local path or Hub id of a dense OPT/Llama causal LM or BERT")
+    parser.add_argument("--gguf-file", help="a GGUF file inside --model to load the dense weights from")
     parser.add_argument("--output-dir", required=True, help="folder to write the SEA model to")
     parser.add_argument("--num-labels", type=int, help="labels of a fresh BERT classification head")
     parser.add_argument("--overwrite-output-dir", action="store_true", help="replace an existing output folder")
@@ -135,9 +154,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if Path(args.output_dir).exists() and not args.overwrite_output_dir:
         parser.error(f"{args.output_dir} already exists; pass --overwrite-output-dir to replace it.")
-    sea = convert_to_sea(args.model, num_labels=args.num_labels, **sea_options_from(args))
+    sea = convert_to_sea(args.model, num_labels=args.num_labels, gguf_file=args.gguf_file, **sea_options_from(args))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        tokenizer = AutoTokenizer.from_pretrained(args.model, **({"gguf_file": args.gguf_file} if args.gguf_file else {}))
     except (OSError, ValueError):
         tokenizer = None  # a checkpoint without tokenizer files converts all the same
     path = save_atomically(sea, args.output_dir, tokenizer, overwrite=args.overwrite_output_dir)

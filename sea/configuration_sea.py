@@ -5,10 +5,11 @@ Each SEA config is the backbone's own config (OPT, BERT) plus the `sea_*` fields
 
 from dataclasses import dataclass
 
-from transformers import BertConfig, OPTConfig
+from transformers import BertConfig, LlamaConfig, OPTConfig
 
 SEA_BUDGET_RULES = ("constant", "reference")
 SEA_KERNELS = ("auto", "triton", "torch")
+SEA_BASELINES = (None, "kernel_attention", "local_window", "random_mask")
 
 # Width reduction of the row decoder before the CNN (see `SeaAttention`): causal models decode M/4 bins in 2
 # channels per head, bidirectional ones M/2 bins in 4 channels, as in the reference implementation.
@@ -41,9 +42,11 @@ class SeaConfigMixin:
         Which implementation computes the sparse attention: `"auto"` picks the Triton kernel on CUDA when it can
         run (else the PyTorch path, with one warning saying why), `"triton"` always uses it (an error when it cannot
         run), `"torch"` always uses the PyTorch reference path.
-    sea_kernel_attention_only (`bool`, defaults to `False`):
-        A baseline, not SEA: each layer outputs the kernel (Performer) linear attention of its values instead of
-        sparse attention over estimated keys. Used to compare SEA with a pure linear-attention model.
+    sea_baseline (`str`, *optional*):
+        `None` for SEA. The other values turn the model into a comparison baseline with the same weights and key
+        budget: `"kernel_attention"` outputs the kernel (Performer) linear attention of the values instead of sparse
+        attention; `"local_window"` attends to the most recent bins instead of the estimated ones (a sliding
+        window); `"random_mask"` attends to randomly chosen bins (SEA with a random mask of the same sparsity).
     """
 
     sea_key_budget: int = 64
@@ -52,7 +55,7 @@ class SeaConfigMixin:
     sea_budget_rule: str = "constant"
     sea_output_gates: bool = True
     sea_kernel: str = "auto"
-    sea_kernel_attention_only: bool = False
+    sea_baseline: str | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -80,7 +83,9 @@ class SeaConfigMixin:
             raise ValueError(f"`sea_budget_rule` must be one of {SEA_BUDGET_RULES}, got {self.sea_budget_rule!r}.")
         if self.sea_kernel not in SEA_KERNELS:
             raise ValueError(f"`sea_kernel` must be one of {SEA_KERNELS}, got {self.sea_kernel!r}.")
-        if self.hidden_size % self.num_attention_heads:
+        if self.sea_baseline not in SEA_BASELINES:
+            raise ValueError(f"`sea_baseline` must be one of {SEA_BASELINES}, got {self.sea_baseline!r}.")
+        if getattr(self, "head_dim", None) is None and self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"`hidden_size` ({self.hidden_size}) must be a multiple of `num_attention_heads` "
                 f"({self.num_attention_heads}): SEA needs one integer head_dim."
@@ -133,4 +138,31 @@ class SeaBertConfig(SeaConfigMixin, BertConfig):
             raise ValueError("SeaBertConfig is an encoder: `is_decoder` and `add_cross_attention` must be False.")
 
 
-__all__ = ["SeaOptConfig", "SeaBertConfig"]
+class SeaLlamaConfig(SeaConfigMixin, LlamaConfig):
+    r"""
+    Configuration of [`SeaLlamaModel`] / [`SeaLlamaForCausalLM`]: a [`LlamaConfig`] (RoPE, grouped-query attention)
+    plus the SEA fields documented in [`SeaConfigMixin`]. SEA's positional table has `max_position_embeddings` rows
+    per layer, so that is also the longest input the model takes.
+    """
+
+    model_type = "sea_llama"
+    family_auto_map = {
+        "AutoConfig": "configuration_sea.SeaLlamaConfig",
+        "AutoModel": "modeling_sea.SeaLlamaModel",
+        "AutoModelForCausalLM": "modeling_sea.SeaLlamaForCausalLM",
+    }
+
+    @property
+    def sea_causal(self) -> bool:
+        return True
+
+    def validate_sea_fields(self):
+        super().validate_sea_fields()
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"`num_attention_heads` ({self.num_attention_heads}) must be a multiple of `num_key_value_heads` "
+                f"({self.num_key_value_heads}) for grouped-query attention."
+            )
+
+
+__all__ = ["SeaOptConfig", "SeaBertConfig", "SeaLlamaConfig"]

@@ -1,8 +1,8 @@
-"""SEA model families: OPT and BERT with SEA replacing self-attention.
+"""SEA model families: OPT, Llama and BERT with SEA replacing self-attention.
 
-The classes are thin over transformers' own OPT and BERT: embeddings, feed-forward blocks, heads and their
+The classes are thin over transformers' own OPT, Llama and BERT: embeddings, feed-forward blocks, heads and their
 `forward`s are the library's; only self-attention is swapped for one that projects q/k/v with the pretrained
-weights and runs `SeaAttention`. Attention masks stay (N, T) padding masks all the way down (SEA derives
+weights (and applies RoPE, for Llama) and runs `SeaAttention`. Attention masks stay (N, T) padding masks all the way down (SEA derives
 causality itself), so no T x T mask is ever built.
 """
 
@@ -15,6 +15,14 @@ from transformers.models.bert.modeling_bert import (
     BertPreTrainedModel,
     BertSelfAttention,
 )
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaDecoderLayer,
+    LlamaForCausalLM,
+    LlamaModel,
+    LlamaPreTrainedModel,
+    apply_rotary_pos_emb,
+)
 from transformers.models.opt.modeling_opt import (
     OPTAttention,
     OPTDecoder,
@@ -24,7 +32,7 @@ from transformers.models.opt.modeling_opt import (
 )
 from transformers.utils.output_capturing import capture_outputs
 
-from .configuration_sea import SeaBertConfig, SeaOptConfig
+from .configuration_sea import SeaBertConfig, SeaLlamaConfig, SeaOptConfig
 from .sea_attention import SeaAttention
 from .sea_cache import SeaCache
 
@@ -45,6 +53,31 @@ def heads_to_hidden(context: torch.Tensor) -> torch.Tensor:
     """(N, H, T, D) -> (N, T, H * D)."""
     n, h, t, d = context.shape
     return context.transpose(1, 2).reshape(n, t, h * d)
+
+
+def prepare_causal_inputs(config, inputs_embeds, attention_mask, past_key_values, use_cache):
+    """What every layer of a causal SEA decoder receives: the `SeaCache` to continue (None without caching), the
+    number of cached positions, and the (N, T_all) key-validity mask of every position so far (also stored in the
+    cache, so a decode step without `attention_mask` keeps the prompt's padding)."""
+    n, t = inputs_embeds.shape[:2]
+    if t == 0:
+        raise ValueError("The input is empty: SEA models need at least one token.")
+    use_cache = config.use_cache if use_cache is None else use_cache
+    cache = SeaCache.for_model(past_key_values, config) if use_cache or past_key_values is not None else None
+    past = cache.get_seq_length() if cache is not None else 0
+    if past + t > config.max_position_embeddings:
+        raise ValueError(
+            f"{past + t} tokens exceed max_position_embeddings={config.max_position_embeddings} of this model "
+            "(the positions SEA's estimator knows); truncate the input or generate fewer tokens."
+        )
+    if attention_mask is not None:
+        key_valid = padding_mask_to_key_valid(attention_mask, n, past + t)
+    else:
+        new_valid = torch.ones(n, t, dtype=torch.bool, device=inputs_embeds.device)
+        key_valid = new_valid if not past else torch.cat([cache.key_valid, new_valid], dim=1)
+    if cache is not None:
+        cache.key_valid = key_valid
+    return cache, past, key_valid
 
 
 class SeaPreTrainedMixin:
@@ -128,24 +161,9 @@ class SeaOptDecoder(SeaOptPreTrainedModel, OPTDecoder):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        n, t = inputs_embeds.shape[:2]
-        if t == 0:
-            raise ValueError("The input is empty: SEA models need at least one token.")
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        cache = SeaCache.for_model(past_key_values, self.config) if use_cache or past_key_values is not None else None
-        past = cache.get_seq_length() if cache is not None else 0
-        if past + t > self.config.max_position_embeddings:
-            raise ValueError(
-                f"{past + t} tokens exceed max_position_embeddings={self.config.max_position_embeddings} of this "
-                "OPT model (learned positions); truncate the input or generate fewer tokens."
-            )
-        if attention_mask is not None:
-            key_valid = padding_mask_to_key_valid(attention_mask, n, past + t)
-        else:
-            new_valid = torch.ones(n, t, dtype=torch.bool, device=inputs_embeds.device)
-            key_valid = new_valid if not past else torch.cat([cache.key_valid, new_valid], dim=1)
-        if cache is not None:
-            cache.key_valid = key_valid
+        cache, past, key_valid = prepare_causal_inputs(
+            self.config, inputs_embeds, attention_mask, past_key_values, use_cache
+        )
         if position_ids is None:  # OPT's rule: positions count the tokens, not the padding
             mask = key_valid.long()
             position_ids = (mask.cumsum(-1) * mask - 1)[:, past:]
@@ -173,14 +191,9 @@ class SeaOptModel(SeaOptPreTrainedModel, OPTModel):
         self.post_init()
 
 
-class SeaOptForCausalLM(SeaOptPreTrainedModel, OPTForCausalLM):
-    """`OPTForCausalLM` with SEA attention: same forward, outputs, loss and generation API. Cached generation
-    uses a `SeaCache`, which the first forward creates."""
-
-    def __init__(self, config: SeaOptConfig):
-        super().__init__(config)
-        self.model = SeaOptModel(config)
-        self.post_init()
+class SeaCausalLMMixin:
+    """Generation of the causal SEA families: the model returns its own `SeaCache` from the first forward, and a
+    request longer than the model's positions fails before any work."""
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -188,8 +201,8 @@ class SeaOptForCausalLM(SeaOptPreTrainedModel, OPTForCausalLM):
         return False
 
     def generate(self, inputs=None, generation_config=None, **kwargs):
-        """`GenerationMixin.generate`, after checking that the prompt plus the new tokens fit OPT's learned
-        positions, so a too-long request fails before any work."""
+        """`GenerationMixin.generate`, after checking that the prompt plus the new tokens fit the model's
+        `max_position_embeddings`, so a too-long request fails before any work."""
         prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         config = generation_config or self.generation_config
         new_tokens = kwargs.get("max_new_tokens", config.max_new_tokens)
@@ -201,10 +214,113 @@ class SeaOptForCausalLM(SeaOptPreTrainedModel, OPTForCausalLM):
         if total is not None and total > self.config.max_position_embeddings:
             raise ValueError(
                 f"Generating up to {total} tokens exceeds max_position_embeddings="
-                f"{self.config.max_position_embeddings} of this OPT model (learned positions): shorten the prompt "
-                "or lower `max_new_tokens`."
+                f"{self.config.max_position_embeddings} of this model (the positions SEA's estimator knows): "
+                "shorten the prompt or lower `max_new_tokens`."
             )
         return super().generate(inputs, generation_config, **kwargs)
+
+
+class SeaOptForCausalLM(SeaCausalLMMixin, SeaOptPreTrainedModel, OPTForCausalLM):
+    """`OPTForCausalLM` with SEA attention: same forward, outputs, loss and generation API. Cached generation
+    uses a `SeaCache`, which the first forward creates."""
+
+    def __init__(self, config: SeaOptConfig):
+        super().__init__(config)
+        self.model = SeaOptModel(config)
+        self.post_init()
+
+
+# --------------------------------------------------------------------------------------------------------- Llama
+
+
+class SeaLlamaAttention(LlamaAttention):
+    """Llama self-attention with the pretrained projections and RoPE, and SEA in place of dense attention. Keys
+    and values keep their `num_key_value_heads` heads, in the cache and in SEA (grouped-query attention)."""
+
+    def __init__(self, config: SeaLlamaConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.sea = SeaAttention(
+            config, config.num_attention_heads, self.head_dim, causal=True, num_key_value_heads=config.num_key_value_heads
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        **kwargs,
+    ):
+        hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        # Rotated queries and keys feed both the estimate and the exact scores, as they feed dense attention.
+        query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+        state = None
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+            state = past_key_values.sea_state(self.layer_idx)
+        result = self.sea(query, key, value, attention_mask, scaling=self.scaling, state=state)
+        if past_key_values is not None:
+            past_key_values.set_sea_state(self.layer_idx, result.state)
+        output = self.o_proj(heads_to_hidden(result.context))
+        return output, result.dense_probs(key.shape[2]) if kwargs.get("output_attentions") else None
+
+
+class SeaLlamaPreTrainedModel(SeaPreTrainedMixin, LlamaPreTrainedModel):
+    config_class = SeaLlamaConfig
+    config: SeaLlamaConfig
+    _can_record_outputs = {"hidden_states": LlamaDecoderLayer, "attentions": SeaLlamaAttention}
+
+
+class SeaLlamaModel(SeaLlamaPreTrainedModel, LlamaModel):
+    """`LlamaModel` with SEA self-attention. Layers get the (N, T_all) padding mask instead of a 4-D causal mask,
+    and a `SeaCache` when caching."""
+
+    def __init__(self, config: SeaLlamaConfig):
+        super().__init__(config)
+        for index, layer in enumerate(self.layers):
+            layer.self_attn = SeaLlamaAttention(config, layer_idx=index)
+        self.post_init()
+
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        cache, past, key_valid = prepare_causal_inputs(
+            self.config, inputs_embeds, attention_mask, past_key_values, use_cache
+        )
+        if position_ids is None:  # Llama's rule: positions count every slot, padding included
+            position_ids = torch.arange(past, past + inputs_embeds.shape[1], device=inputs_embeds.device)[None]
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        for layer in self.layers[: self.config.num_hidden_layers]:
+            hidden_states = layer(
+                hidden_states, attention_mask=key_valid, position_embeddings=position_embeddings,
+                position_ids=position_ids, past_key_values=cache, use_cache=use_cache, **kwargs,
+            )
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=cache)
+
+
+class SeaLlamaForCausalLM(SeaCausalLMMixin, SeaLlamaPreTrainedModel, LlamaForCausalLM):
+    """`LlamaForCausalLM` with SEA attention: same forward, outputs, loss and generation API."""
+
+    def __init__(self, config: SeaLlamaConfig):
+        super().__init__(config)
+        self.model = SeaLlamaModel(config)
+        self.post_init()
 
 
 # ---------------------------------------------------------------------------------------------------------- BERT
@@ -265,6 +381,9 @@ class SeaBertForMaskedLM(SeaBertPreTrainedModel, BertForMaskedLM):
 
 SeaOptConfig.register_for_auto_class()
 SeaBertConfig.register_for_auto_class()
+SeaLlamaConfig.register_for_auto_class()
+SeaLlamaModel.register_for_auto_class("AutoModel")
+SeaLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 SeaOptModel.register_for_auto_class("AutoModel")
 SeaOptForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 SeaBertModel.register_for_auto_class("AutoModel")
@@ -275,6 +394,9 @@ __all__ = [
     "SeaOptModel",
     "SeaOptForCausalLM",
     "SeaOptPreTrainedModel",
+    "SeaLlamaModel",
+    "SeaLlamaForCausalLM",
+    "SeaLlamaPreTrainedModel",
     "SeaBertModel",
     "SeaBertForSequenceClassification",
     "SeaBertForMaskedLM",

@@ -162,32 +162,35 @@ def kernel_features(x: torch.Tensor, projection: torch.Tensor, causal: bool, key
 
 def linear_attention(phi_q, phi_k, values, causal: bool, kv_sum=None, k_sum=None):
     """Kernel attention sum_j phi(q_i).phi(k_j) v_j / sum_j phi(q_i).phi(k_j), over all keys or (causal) the keys
-    j <= i plus an earlier prefix summarised by `kv_sum` (N, H, F, E) and `k_sum` (N, H, F). Returns the output
-    and (causal) the prefix sums including these keys. The causal form works on blocks of rows: exact inside a
-    block, running prefix sums across blocks, so memory stays linear in T."""
+    j <= i plus an earlier prefix summarised by `kv_sum` (..., F, E) and `k_sum` (..., F). phi_q (..., T, F),
+    phi_k (..., T, F) and values (..., T, E) broadcast over their leading dims (a group of query heads sharing one
+    key/value head has size 1 there on the key side). Returns the output and (causal) the prefix sums including
+    these keys. The causal form works on blocks of rows: exact inside a block, running prefix sums across blocks,
+    so memory stays linear in T."""
     values = values.to(phi_q.dtype)
     if not causal:
         numerator = phi_q @ (phi_k.transpose(-1, -2) @ values)
         denominator = phi_q @ phi_k.sum(-2).unsqueeze(-1)
         return numerator / denominator.clamp_min(1e-30), None
-    n, h, t, f = phi_q.shape
+    t = phi_q.shape[-2]
     chunk = min(LINEAR_ATTENTION_CHUNK, t)
     pad = (-t) % chunk
     blocks = (t + pad) // chunk
 
     def blocked(x):
-        return F.pad(x, (0, 0, 0, pad)).view(n, h, blocks, chunk, x.shape[-1])
+        return F.pad(x, (0, 0, 0, pad)).view(*x.shape[:-2], blocks, chunk, x.shape[-1])
 
     q, k, v = blocked(phi_q), blocked(phi_k), blocked(values)
-    kv = k.transpose(-1, -2) @ v  # (N, H, B, F, E): one block's sum of phi(k) v^T
-    kv_through = prefix_sum(kv, 2) + kv_sum.unsqueeze(2)
-    k_through = prefix_sum(k.sum(-2), 2) + k_sum.unsqueeze(2)
+    kv = k.transpose(-1, -2) @ v  # (..., B, F, E): one block's sum of phi(k) v^T
+    kv_through = prefix_sum(kv, -3) + kv_sum.unsqueeze(-3)
+    k_through = prefix_sum(k.sum(-2), -2) + k_sum.unsqueeze(-2)
     kv_before, k_before = kv_through - kv, k_through - k.sum(-2)
-    within = torch.tril(q @ k.transpose(-1, -2))  # (N, H, B, C, C)
+    within = torch.tril(q @ k.transpose(-1, -2))  # (..., B, C, C)
     numerator = q @ kv_before + within @ v
     denominator = (q @ k_before.unsqueeze(-1)).squeeze(-1) + within.sum(-1)
     out = numerator / denominator.clamp_min(1e-30).unsqueeze(-1)
-    return out.view(n, h, blocks * chunk, -1)[:, :, :t], (kv_through[:, :, -1], k_through[:, :, -1])
+    out = out.reshape(*out.shape[:-3], blocks * chunk, out.shape[-1])[..., :t, :]
+    return out, (kv_through[..., -1, :, :], k_through[..., -1, :])
 
 
 def select_keys(
@@ -230,9 +233,11 @@ def select_keys(
 
 def sparse_attention(q, k, v, selection: SeaSelection, scaling: float):
     """Exact softmax attention of each query over its selected keys only. Returns probabilities (N, H, T, S), zero
-    in unused slots (a row with no key gets all zeros), and the context (N, H, T, D). Works on chunks of query
+    in unused slots (a row with no key gets all zeros), and the context (N, H, T, D). k and v have H_kv heads
+    (H_kv divides H; query head i reads key/value head i // (H / H_kv)), never repeated. Works on chunks of query
     rows so the gathered keys and values stay a bounded size at any T."""
     n, h, t, d = q.shape
+    kv_heads = k.shape[1]
     slots = selection.key_index.shape[-1]
     rows = max(1, GATHER_CHUNK_ELEMENTS // max(1, n * h * slots * d))
     probs, contexts = [], []
@@ -240,7 +245,7 @@ def sparse_attention(q, k, v, selection: SeaSelection, scaling: float):
         index = selection.key_index[:, :, r0 : r0 + rows]
         valid = selection.key_valid[:, :, r0 : r0 + rows]
         c = index.shape[2]
-        flat = index.reshape(n, h, c * slots, 1).expand(-1, -1, -1, d)
+        flat = index.reshape(n, kv_heads, h // kv_heads * c * slots, 1).expand(-1, -1, -1, d)
         k_sel = k.gather(2, flat).view(n, h, c, slots, d)
         v_sel = v.gather(2, flat).view(n, h, c, slots, d)
         scores = torch.einsum("nhcd,nhcsd->nhcs", q[:, :, r0 : r0 + rows], k_sel)
@@ -270,15 +275,18 @@ def sparse_attention_implementation(q: torch.Tensor, kernel: str):
 
 
 def causal_average_context(v_new, new_valid, counts, value_sum):
-    """Running mean of the valid values up to each of the new queries (N, H, T_new, D), and the new running sum.
-    `counts` (N, T_new) are the valid keys visible to each query; `value_sum` sums the valid values before them."""
+    """Running mean of the valid values up to each of the new queries (N, H_kv, 1, T_new, D): the same for every
+    query head of a group. Also the new running sum. `counts` (N, T_new) are the valid keys visible to each query;
+    `value_sum` (N, H_kv, D) sums the valid values before them."""
     through = prefix_sum(at_least_float32(v_new * new_valid[:, None, :, None]), 2) + value_sum.unsqueeze(2)
-    return (through / counts.clamp_min(1)[:, None, :, None]).to(v_new.dtype), through[:, :, -1]
+    average = (through / counts.clamp_min(1)[:, None, :, None]).to(v_new.dtype)
+    return average.unsqueeze(2), through[:, :, -1]
 
 
 def bidirectional_average_context(v, key_valid, estimate_log_probs, key_positions):
     """The mean value of every bin, weighted by the estimate averaged over the valid queries: one context vector
-    per sequence and head that carries information from every valid key."""
+    per sequence and query head, (N, H_kv, G, 1, D) for the G query heads of each key/value head, that carries
+    information from every valid key."""
     valid = key_valid[:, None, :, None].to(v.dtype)
     n, h, t, d = v.shape
     ordered = v.gather(2, key_positions[:, None, :, None].expand(n, h, t, d)) * valid.gather(
@@ -290,7 +298,8 @@ def bidirectional_average_context(v, key_valid, estimate_log_probs, key_position
     bin_means = at_edges.diff(dim=2) / row_edges.diff(dim=-1).clamp_min(1).reshape(n, 1, -1, 1)
     q_weight = key_valid[:, None, :, None].to(estimate_log_probs.dtype)
     mean_estimate = (estimate_log_probs.exp() * q_weight).sum(2) / q_weight.sum(2).clamp_min(1)
-    return (mean_estimate.to(v.dtype).unsqueeze(-2) @ bin_means).expand(n, h, t, d)
+    grouped = mean_estimate.to(v.dtype).unflatten(1, (h, -1)).unsqueeze(-2)  # (N, H_kv, G, 1, M)
+    return grouped @ bin_means.unsqueeze(2)
 
 
 class SeaRowCnn(nn.Module):
@@ -350,12 +359,18 @@ class SeaAttention(nn.Module):
     """The SEA parameters of one attention layer and its forward pass (see the module docstring).
 
     The q/k/v/o projections stay with the backbone's attention module; this module receives per-head q, k, v.
+    With grouped-query attention (`num_key_value_heads` < `num_heads`), k and v have one head per group of query
+    heads; everything computed from keys and values alone (kernel-attention sums, running value sums, the gathered
+    keys) stays per key/value head.
     """
 
-    def __init__(self, config, num_heads: int, head_dim: int, causal: bool):
+    def __init__(self, config, num_heads: int, head_dim: int, causal: bool, num_key_value_heads: int | None = None):
         super().__init__()
         self.causal = causal
         self.num_heads = num_heads
+        self.num_key_value_heads = num_key_value_heads or num_heads
+        if num_heads % self.num_key_value_heads:
+            raise ValueError(f"{num_heads} query heads cannot be grouped over {self.num_key_value_heads} key/value heads.")
         self.head_dim = head_dim
         self.width = config.sea_compressed_width
         self.budget = config.sea_key_budget
@@ -371,7 +386,7 @@ class SeaAttention(nn.Module):
         self.row_decoder = nn.Linear(2 * head_dim, channels * self.width // SEA_DECODER_WIDTH_DIVISOR[causal])
         self.cnn = SeaRowCnn(num_heads, self.width, causal)
         self.gates = nn.Linear(2 * head_dim, 2) if config.sea_output_gates else None
-        self.kernel_attention_only = config.sea_kernel_attention_only
+        self.baseline = config.sea_baseline
         self.kernel = config.sea_kernel
 
     @torch.no_grad()
@@ -388,7 +403,7 @@ class SeaAttention(nn.Module):
 
     def initial_state(self, batch_size: int, dtype: torch.dtype, device: torch.device) -> SeaCausalState:
         """The state before the first token: empty prefix sums and zero CNN rows (the convolutions' padding)."""
-        h, d, f = self.num_heads, self.head_dim, self.feature_projection.shape[0]
+        h, d, f = self.num_key_value_heads, self.head_dim, self.feature_projection.shape[0]
         sums = at_least_float32(torch.zeros((), dtype=dtype)).dtype
         rows = torch.zeros(batch_size, self.cnn.to_heads.in_channels, self.cnn.rows_above, self.cnn.input_norm.normalized_shape[0], dtype=dtype, device=device)
         return SeaCausalState(
@@ -403,15 +418,18 @@ class SeaAttention(nn.Module):
         """Estimated attention log-probabilities over bins (N, H, T, M) of the new queries, their encoding
         (N, H, T, 2D), the causal state after them, and the kernel attention of the values (N, H, T, D). `k_new`,
         `v_new` are the keys and values of the new positions (the last T of `key_valid`)."""
-        n, h, t, d = v_new.shape
+        n, kv_heads, t, d = v_new.shape
+        h = self.num_heads
         new_valid = key_valid[:, -t:]
         code = positional_code(key_valid, d, self.position_table, t).to(v_new.dtype)
-        augmented = torch.cat([code.unsqueeze(1).expand(n, h, t, d), v_new], dim=-1)
-        phi_q = kernel_features(q, self.feature_projection, self.causal, None)
-        phi_k = kernel_features(k_new, self.feature_projection, self.causal, new_valid)
-        sums = (state.kv_sum, state.k_sum) if self.causal else (None, None)
+        augmented = torch.cat([code.unsqueeze(1).expand(n, kv_heads, t, d), v_new], dim=-1).unsqueeze(2)
+        # Query heads grouped per key/value head: (N, H_kv, G, T, F) against (N, H_kv, 1, T, F).
+        phi_q = kernel_features(q, self.feature_projection, self.causal, None).unflatten(1, (kv_heads, -1))
+        phi_k = kernel_features(k_new, self.feature_projection, self.causal, new_valid).unsqueeze(2)
+        sums = (state.kv_sum.unsqueeze(2), state.k_sum.unsqueeze(2)) if self.causal else (None, None)
         estimate, new_sums = linear_attention(phi_q, phi_k, augmented, self.causal, *sums)
-        encoding = self.encoder(torch.cat([estimate.to(v_new.dtype), v_new], dim=-1))
+        encoding = self.encode(estimate.to(v_new.dtype), v_new.unsqueeze(2)).flatten(1, 2)
+        estimate = estimate.flatten(1, 2)
         rows = self.row_decoder(encoding).view(n, h, t, DECODER_CHANNELS[self.causal], -1)
         rows = rows.permute(0, 1, 3, 2, 4).reshape(n, -1, t, rows.shape[-1])
         logits, cnn_rows = self.cnn(rows, new_valid[:, None, :, None].to(rows.dtype), state)
@@ -419,8 +437,29 @@ class SeaAttention(nn.Module):
         empty = (bin_edges(counts, self.width).diff(dim=-1) == 0).unsqueeze(1)
         logits = logits.masked_fill(empty, torch.finfo(logits.dtype).min)
         if self.causal:
-            state = SeaCausalState(*new_sums, state.value_sum, *cnn_rows)
+            state = SeaCausalState(new_sums[0].squeeze(2), new_sums[1].squeeze(2), state.value_sum, *cnn_rows)
         return torch.log_softmax(logits, dim=-1), encoding, state, estimate[..., d:].to(v_new.dtype)
+
+    def encode(self, estimate: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:
+        """`self.encoder` applied to [estimate || v] per query head, with the value half of its first linear
+        layer computed once per key/value head: estimate (N, H_kv, G, T, 2D), v_new (N, H_kv, 1, T, D)."""
+        first = self.encoder[0]
+        from_estimate, from_value = first.weight.split([2 * self.head_dim, self.head_dim], dim=1)
+        hidden = F.linear(estimate, from_estimate, first.bias) + F.linear(v_new, from_value)
+        return self.encoder[1:](hidden)
+
+    def bin_ranking(self, estimate_log_probs: torch.Tensor) -> torch.Tensor:
+        """What `select_keys` ranks bins by: SEA's estimate, or a baseline's fixed or random order (empty bins,
+        at the dtype's minimum in the estimate, stay last)."""
+        if self.baseline is None:
+            return estimate_log_probs
+        if self.baseline == "local_window":
+            ranking = torch.arange(self.width, device=estimate_log_probs.device, dtype=estimate_log_probs.dtype)
+            ranking = ranking.expand_as(estimate_log_probs)
+        else:  # "random_mask"
+            ranking = torch.rand_like(estimate_log_probs)
+        empty = estimate_log_probs == torch.finfo(estimate_log_probs.dtype).min
+        return ranking.masked_fill(empty, float("-inf"))
 
     def forward(
         self,
@@ -432,7 +471,7 @@ class SeaAttention(nn.Module):
         selection: SeaSelection | None = None,
         state: SeaCausalState | None = None,
     ) -> SeaAttentionOutput:
-        """q: (N, H, T, D) queries of the last T positions; k, v: (N, H, T_all, D) keys and values of every
+        """q: (N, H, T, D) queries of the last T positions; k, v: (N, H_kv, T_all, D) keys and values of every
         position so far (T_all = T without a cache); key_valid: (N, T_all) bool, True for real tokens (None: no
         padding). Causal layers continue from `state` (None: the start of the sequence), which must summarise
         exactly the first T_all - T positions. A given `selection` replaces the estimated one (to compare two
@@ -448,14 +487,15 @@ class SeaAttention(nn.Module):
         estimate_log_probs, encoding, state, kernel_context = self.estimate(
             q, k[:, :, -t:], v_new, key_valid, counts, state
         )
-        if self.kernel_attention_only:  # the linear-attention baseline: no selection, no sparse attention
+        if self.baseline == "kernel_attention":  # the linear-attention baseline: no selection, no sparse attention
             nothing = torch.zeros(n, q.shape[1], t, 0, dtype=torch.long, device=q.device)
             selection = SeaSelection(nothing, nothing.bool())
             return SeaAttentionOutput(kernel_context, nothing.to(q.dtype), selection, estimate_log_probs, state)
         if selection is None:
             with torch.no_grad():
                 edges = bin_edges(counts, self.width)
-                selection = select_keys(estimate_log_probs, edges, positions, self.budget, self.budget_rule)
+                ranking = self.bin_ranking(estimate_log_probs)
+                selection = select_keys(ranking, edges, positions, self.budget, self.budget_rule)
         probs, context = sparse_attention_implementation(q, self.kernel)(q, k, v, selection, scaling)
         if self.causal:
             average, value_sum = causal_average_context(v_new, key_valid[:, -t:], counts, state.value_sum)
@@ -466,7 +506,9 @@ class SeaAttention(nn.Module):
             gate_logits = self.gates(encoding)
             scale = 2 * torch.sigmoid(gate_logits[..., :1])
             mix = torch.tanh(gate_logits[..., 1:])
-            context = scale * context + mix * average
+            kv_heads = self.num_key_value_heads
+            mixed = context.unflatten(1, (kv_heads, -1)) * scale.unflatten(1, (kv_heads, -1))
+            context = (mixed + mix.unflatten(1, (kv_heads, -1)) * average).flatten(1, 2)
             probs = probs * scale
         return SeaAttentionOutput(context, probs, selection, estimate_log_probs, state)
 

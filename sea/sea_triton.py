@@ -43,9 +43,15 @@ if triton is not None:
     _EMPTY = tl.constexpr(EMPTY_ROW)
 
     @triton.jit
+    def _key_value_head(head, num_heads, group):
+        """Flattened (batch, key/value head) read by flattened (batch, query head) `head`: query heads come in
+        groups of `group` per key/value head (grouped-query attention; 1 for multi-head attention)."""
+        return (head // num_heads) * (num_heads // group) + (head % num_heads) // group
+
+    @triton.jit
     def _sparse_forward(
         Q, K, V, INDEX, VALID, OUT, PROBS, LSE,
-        num_queries, num_keys, slots, scaling,
+        num_queries, num_keys, slots, scaling, num_heads, group,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -55,7 +61,7 @@ if triton is not None:
         dim_ok = dims < HEAD_DIM
         tile_ok = row_ok[:, None] & dim_ok[None, :]
         q_rows = head * num_queries + rows  # row offsets into the (N*H*T, D) views of Q, OUT
-        kv_base = head * num_keys
+        kv_base = _key_value_head(head, num_heads, group) * num_keys
         slot_base = q_rows * slots
         q = tl.load(Q + q_rows[:, None] * HEAD_DIM + dims[None, :], mask=tile_ok, other=0.0).to(tl.float32)
 
@@ -91,7 +97,7 @@ if triton is not None:
     @triton.jit
     def _sparse_backward(
         Q, K, V, INDEX, VALID, LSE, GRAD_OUT, GRAD_PROBS, DELTA, GRAD_Q, GRAD_K, GRAD_V,
-        num_queries, num_keys, slots, scaling,
+        num_queries, num_keys, slots, scaling, num_heads, group,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_GRAD_PROBS: tl.constexpr,
     ):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -101,7 +107,7 @@ if triton is not None:
         dim_ok = dims < HEAD_DIM
         tile_ok = row_ok[:, None] & dim_ok[None, :]
         q_rows = head * num_queries + rows
-        kv_base = head * num_keys
+        kv_base = _key_value_head(head, num_heads, group) * num_keys
         slot_base = q_rows * slots
         q = tl.load(Q + q_rows[:, None] * HEAD_DIM + dims[None, :], mask=tile_ok, other=0.0).to(tl.float32)
         grad_out = tl.load(GRAD_OUT + q_rows[:, None] * HEAD_DIM + dims[None, :], mask=tile_ok, other=0.0).to(tl.float32)
@@ -146,7 +152,7 @@ class _SparseAttention(torch.autograd.Function):
         lse = torch.empty(n, h, t, dtype=torch.float32, device=q.device)
         if slots > 0 and t > 0:
             _sparse_forward[_grid(q)](
-                q, k, v, key_index, key_valid, out, probs, lse, t, k.shape[2], slots, scaling,
+                q, k, v, key_index, key_valid, out, probs, lse, t, k.shape[2], slots, scaling, h, h // k.shape[1],
                 HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_D=triton.next_power_of_2(d),
             )
         else:
@@ -172,7 +178,8 @@ class _SparseAttention(torch.autograd.Function):
         if key_index.shape[-1] > 0 and t > 0:
             _sparse_backward[_grid(q)](
                 q, k, v, key_index, key_valid, lse, grad_out, grad_probs if grad_probs is not None else grad_out,
-                delta.contiguous(), grad_q, grad_k, grad_v, t, k.shape[2], key_index.shape[-1], ctx.scaling,
+                delta.contiguous(), grad_q, grad_k, grad_v, t, k.shape[2], key_index.shape[-1], ctx.scaling, h,
+                h // k.shape[1],
                 HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_D=triton.next_power_of_2(d), HAS_GRAD_PROBS=grad_probs is not None,
             )
         else:
@@ -181,5 +188,6 @@ class _SparseAttention(torch.autograd.Function):
 
 
 def sparse_attention_triton(q, k, v, selection, scaling: float):
-    """`sea_attention.sparse_attention` as a Triton kernel: (probabilities (N, H, T, S), context (N, H, T, D))."""
+    """`sea_attention.sparse_attention` as a Triton kernel: (probabilities (N, H, T, S), context (N, H, T, D)).
+    k and v may have fewer heads than q (grouped-query attention); they are read in place, never repeated."""
     return _SparseAttention.apply(q, k, v, selection.key_index, selection.key_valid, scaling)

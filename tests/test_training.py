@@ -132,7 +132,7 @@ def test_recorded_teacher_queries_keys_rebuild_its_attention():
 
 def test_kernel_attention_only_outputs_the_performer_attention_of_the_values():
     n, h, t, d = 2, 3, 9, 8
-    op = SeaAttention(tiny_opt_config(sea_kernel_attention_only=True), h, d, causal=True).double()
+    op = SeaAttention(tiny_opt_config(sea_baseline="kernel_attention"), h, d, causal=True).double()
     op.init_sea_weights()
     q, k, v = (torch.randn(n, h, t, d, dtype=torch.float64) for _ in range(3))
     valid = padded_mask([t, 6], t, left=True)

@@ -18,20 +18,24 @@ pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def random_problem(n=2, h=3, t=41, d=16, slots=7, dtype=torch.float32):
-    q, k, v = (torch.randn(n, h, t, d, device=DEVICE).to(dtype).requires_grad_() for _ in range(3))
+def random_problem(n=2, h=3, t=41, d=16, slots=7, dtype=torch.float32, kv_heads=None):
+    q = torch.randn(n, h, t, d, device=DEVICE).to(dtype).requires_grad_()
+    k, v = (torch.randn(n, kv_heads or h, t, d, device=DEVICE).to(dtype).requires_grad_() for _ in range(2))
     valid = torch.rand(n, h, t, slots, device=DEVICE) > 0.3
     valid[0, 1, 5] = False  # a query with no key at all
     index = torch.randint(0, t, (n, h, t, slots), device=DEVICE).masked_fill(~valid, 0)
     return q, k, v, SeaSelection(index, valid)
 
 
-def test_forward_and_gradients_match_the_float64_reference_path():
-    q, k, v, selection = random_problem()
+@pytest.mark.parametrize("kv_heads", [3, 1], ids=["multi-head", "grouped-query"])
+def test_forward_and_gradients_match_the_float64_reference_path(kv_heads):
+    q, k, v, selection = random_problem(h=3, kv_heads=kv_heads)
     scaling = q.shape[-1] ** -0.5
     probs, context = sparse_attention_triton(q, k, v, selection, scaling)
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
-    ref_probs, ref_context = sparse_attention(q64, k64, v64, selection, scaling)
+    # Grouped-query keys/values are repeated for the reference only (multi-head attention over copies).
+    repeat = lambda x: x.repeat_interleave(3 // kv_heads, dim=1)
+    ref_probs, ref_context = sparse_attention(q64, repeat(k64), repeat(v64), selection, scaling)
     torch.testing.assert_close(probs.double(), ref_probs, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(context.double(), ref_context, rtol=1e-5, atol=1e-6)
     assert torch.all(context[0, 1, 5] == 0) and torch.all(probs[0, 1, 5] == 0)

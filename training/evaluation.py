@@ -5,7 +5,6 @@ of the visible keys a query reads)."""
 import math
 from pathlib import Path
 
-import evaluate
 import torch
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
@@ -16,6 +15,7 @@ LOCAL_CLASSIFICATION_METRIC = Path(__file__).parent / "metrics" / "sea_classific
 
 
 def classification_metric():
+    import evaluate  # only classification needs it (and its `datasets` dependency); perplexity runs without
     """The Hub's accuracy and F1 modules, or the local module with the same definitions when offline."""
     try:
         return evaluate.combine(["accuracy", "f1"])
@@ -46,7 +46,7 @@ class SeaAttentionStats:
     """Running means of SEA's per-layer selection statistics against a dense teacher."""
 
     def __init__(self):
-        self.mass, self.fraction, self.batches = 0.0, 0.0, 0
+        self.layer_mass, self.fraction, self.batches = None, 0.0, 0
 
     def add(self, student_layers, teacher_layers, chunk: int):
         masses, fractions = [], []
@@ -54,19 +54,21 @@ class SeaAttentionStats:
             stats = attention_losses(t["q"], t["k"], output, key_valid, module.causal, chunk)
             masses.append(float(stats["teacher_mass"]))
             fractions.append(float(stats["key_fraction"]))
-        self.mass += sum(masses) / len(masses)
+        self.layer_mass = masses if self.layer_mass is None else [a + b for a, b in zip(self.layer_mass, masses)]
         self.fraction += sum(fractions) / len(fractions)
         self.batches += 1
 
     def result(self) -> dict:
         if not self.batches:
             return {}
-        return {"teacher_mass_recall": self.mass / self.batches, "fraction_of_keys_attended": self.fraction / self.batches}
+        per_layer = [mass / self.batches for mass in self.layer_mass]
+        return {"teacher_mass_recall": sum(per_layer) / len(per_layer), "fraction_of_keys_attended": self.fraction / self.batches,
+                "teacher_mass_recall_per_layer": per_layer}
 
 
 def selects_keys(student_layers) -> bool:
     """Whether the recorded layers are SEA layers that select keys (not dense, not the kernel-only baseline)."""
-    return bool(student_layers) and not student_layers[0][0].kernel_attention_only
+    return bool(student_layers) and student_layers[0][0].baseline != "kernel_attention"
 
 
 @torch.no_grad()

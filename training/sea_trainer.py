@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from transformers import Trainer
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from sea.sea_attention import SeaAttention, at_least_float32, bin_edges, visible_key_counts
 
@@ -90,32 +91,39 @@ def record_sea_layers(model):
 
 
 def teacher_projections(teacher):
-    """(query, key) projection modules of every self-attention layer of a dense OPT or BERT teacher."""
-    pairs = []
+    """(attention module, query projection, key projection, head_dim) of every self-attention layer of a dense
+    OPT, Llama or BERT teacher."""
+    layers = []
     for module in teacher.modules():
         if hasattr(module, "q_proj") and hasattr(module, "k_proj"):
-            pairs.append((module.q_proj, module.k_proj, module.num_heads))
-        elif hasattr(module, "query") and hasattr(module, "key") and hasattr(module, "num_attention_heads"):
-            pairs.append((module.query, module.key, module.num_attention_heads))
-    return pairs
+            layers.append((module, module.q_proj, module.k_proj, module.head_dim))
+        elif hasattr(module, "query") and hasattr(module, "key") and hasattr(module, "attention_head_size"):
+            layers.append((module, module.query, module.key, module.attention_head_size))
+    return layers
 
 
 @contextlib.contextmanager
 def record_teacher_queries_keys(teacher):
-    """Collects each teacher layer's queries and keys (N, H, T, D), unscaled, during a forward."""
+    """Collects each teacher layer's queries (N, H, T, D) and keys (N, H_kv, T, D), unscaled, during a forward;
+    layers given rotary `position_embeddings` (Llama) record them rotated, as their attention scores use them."""
     records = []
     handles = []
-    for q_proj, k_proj, heads in teacher_projections(teacher):
+    for attention, q_proj, k_proj, head_dim in teacher_projections(teacher):
         entry = {}
         records.append(entry)
 
-        def keep(name, entry=entry, heads=heads):
+        def keep(name, entry=entry, head_dim=head_dim):
             def hook(module, args, output):
                 n, t, _ = output.shape
-                entry[name] = output.view(n, t, heads, -1).transpose(1, 2)
+                entry[name] = output.view(n, t, -1, head_dim).transpose(1, 2)
             return hook
 
-        handles += [q_proj.register_forward_hook(keep("q")), k_proj.register_forward_hook(keep("k"))]
+        def rotate(module, args, kwargs, output, entry=entry):
+            if kwargs.get("position_embeddings") is not None:
+                entry["q"], entry["k"] = apply_rotary_pos_emb(entry["q"], entry["k"], *kwargs["position_embeddings"])
+
+        handles += [q_proj.register_forward_hook(keep("q")), k_proj.register_forward_hook(keep("k")),
+                    attention.register_forward_hook(rotate, with_kwargs=True)]
     try:
         yield records
     finally:
@@ -131,13 +139,15 @@ def kl_rows(target: torch.Tensor, log_pred: torch.Tensor) -> torch.Tensor:
 
 def teacher_attention(teacher_q, teacher_k, key_valid, causal: bool, rows: slice):
     """The teacher's attention probabilities (N, H, C, T) of query rows `rows`, rebuilt from its unscaled queries
-    and keys (N, H, T, D), and which keys each of those rows sees (N, C, T)."""
-    n, _, t, d = teacher_q.shape
+    (N, H, T, D) and keys (N, H_kv, T, D) (query head i reads key head i // (H / H_kv)), and which keys each of
+    those rows sees (N, C, T)."""
+    n, h, t, d = teacher_q.shape
     positions = torch.arange(t, device=key_valid.device)
     visible = key_valid[:, None, :].expand(n, rows.stop - rows.start, t)
     if causal:
         visible = visible & (positions[None, None, :] <= positions[rows, None])
-    scores = (at_least_float32(teacher_q[:, :, rows]) @ at_least_float32(teacher_k).transpose(-1, -2)) * d**-0.5
+    grouped_q = at_least_float32(teacher_q[:, :, rows]).unflatten(1, (teacher_k.shape[1], -1))
+    scores = (grouped_q @ at_least_float32(teacher_k).unsqueeze(2).transpose(-1, -2)).flatten(1, 2) * d**-0.5
     scores = scores.masked_fill(~visible[:, None], float("-inf"))
     return torch.softmax(scores, -1).nan_to_num(0.0), visible
 

