@@ -81,7 +81,7 @@ def convert_to_sea(
     config = sea_config_for(dense.config, **sea_options)
     if num_labels is not None and config.model_type == "sea_bert":
         config.num_labels = num_labels
-    sea = sea_class(config).to(dense.dtype)
+    sea = sea_class(config).to(device=dense.device, dtype=dense.dtype)
     whole_model = type(dense).__name__ == matching_class
     target, source = (sea, dense) if whole_model else (sea.base_model, dense.base_model)
     missing, unexpected = target.load_state_dict(source.state_dict(), strict=False)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import tiny_opt_config
-from sea.modeling_sea import SeaOptForCausalLM
+from sea.configuration_sea import SeaLlamaConfig
+from sea.modeling_sea import SeaLlamaForCausalLM, SeaOptForCausalLM
 from sea.sea_attention import SeaSelection, sparse_attention
 from sea.sea_triton import sparse_attention_triton
 
@@ -64,13 +65,24 @@ def test_half_precision_within_one_percent_of_float32(dtype):
         assert torch.isfinite(a).all() and relative(a, b) <= 1e-2
 
 
-def test_model_with_the_kernel_equals_the_pytorch_path():
+def tiny_llama_config(**sea):
+    from test_llama import TINY_LLAMA
+
+    return SeaLlamaConfig(**TINY_LLAMA, **sea)
+
+
+@pytest.mark.parametrize(
+    "model_class, make_config",
+    [(SeaOptForCausalLM, tiny_opt_config), (SeaLlamaForCausalLM, tiny_llama_config)],
+    ids=["opt", "llama-grouped-query"],
+)
+def test_model_with_the_kernel_equals_the_pytorch_path(model_class, make_config):
     torch.manual_seed(0)
-    reference = SeaOptForCausalLM(tiny_opt_config(sea_key_budget=8, sea_compressed_width=8, sea_kernel="torch")).eval()
-    kernel = SeaOptForCausalLM(tiny_opt_config(sea_key_budget=8, sea_compressed_width=8, sea_kernel="triton")).eval()
+    reference = model_class(make_config(sea_key_budget=8, sea_compressed_width=8, sea_kernel="torch")).to(DEVICE).eval()
+    kernel = model_class(make_config(sea_key_budget=8, sea_compressed_width=8, sea_kernel="triton")).to(DEVICE).eval()
     kernel.load_state_dict(reference.state_dict())
-    ids = torch.randint(0, 120, (2, 30))
-    mask = torch.ones_like(ids).index_fill_(1, torch.arange(4), 0)
+    ids = torch.randint(3, 120, (2, 30), device=DEVICE)
+    mask = torch.ones_like(ids).index_fill_(1, torch.arange(4, device=DEVICE), 0)
     mask[1] = 1
     with torch.no_grad():
         torch.testing.assert_close(kernel(ids, attention_mask=mask).logits, reference(ids, attention_mask=mask).logits,

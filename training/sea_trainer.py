@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from transformers import Trainer
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from sea.sea_attention import SeaAttention, at_least_float32, bin_edges, visible_key_counts
+from sea.sea_attention import SeaAttention, at_least_float32, bin_edges, valid_key_positions, visible_key_counts
 
 
 LOSS_WEIGHTS = ("task_loss_weight", "logits_kd_weight", "hidden_mse_weight", "estimate_kl_weight",
@@ -161,20 +161,19 @@ def attention_losses(teacher_q, teacher_k, output, key_valid, causal: bool, chun
     width = output.estimate_log_probs.shape[-1]
     counts = visible_key_counts(key_valid, causal, t)
     edges = bin_edges(counts, width)
-    rank = key_valid.long().cumsum(-1) - 1  # each key's rank among the valid keys
+    # Bin b of a row covers the keys of valid-key ranks [edges_b, edges_b+1): its teacher mass is a difference of
+    # the row's prefix sums over key positions, read just after the position of rank edges - 1 (0 for rank 0).
+    after_rank = F.pad(valid_key_positions(key_valid) + 1, (1, 0))  # (N, T + 1): prefix length through rank r - 1
+    edge_prefix = after_rank.gather(1, edges.reshape(n, -1)).view(n, 1, t, width + 1)
     totals = dict.fromkeys(("estimate_kl", "estimate_mse", "sparse_kl", "sparse_mse", "teacher_mass", "key_fraction"), 0.0)
     rows_seen = 0
     for r0 in range(0, t, chunk):
         rows = slice(r0, min(t, r0 + chunk))
         c = rows.stop - r0
         teacher_p, visible = teacher_attention(teacher_q, teacher_k, key_valid, causal, rows)
-        # Teacher mass per student bin: bin of key j for row i = the b with edges[b] <= rank_j < edges[b+1].
-        row_edges = edges[:, rows]  # (N, C, M + 1)
-        bins = torch.searchsorted(row_edges[..., 1:].contiguous(), rank[:, None, :].expand(n, c, t).contiguous(),
-                                  right=True).clamp_max(width)
-        bins = bins.masked_fill(~visible, width)
-        binned = teacher_p.new_zeros(n, h, c, width + 1).scatter_add_(-1, bins[:, None].expand(n, h, c, t), teacher_p)
-        binned = binned[..., :width]
+        prefix = F.pad(teacher_p.cumsum(-1), (1, 0))  # (N, H, C, T + 1)
+        at_edges = prefix.gather(-1, edge_prefix[:, :, rows].expand(n, h, c, width + 1))
+        binned = at_edges.diff(dim=-1).clamp_min(0)  # teacher mass per student bin
         estimate = output.estimate_log_probs[:, :, rows]
         # Rows of real queries that see at least one key (a padded query's row means nothing).
         row_has_keys = ((counts[:, rows] > 0) & key_valid[:, -t:][:, rows])[:, None, :].expand(n, h, c)
