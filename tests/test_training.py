@@ -26,7 +26,7 @@ def padded_mask(lengths, t, left=False):
     return torch.stack([positions < n for n in lengths])
 
 
-def reference_losses(tq, tk, out, valid, causal):
+def reference_losses(tq, tk, out, valid, causal, rows_counted=None):
     """The same quantities by explicit loops in float64: teacher softmax row by row, each key put in its bin by
     comparing its rank with the bin edges."""
     n, h, t, d = tq.shape
@@ -37,7 +37,7 @@ def reference_losses(tq, tk, out, valid, causal):
     for b in range(n):
         for i in range(t):
             keys = [j for j in range(t) if valid[b, j] and (not causal or j <= i)]
-            if not valid[b, i] or not keys:
+            if not valid[b, i] or not keys or (rows_counted is not None and not rows_counted[b, i]):
                 continue
             for head in range(h):
                 rows += 1
@@ -62,8 +62,9 @@ def reference_losses(tq, tk, out, valid, causal):
     return {name: value / rows for name, value in sums.items()}
 
 
+@pytest.mark.parametrize("only_some_rows", [False, True], ids=["all-rows", "counted-rows"])
 @pytest.mark.parametrize("causal", [True, False])
-def test_attention_losses_match_a_loop_reference(causal):
+def test_attention_losses_match_a_loop_reference(causal, only_some_rows):
     n, h, t, d = 2, 3, 13, 8
     config = tiny_bert_config(sea_key_budget=4, sea_compressed_width=4)
     op = SeaAttention(config, h, d, causal).double()
@@ -75,8 +76,9 @@ def test_attention_losses_match_a_loop_reference(causal):
     q, k, v = (torch.randn(n, h, t, d, dtype=torch.float64) for _ in range(3))
     out = op(q, k, v, valid, d**-0.5)
     teacher_q, teacher_k = torch.randn(n, h, t, d, dtype=torch.float64), torch.randn(n, h, t, d, dtype=torch.float64)
-    got = attention_losses(teacher_q, teacher_k, out, valid, causal, chunk=5)
-    want = reference_losses(teacher_q, teacher_k, out, valid, causal)
+    rows_counted = torch.rand(n, t) > 0.5 if only_some_rows else None
+    got = attention_losses(teacher_q, teacher_k, out, valid, causal, chunk=5, rows_counted=rows_counted)
+    want = reference_losses(teacher_q, teacher_k, out, valid, causal, rows_counted)
     for name, value in want.items():
         assert float(got[name]) == pytest.approx(value, rel=1e-6, abs=1e-9), name
     assert 0 < want["key_fraction"] < 1  # the budget really leaves keys out

@@ -48,10 +48,10 @@ class SeaAttentionStats:
     def __init__(self):
         self.layer_mass, self.fraction, self.batches = None, 0.0, 0
 
-    def add(self, student_layers, teacher_layers, chunk: int):
+    def add(self, student_layers, teacher_layers, chunk: int, rows_counted=None):
         masses, fractions = [], []
         for (module, output, key_valid), t in zip(student_layers, teacher_layers):
-            stats = attention_losses(t["q"], t["k"], output, key_valid, module.causal, chunk)
+            stats = attention_losses(t["q"], t["k"], output, key_valid, module.causal, chunk, rows_counted)
             masses.append(float(stats["teacher_mass"]))
             fractions.append(float(stats["key_fraction"]))
         self.layer_mass = masses if self.layer_mass is None else [a + b for a, b in zip(self.layer_mass, masses)]
@@ -121,7 +121,9 @@ def sliding_window_perplexity(model, tokens: list[int], window: int, stride: int
             scored_rows = labels[0, 1:] != -100
             fidelity.add(logits[0, :-1][scored_rows], teacher_logits[0, :-1][scored_rows])
             if selects_keys(student_layers):
-                stats.add(student_layers, teacher_layers, query_chunk)
+                # Only the query rows whose next-token prediction is scored, as for the perplexity.
+                rows = torch.cat([scored_rows, scored_rows.new_zeros(1)])[None]
+                stats.add(student_layers, teacher_layers, query_chunk, rows)
         previous_end = end
         if end == len(tokens):
             break

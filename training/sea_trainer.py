@@ -152,9 +152,9 @@ def teacher_attention(teacher_q, teacher_k, key_valid, causal: bool, rows: slice
     return torch.softmax(scores, -1).nan_to_num(0.0), visible
 
 
-def attention_losses(teacher_q, teacher_k, output, key_valid, causal: bool, chunk: int) -> dict:
+def attention_losses(teacher_q, teacher_k, output, key_valid, causal: bool, chunk: int, rows_counted=None) -> dict:
     """KL and MSE of the student's estimate and sparse attention against the teacher's attention for one layer,
-    averaged over query rows that see a key, and heads; also (without gradient) the teacher's attention mass on
+    averaged over query rows that see a key (and, given `rows_counted` (N, T) bool, are among those), and heads; also (without gradient) the teacher's attention mass on
     the selected keys and the share of visible keys selected. The teacher's T x T probabilities exist one chunk of
     rows at a time."""
     n, h, t, d = teacher_q.shape
@@ -176,7 +176,10 @@ def attention_losses(teacher_q, teacher_k, output, key_valid, causal: bool, chun
         binned = at_edges.diff(dim=-1).clamp_min(0)  # teacher mass per student bin
         estimate = output.estimate_log_probs[:, :, rows]
         # Rows of real queries that see at least one key (a padded query's row means nothing).
-        row_has_keys = ((counts[:, rows] > 0) & key_valid[:, -t:][:, rows])[:, None, :].expand(n, h, c)
+        row_has_keys = (counts[:, rows] > 0) & key_valid[:, -t:][:, rows]
+        if rows_counted is not None:
+            row_has_keys = row_has_keys & rows_counted[:, rows]
+        row_has_keys = row_has_keys[:, None, :].expand(n, h, c)
         totals["estimate_kl"] = totals["estimate_kl"] + kl_rows(binned, estimate)[row_has_keys].sum()
         totals["estimate_mse"] = totals["estimate_mse"] + ((estimate.exp() - binned) ** 2).mean(-1)[row_has_keys].sum()
         selected = output.selection.key_index[:, :, rows]
