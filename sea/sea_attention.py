@@ -448,9 +448,9 @@ class SeaAttention(nn.Module):
         hidden = F.linear(estimate, from_estimate, first.bias) + F.linear(v_new, from_value)
         return self.encoder[1:](hidden)
 
-    def bin_ranking(self, estimate_log_probs: torch.Tensor) -> torch.Tensor:
-        """What `select_keys` ranks bins by: SEA's estimate, or a baseline's fixed or random order (empty bins,
-        at the dtype's minimum in the estimate, stay last)."""
+    def bin_ranking(self, estimate_log_probs: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+        """What `select_keys` ranks bins by: SEA's estimate, or a baseline's fixed or random order, with the empty
+        bins (from `edges`) last."""
         if self.baseline is None:
             return estimate_log_probs
         if self.baseline == "local_window":
@@ -458,8 +458,7 @@ class SeaAttention(nn.Module):
             ranking = ranking.expand_as(estimate_log_probs)
         else:  # "random_mask"
             ranking = torch.rand_like(estimate_log_probs)
-        empty = estimate_log_probs == torch.finfo(estimate_log_probs.dtype).min
-        return ranking.masked_fill(empty, float("-inf"))
+        return ranking.masked_fill((edges.diff(dim=-1) == 0).unsqueeze(1), float("-inf"))
 
     def forward(
         self,
@@ -494,7 +493,7 @@ class SeaAttention(nn.Module):
         if selection is None:
             with torch.no_grad():
                 edges = bin_edges(counts, self.width)
-                ranking = self.bin_ranking(estimate_log_probs)
+                ranking = self.bin_ranking(estimate_log_probs, edges)
                 selection = select_keys(ranking, edges, positions, self.budget, self.budget_rule)
         probs, context = sparse_attention_implementation(q, self.kernel)(q, k, v, selection, scaling)
         if self.causal:

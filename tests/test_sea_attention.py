@@ -193,3 +193,22 @@ def test_padded_rows_are_finite_and_padding_matches_alone_with_selection_held(ca
         held.key_valid[:, :, rows] = alone.selection.key_valid
         fixed = op(padded(q), padded(k), padded(v), valid, D**-0.5, selection=held)
         torch.testing.assert_close(fixed.context[:, :, rows], alone.context, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("baseline", ["local_window", "random_mask"])
+def test_same_budget_baselines_select_the_documented_keys(baseline):
+    """local_window reads the most recent keys, random_mask a random choice of visible keys; both within the
+    budget and never a future key."""
+    from conftest import tiny_opt_config
+
+    op = SeaAttention(tiny_opt_config(sea_baseline=baseline, sea_key_budget=8, sea_compressed_width=8), 4, 16, True)
+    q, k, v = (torch.randn(1, 4, 64, 16) for _ in range(3))
+    selection = op(q, k, v, None, 0.25).selection
+    for row in range(64):
+        for head in range(4):
+            keys = set(selection.key_index[0, head, row][selection.key_valid[0, head, row]].tolist())
+            assert len(keys) == min(8, row + 1) and max(keys) <= row
+            # Bins of 1, 2, 4 or 8 keys fill the budget with whole bins: exactly the 8 most recent keys. (Otherwise
+            # the bin that overflows the budget gives its first keys, as `select_keys` documents.)
+            if baseline == "local_window" and row + 1 in (8, 16, 32, 64):
+                assert keys == set(range(row - 7, row + 1))

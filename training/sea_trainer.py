@@ -25,8 +25,10 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from sea.sea_attention import SeaAttention, at_least_float32, bin_edges, valid_key_positions, visible_key_counts
 
 
-LOSS_WEIGHTS = ("task_loss_weight", "logits_kd_weight", "hidden_mse_weight", "estimate_kl_weight",
-                "estimate_mse_weight", "sparse_kl_weight", "sparse_mse_weight")
+# Weights of the losses on the model's outputs, and of those on its attention (estimate and sparse).
+OUTPUT_LOSSES = ("task_loss_weight", "logits_kd_weight", "hidden_mse_weight")
+ATTENTION_LOSSES = ("estimate_kl_weight", "estimate_mse_weight", "sparse_kl_weight", "sparse_mse_weight")
+LOSS_WEIGHTS = OUTPUT_LOSSES + ATTENTION_LOSSES
 
 
 @dataclass
@@ -67,6 +69,11 @@ def is_sea_parameter(name: str) -> bool:
 
 def is_gate(name: str) -> bool:
     return ".sea.gates." in name
+
+
+def is_estimator_parameter(name: str) -> bool:
+    """A parameter of SEA's mask estimator: every new SEA parameter except the output gates."""
+    return is_sea_parameter(name) and not is_gate(name)
 
 
 @contextlib.contextmanager
