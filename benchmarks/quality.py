@@ -34,6 +34,7 @@ from transformers.trainer_utils import get_last_checkpoint
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conversion.convert import convert_to_sea, load_dense, save_atomically  # noqa: E402
 from hub_cards.card import write_card  # noqa: E402
+from hub_cards.plots import BENCHMARK_RESULTS, attention_maps, plot_attention, plot_perplexity, plot_scaling  # noqa: E402
 from training.evaluation import sliding_window_perplexity  # noqa: E402
 from training.sea_trainer import (  # noqa: E402
     ATTENTION_LOSSES,
@@ -47,6 +48,27 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BASE_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 HELD_OUT_SHARE = 0.1
+# Report rows that other code refers to.
+TEACHER = "teacher (dense)"
+DISTILLED = "sea (distilled)"
+FINETUNED = "sea (distilled, then whole model fine-tuned)"
+SINK_WINDOW_FINETUNED = "sink + local window, whole model fine-tuned the same way"
+KERNEL = "kernel attention (Performer, trained)"
+# Report row of each training's cost -> its name in the work dir.
+TRAINED_COSTS = {
+    DISTILLED: "sea-distilled",
+    "sea (whole-model fine-tuning after distillation)": "sea-finetuned",
+    "sink + local window (whole-model fine-tuning)": "sink-window-finetuned",
+    "kernel attention": "kernel-baseline",
+}
+# Report row -> (result file name, config) of the same-budget mask baselines. SEA reads its first and last bin
+# (`sea_anchor_bins`); the window and random baselines are measured with the same anchors, and the window also
+# without them (a plain sliding window).
+SAME_BUDGET_BASELINES = {
+    "local window (same budget)": ("local_window", dict(sea_baseline="local_window", sea_anchor_bins=False)),
+    "sink + local window (anchor bins, same budget)": ("sink_window", dict(sea_baseline="local_window")),
+    "random mask + anchor bins (same budget)": ("random_mask", dict(sea_baseline="random_mask")),
+}
 
 
 def parse_arguments(argv=None):
@@ -69,6 +91,8 @@ def parse_arguments(argv=None):
     parser.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens scored per context")
     parser.add_argument("--train-context", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=300, help="distillation steps of the SEA estimator")
+    parser.add_argument("--finetune-steps", type=int, default=120,
+                        help="steps of whole-model training on the output losses after the estimator distillation")
     parser.add_argument("--baseline-steps", type=int, default=300, help="training steps of the kernel baseline")
     parser.add_argument("--learning-rate", type=float, default=1e-4, help="base rate; SEA modules train at 10x")
     parser.add_argument("--seed", type=int, default=0)
@@ -167,8 +191,13 @@ def trained(name: str, student, teacher, train, steps: int, losses, args, work: 
         save_file(kept, str(work / f"{name}.tmp"))
         (work / f"{name}.tmp").replace(weights_file)
         cost_file.write_text(json.dumps(cost))
-    student.load_state_dict(load_file(str(weights_file), device=str(teacher.device)), strict=False)
-    return student, json.loads(cost_file.read_text())
+    return with_trained_weights(student, weights_file), json.loads(cost_file.read_text())
+
+
+def with_trained_weights(model, weights_file: Path):
+    """`model` with the weights stored by `trained` loaded over its own."""
+    model.load_state_dict(load_file(str(weights_file), device=str(model.device)), strict=False)
+    return model
 
 
 def distilled_sea(teacher, train, args, work: Path):
@@ -177,6 +206,18 @@ def distilled_sea(teacher, train, args, work: Path):
     model = convert_to_sea(teacher, sea_key_budget=args.key_budget, sea_compressed_width=args.compressed_width)
     losses = SeaDistillationArguments(**dict.fromkeys(OUTPUT_LOSSES, 0.0))
     return trained("sea-distilled", model, teacher, train, args.steps, losses, args, work, is_estimator_parameter)
+
+
+def finetuned(name: str, teacher, train, args, work: Path, **overrides):
+    """The distilled SEA model (or, with `overrides`, a mask baseline on the same estimator) with every weight then
+    trained to match the teacher's outputs (logits and hidden states), so the backbone adapts to reading only the
+    selected keys. No LM loss on the text: the student cannot gain from adapting to Wikipedia beyond what the
+    teacher knows."""
+    model = convert_to_sea(teacher, sea_key_budget=args.key_budget, sea_compressed_width=args.compressed_width,
+                           **overrides)
+    model = with_trained_weights(model, work / "sea-distilled.safetensors")
+    losses = SeaDistillationArguments(**dict.fromkeys(ATTENTION_LOSSES, 0.0), task_loss_weight=0.0)
+    return trained(name, model, teacher, train, args.finetune_steps, losses, args, work, lambda name: True)
 
 
 def kernel_baseline(teacher, train, args, work: Path):
@@ -201,45 +242,89 @@ def evaluate(name: str, build, held_out: list[int], args, work: Path, teacher=No
         for context in args.contexts:
             stride = context // 16
             scored = held_out[: args.eval_tokens + context - stride]
-            result[str(context)] = sliding_window_perplexity(model, scored, context, stride)
+            result[str(context)] = sliding_window_perplexity(model, scored, context, stride, long_context_only=True)
         if teacher is not None:
             context = max(args.contexts)
             sample = held_out[: context + 3 * (context // 16)]
-            result["attention_at_longest"] = sliding_window_perplexity(model, sample, context, context // 16, teacher)
+            result["attention_at_longest"] = sliding_window_perplexity(
+                model, sample, context, context // 16, teacher, long_context_only=True
+            )
     path.with_suffix(".tmp").write_text(json.dumps(result, indent=1))
     path.with_suffix(".tmp").replace(path)
     return result
 
 
-def publish(model, tokenizer, report: dict, cost: dict, folder: str):
-    """The distilled model as a Hub-ready folder: weights, remote code, tokenizer, eval_results.json and card."""
-    longest = str(max(int(c) for c in report["contexts"]))
-    evaluation = {"teacher (dense)": report["perplexity"]["teacher (dense)"][longest],
-                  "sea (distilled)": report["perplexity"]["sea (distilled)"][longest]}
+def attention_statistics(by_context: dict) -> dict:
+    """SEA's fidelity and mask statistics from a model's evaluation (none for dense or kernel-attention models)."""
+    sample = by_context.get("attention_at_longest", {})
+    return {k: v for k, v in sample.items() if k not in ("perplexity", "tokens_scored")}
+
+
+def publish(model, teacher, held_out: list[int], tokenizer, report: dict, folder: str):
+    """The distilled model as a Hub-ready folder: weights, remote code, tokenizer, eval_results.json (every row of
+    the report at the longest context), plots and card."""
+    longest = str(max(report["contexts"]))
+    cost = report["cost"][DISTILLED]
     summary = {
         "task": "causal-lm", "base_model_id": BASE_MODEL_ID, "license": "apache-2.0",
         "dataset": {"id": "enwiki-excerpt", "name": "Wikipedia (gensim's packaged enwiki excerpt)",
                     "split": "held-out articles", "on_hub": False,
                     "description": f"the last {report['held_out_articles']} articles of gensim's packaged enwiki "
-                                   f"excerpt, {longest}-token windows"},
-        "evaluation": evaluation, "quality_report": report,
+                                   f"excerpt, {longest}-token windows, {report['scored_tokens']}; this model is the "
+                                   f"'{DISTILLED}' row, every other row is a comparison"},
+        "evaluation": {row: by_context[longest] | attention_statistics(by_context)
+                       for row, by_context in report["perplexity"].items()},
+        "quality_report": report,
         "training": {"steps": cost["steps"], "tokens_seen": cost["tokens_seen"], "processes": 1,
                      "device": cost["device"], "wall_time_s": cost["wall_time_s"],
-                     "device_hours": round(cost["wall_time_s"] / 3600, 4)},
+                     "device_hours": round(cost["wall_time_s"] / 3600, 4),
+                     "scope": "the estimator distillation (Trainer.train) alone; evaluation not included"},
     }
 
     def populate(staging: Path):
         (staging / "eval_results.json").write_text(json.dumps(summary, indent=1))
+        plots = staging / "plots"
+        plots.mkdir()
+        plot_perplexity(report["perplexity"], report["contexts"], plots / "perplexity.png",
+                        f"{BASE_MODEL_ID}: held-out perplexity, {report['key_budget']} keys per query")
+        plot_scaling(BENCHMARK_RESULTS / "layer_memory_cpu.json", plots / "scaling.png",
+                     "One causal attention layer (12 heads x 64), fp32, CPU: SEA vs dense")
+        layer = model.config.num_hidden_layers // 2
+        example = {"input_ids": torch.tensor([held_out[:1024]], device=model.device)}
+        plot_attention(attention_maps(model, teacher, example, layer=layer, head=0), plots / "attention.png",
+                       f"layer {layer}, head 0, first 1024 held-out tokens")
         write_card(staging, folder)
 
     save_atomically(model, folder, tokenizer, overwrite=True, populate=populate)
 
 
+def claim_check(perplexity: dict, sea_row: str, baseline_rows: list[str], longest: str, budget_share: float) -> dict:
+    """The issue's claim for one SEA row at the longest context: within 3% of the teacher's perplexity at a budget
+    of at most 1/8 of the keys, and better than every baseline trained the same way."""
+    ppl = {name: by_context[longest]["perplexity"] for name, by_context in perplexity.items()}
+    gap = ppl[sea_row] / ppl[TEACHER] - 1
+    best = min(baseline_rows, key=ppl.get)
+    return {"model": sea_row, "context": int(longest), "budget_share": budget_share, "vs_teacher": gap,
+            "within_3_percent": gap <= 0.03 and budget_share <= 1 / 8, "best_baseline": best,
+            "best_baseline_vs_teacher": ppl[best] / ppl[TEACHER] - 1,
+            "better_than_every_baseline": ppl[sea_row] < ppl[best]}
+
+
 def markdown_report(report: dict) -> str:
     contexts = report["contexts"]
-    lines = ["| model | " + " | ".join(f"ppl @ {c}" for c in contexts) + " | vs teacher @ "
-             f"{contexts[-1]} | keys read @ {contexts[-1]} |", "|---" * (len(contexts) + 3) + "|"]
-    teacher = report["perplexity"]["teacher (dense)"][str(contexts[-1])]["perplexity"]
+    lines = []
+    for claim in report["claims"]:
+        verdict = "met" if claim["within_3_percent"] else "NOT met"
+        lines.append(
+            f"- {claim['model']} at {claim['context']} tokens, {claim['budget_share']:.3f} of the keys: within 3% of "
+            f"the teacher **{verdict}** ({claim['vs_teacher']:+.1%}); better than every baseline trained the same "
+            f"way: **{'yes' if claim['better_than_every_baseline'] else 'no'}** (best: {claim['best_baseline']}, "
+            f"{claim['best_baseline_vs_teacher']:+.1%})."
+        )
+    lines.append("")
+    lines += ["| model | " + " | ".join(f"ppl @ {c}" for c in contexts) + " | vs teacher @ "
+              f"{contexts[-1]} | keys read @ {contexts[-1]} |", "|---" * (len(contexts) + 3) + "|"]
+    teacher = report["perplexity"][TEACHER][str(contexts[-1])]["perplexity"]
     for name, by_context in report["perplexity"].items():
         longest = by_context[str(contexts[-1])]
         cells = [f"{by_context[str(c)]['perplexity']:.2f}" for c in contexts]
@@ -254,6 +339,14 @@ def markdown_report(report: dict) -> str:
             lines.append(f"- {name}: mean {sum(per_layer) / len(per_layer):.3f}; "
                          + " ".join(f"{m:.2f}" for m in per_layer))
     lines.append("")
+    if report["layer_budgets"]:
+        lines += [f"The distilled model at {contexts[-1]} tokens with the key budget changed per layer group "
+                  "(benchmarks/quality_layers.py, same scored tokens):", "",
+                  "| key budget | mean keys per query | ppl | vs teacher |", "|---|---|---|---|"]
+        for name, row in report["layer_budgets"].items():
+            lines.append(f"| {name} | {row['mean_budget']:.0f} | {row['perplexity']:.2f} | "
+                         f"{row['perplexity'] / teacher - 1:+.1%} |")
+        lines.append("")
     for name, cost in report["cost"].items():
         lines.append(f"- cost of {name}: {cost['steps']} steps, {cost['tokens_seen']:,} tokens, "
                      f"{cost['wall_time_s']:.0f} s on {cost['device']} ({cost['device_minutes']} device-minutes)")
@@ -360,11 +453,27 @@ def main(argv=None):
         llama_report(args, work, argv)
 
 
+def run_record(work: Path, argv) -> dict:
+    """Device, versions and command of the run that measured the results in `work`, written by its first call, so
+    that a later call (a resumed run, or one that only writes the report and the published folder on another
+    machine) reports where the numbers come from."""
+    path = work / "run.json"
+    if not path.exists():
+        record = {
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
+            "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        }
+        path.write_text(json.dumps(record, indent=1))
+    return json.loads(path.read_text())
+
+
 def llama_report(args, work: Path, argv):
     tokens = prepare_tokens(args, work)
     if args.stage == "prepare":
         print(f"{len(tokens['train']):,} training and {len(tokens['held_out']):,} held-out tokens in {work}")
         return
+    record = run_record(work, argv)
     set_seed(args.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     folder, gguf = model_source(args)
@@ -372,32 +481,42 @@ def llama_report(args, work: Path, argv):
     train = TokenBlocks(tokens["train"], args.train_context)
     held_out = tokens["held_out"].tolist()
     budget = dict(sea_key_budget=args.key_budget, sea_compressed_width=args.compressed_width)
-    perplexity = {
-        "teacher (dense)": evaluate("teacher", lambda: teacher, held_out, args, work),
-        "sea (converted, untrained)": evaluate(
-            "sea-untrained", lambda: convert_to_sea(teacher, **budget), held_out, args, work, teacher
-        ),
-    }
-    sea, sea_cost = distilled_sea(teacher, train, args, work)
-    perplexity["sea (distilled)"] = evaluate("sea-distilled", lambda: sea, held_out, args, work, teacher)
-    for baseline in ("local_window", "random_mask"):
-        build = lambda: convert_to_sea(teacher, **budget, sea_baseline=baseline)  # noqa: E731
-        perplexity[f"{baseline.replace('_', ' ')} (same budget)"] = evaluate(baseline, build, held_out, args, work, teacher)
-    kernel_cost_file = work / "kernel-baseline-cost.json"
-    perplexity["kernel attention (Performer, trained)"] = evaluate(
-        "kernel-baseline", lambda: kernel_baseline(teacher, train, args, work)[0], held_out, args, work
-    )
-    kernel_cost = json.loads(kernel_cost_file.read_text())
+
+    def measure(row: str, file_name: str, build, attention_stats=True):
+        perplexity[row] = evaluate(file_name, build, held_out, args, work, teacher if attention_stats else None)
+
+    perplexity = {}
+    measure(TEACHER, "teacher", lambda: teacher, attention_stats=False)
+    measure("sea (converted, untrained)", "sea-untrained", lambda: convert_to_sea(teacher, **budget))
+    sea, _ = distilled_sea(teacher, train, args, work)
+    measure(DISTILLED, "sea-distilled", lambda: sea)
+    for row, (file_name, overrides) in SAME_BUDGET_BASELINES.items():
+        measure(row, file_name, lambda: convert_to_sea(teacher, **budget, **overrides))
+    measure(KERNEL, "kernel-baseline", lambda: kernel_baseline(teacher, train, args, work)[0], attention_stats=False)
+    # The same distilled estimator ranking bins by its estimate alone (the reference implementation's rule).
+    measure("sea (distilled, no anchor bins)", "sea-distilled-no-anchors", lambda: with_trained_weights(
+        convert_to_sea(teacher, **budget, sea_anchor_bins=False), work / "sea-distilled.safetensors"))
+    measure(FINETUNED, "sea-finetuned", lambda: finetuned("sea-finetuned", teacher, train, args, work)[0])
+    measure(SINK_WINDOW_FINETUNED, "sink-window-finetuned", lambda: finetuned(
+        "sink-window-finetuned", teacher, train, args, work, sea_baseline="local_window")[0])
+
+    longest = str(max(args.contexts))
+    share = args.key_budget / (max(args.contexts) * 15 // 16)
     report = {
+        "claims": [
+            claim_check(perplexity, DISTILLED, [*SAME_BUDGET_BASELINES, KERNEL], longest, share),
+            claim_check(perplexity, FINETUNED, [SINK_WINDOW_FINETUNED], longest, share),
+        ],
         "model": BASE_MODEL_ID + " (packaged GGUF, Q4_1 dequantised)", "contexts": args.contexts,
         "key_budget": args.key_budget, "compressed_width": args.compressed_width,
         "eval_tokens_per_context": args.eval_tokens, "stride": "context / 16",
+        "scored_tokens": f"the last {max(args.contexts) // 16} of each window: at least 15/16 of the window before each",
         "train_tokens": len(tokens["train"]), "held_out_tokens": len(held_out),
         "held_out_articles": int(tokens["articles"][1]), "train_context": args.train_context,
-        "perplexity": perplexity, "cost": {"sea (distilled)": sea_cost, "kernel attention": kernel_cost},
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
-        "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "perplexity": perplexity,
+        "layer_budgets": json.loads(layers.read_text()) if (layers := work / "layer-budgets.json").exists() else None,
+        "cost": {row: json.loads((work / f"{name}-cost.json").read_text()) for row, name in TRAINED_COSTS.items()},
+        **record,
     }
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)
@@ -407,9 +526,9 @@ def llama_report(args, work: Path, argv):
                                           f"Device: {report['device']}; {report['versions']}\n\n{table}\n")
     print(table)
     if args.publish_dir:
-        publish(sea.float(), load_tokenizer(args), report, sea_cost, args.publish_dir)
+        publish(sea.float(), teacher, held_out, load_tokenizer(args), report, args.publish_dir)
         print(f"Distilled model, card and eval_results.json in {args.publish_dir}")
-    if not math.isfinite(perplexity["sea (distilled)"][str(max(args.contexts))]["perplexity"]):
+    if not math.isfinite(perplexity[DISTILLED][longest]["perplexity"]):
         raise SystemExit("error: the distilled model's perplexity is not finite")
 
 

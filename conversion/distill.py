@@ -400,6 +400,7 @@ def main(argv=None):
             "steps": result.global_step, "tokens_seen": int(trainer.state.num_input_tokens_seen),
             "processes": state.num_processes, "device": str(training.device),
             "wall_time_s": round(wall, 1), "device_hours": round(wall * state.num_processes / 3600, 4),
+            "scope": "the whole run, including the teacher and the evaluation",
             "ranks_have_identical_weights": len(set(checksums)) == 1,
         },
     }

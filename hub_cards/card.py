@@ -16,6 +16,7 @@ PLOT_CAPTIONS = {
     "plots/scaling.png": "Time and peak memory of one attention layer vs sequence length: SEA next to dense attention.",
     "plots/attention.png": "One head on one held-out input: the dense teacher's attention, SEA's estimated mask, "
     "and SEA's sparse attention over the keys it selected.",
+    "plots/perplexity.png": "Held-out perplexity vs context: the dense teacher, SEA and the same-budget baselines.",
 }
 CITATION = """@inproceedings{lee2024sea,
     title={SEA: Sparse Linear Attention with Estimated Attention Mask},
@@ -64,7 +65,7 @@ def evaluation_table(evaluation: dict) -> str:
 def cost_text(training: dict) -> str:
     return (f"{training['steps']} optimizer steps over {training['tokens_seen']:,} tokens, "
             f"{training['wall_time_s']:.0f} s wall time on {training['processes']} x {training['device']} "
-            f"({training['device_hours']} device-hours, the whole run including the teacher and evaluation).")
+            f"({training['device_hours']} device-hours: {training['scope']}).")
 
 
 def eval_results(summary: dict) -> list[EvalResult]:

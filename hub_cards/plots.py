@@ -1,5 +1,5 @@
-"""The card's plots: cost vs sequence length (from a committed benchmark JSON) and one head's attention (dense
-teacher vs SEA's estimated mask vs SEA's sparse attention)."""
+"""The card's plots: cost vs sequence length (from a committed benchmark JSON), one head's attention (dense
+teacher vs SEA's estimated mask vs SEA's sparse attention) and, for quality reports, perplexity vs context."""
 
 import json
 from pathlib import Path
@@ -32,6 +32,23 @@ def plot_scaling(benchmark_json: str | Path, path: str | Path, title: str):
         axis.set_xlabel("sequence length")
         axis.set_ylabel(label)
         axis.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_perplexity(perplexity: dict, contexts: list[int], path: str | Path, title: str):
+    """Held-out perplexity vs context length, one line per model, from a quality report's
+    {model: {str(context): {"perplexity": ...}}}."""
+    figure, axis = plt.subplots(figsize=(8, 5))
+    for name, by_context in perplexity.items():
+        axis.plot(contexts, [by_context[str(c)]["perplexity"] for c in contexts], marker="o", label=name)
+    axis.set_xscale("log", base=2)
+    axis.set_yscale("log")
+    axis.set_xlabel("context (tokens)")
+    axis.set_ylabel("perplexity")
+    axis.legend(fontsize=7)
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=110)

@@ -38,6 +38,12 @@ class SeaConfigMixin:
     sea_output_gates (`bool`, defaults to `True`):
         Learned per-query gates that scale the sparse attention and mix in an average context carrying
         information from keys outside the mask. They start neutral (scale 1, mix 0).
+    sea_anchor_bins (`bool`, defaults to `True`):
+        Every query also reads its first and its last bin, ranked ahead of the estimate, within the same key
+        budget: the start of the sequence, where pretrained models park attention they do not need elsewhere
+        ("attention sinks": the first token of a decoder, `[CLS]` of an encoder), and the end of the row (the
+        newest keys for a causal model, `[SEP]` for an encoder). `False` ranks by the estimate alone, as the
+        reference implementation does.
     sea_kernel (`str`, defaults to `"auto"`):
         Which implementation computes the sparse attention: `"auto"` picks the Triton kernel on CUDA when it can
         run (else the PyTorch path, with one warning saying why), `"triton"` always uses it (an error when it cannot
@@ -46,7 +52,8 @@ class SeaConfigMixin:
         `None` for SEA. The other values turn the model into a comparison baseline with the same weights and key
         budget: `"kernel_attention"` outputs the kernel (Performer) linear attention of the values instead of sparse
         attention; `"local_window"` attends to the most recent bins instead of the estimated ones (a sliding
-        window); `"random_mask"` attends to randomly chosen bins (SEA with a random mask of the same sparsity).
+        window); `"random_mask"` attends to randomly chosen bins (SEA with a random mask of the same sparsity). `sea_anchor_bins` applies to
+        the two mask baselines as well (a local window with anchors is a "sink + window" attention).
     """
 
     sea_key_budget: int = 64
@@ -54,6 +61,7 @@ class SeaConfigMixin:
     sea_performer_nb_factor: float = 8.0
     sea_budget_rule: str = "constant"
     sea_output_gates: bool = True
+    sea_anchor_bins: bool = True
     sea_kernel: str = "auto"
     sea_baseline: str | None = None
 
@@ -81,6 +89,8 @@ class SeaConfigMixin:
             raise ValueError(f"`sea_performer_nb_factor` must be a number > 0, got {self.sea_performer_nb_factor!r}.")
         if self.sea_budget_rule not in SEA_BUDGET_RULES:
             raise ValueError(f"`sea_budget_rule` must be one of {SEA_BUDGET_RULES}, got {self.sea_budget_rule!r}.")
+        if not isinstance(self.sea_anchor_bins, bool):
+            raise ValueError(f"`sea_anchor_bins` must be True or False, got {self.sea_anchor_bins!r}.")
         if self.sea_kernel not in SEA_KERNELS:
             raise ValueError(f"`sea_kernel` must be one of {SEA_KERNELS}, got {self.sea_kernel!r}.")
         if self.sea_baseline not in SEA_BASELINES:

@@ -6,7 +6,8 @@ One SEA layer, given the usual per-head queries, keys and values (N, H, T, D) an
    attention mass goes (O(T) cost);
 2. a per-head encoder, a row decoder and a small CNN turn that into estimated attention logits over M bins:
    bin b of query i covers the b-th of M equal slices of the keys visible to i;
-3. the best-estimated bins are expanded to key positions within a per-query key budget (`select_keys`);
+3. the best-estimated bins, after the first and last bin of the row (`sea_anchor_bins`), are expanded to key
+   positions within a per-query key budget (`select_keys`);
 4. exact softmax attention runs over the selected keys only (`sparse_attention`), in chunks of query rows, so
    nothing of size T x T is ever built;
 5. learned gates scale the sparse attention and mix in an average context.
@@ -387,6 +388,7 @@ class SeaAttention(nn.Module):
         self.cnn = SeaRowCnn(num_heads, self.width, causal)
         self.gates = nn.Linear(2 * head_dim, 2) if config.sea_output_gates else None
         self.baseline = config.sea_baseline
+        self.anchor_bins = config.sea_anchor_bins
         self.kernel = config.sea_kernel
 
     @torch.no_grad()
@@ -449,15 +451,18 @@ class SeaAttention(nn.Module):
         return self.encoder[1:](hidden)
 
     def bin_ranking(self, estimate_log_probs: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
-        """What `select_keys` ranks bins by: SEA's estimate, or a baseline's fixed or random order, with the empty
-        bins (from `edges`) last."""
+        """What `select_keys` ranks bins by: SEA's estimate, or a baseline's fixed or random order, with the
+        anchor bins (first and last, when enabled) first and the empty bins (from `edges`) last."""
         if self.baseline is None:
-            return estimate_log_probs
-        if self.baseline == "local_window":
+            ranking = estimate_log_probs.clone()
+        elif self.baseline == "local_window":
             ranking = torch.arange(self.width, device=estimate_log_probs.device, dtype=estimate_log_probs.dtype)
-            ranking = ranking.expand_as(estimate_log_probs)
+            ranking = ranking.expand_as(estimate_log_probs).clone()
         else:  # "random_mask"
             ranking = torch.rand_like(estimate_log_probs)
+        if self.anchor_bins:  # the newest bin first: with room for one bin only, a query still sees itself
+            ranking[..., 0] = torch.finfo(ranking.dtype).max
+            ranking[..., -1] = float("inf")
         return ranking.masked_fill((edges.diff(dim=-1) == 0).unsqueeze(1), float("-inf"))
 
     def forward(

@@ -168,6 +168,7 @@ def test_cli_refuses_to_overwrite_output(tmp_path, capsys):
         ("sea_budget_rule", "topk", "sea_budget_rule.*constant.*reference"),
         ("sea_performer_nb_factor", 0.0, "sea_performer_nb_factor.*> 0"),
         ("sea_kernel", "cuda", "sea_kernel.*auto.*triton.*torch"),
+        ("sea_anchor_bins", "yes", "sea_anchor_bins.*True or False"),
         ("hidden_size", 100, "hidden_size.*num_attention_heads"),
     ],
 )

@@ -195,20 +195,31 @@ def test_padded_rows_are_finite_and_padding_matches_alone_with_selection_held(ca
         torch.testing.assert_close(fixed.context[:, :, rows], alone.context, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("baseline", ["local_window", "random_mask"])
-def test_same_budget_baselines_select_the_documented_keys(baseline):
-    """local_window reads the most recent keys, random_mask a random choice of visible keys; both within the
-    budget and never a future key."""
+@pytest.mark.parametrize("anchors", [False, True])
+@pytest.mark.parametrize("baseline", ["local_window", "random_mask", None])
+def test_selection_rules_read_the_documented_keys(baseline, anchors):
+    """local_window reads the most recent keys, random_mask a random choice of visible keys, SEA its estimate's
+    choice; all within the budget and never a future key. With anchor bins every query also reads its first bin
+    (when the budget leaves room after the last one) and its last bin."""
     from conftest import tiny_opt_config
 
-    op = SeaAttention(tiny_opt_config(sea_baseline=baseline, sea_key_budget=8, sea_compressed_width=8), 4, 16, True)
+    config = tiny_opt_config(sea_baseline=baseline, sea_key_budget=8, sea_compressed_width=8, sea_anchor_bins=anchors)
+    op = SeaAttention(config, 4, 16, True)
     q, k, v = (torch.randn(1, 4, 64, 16) for _ in range(3))
     selection = op(q, k, v, None, 0.25).selection
     for row in range(64):
+        bin_size = (row + 1) // 8
         for head in range(4):
             keys = set(selection.key_index[0, head, row][selection.key_valid[0, head, row]].tolist())
             assert len(keys) == min(8, row + 1) and max(keys) <= row
-            # Bins of 1, 2, 4 or 8 keys fill the budget with whole bins: exactly the 8 most recent keys. (Otherwise
-            # the bin that overflows the budget gives its first keys, as `select_keys` documents.)
+            if anchors:
+                # The last bin covers ranks [floor(7 L / 8), L); the first [0, floor(L / 8)).
+                last_bin = range((row + 1) * 7 // 8, row + 1)
+                assert set(last_bin) <= keys
+                if bin_size + len(last_bin) <= 8:
+                    assert set(range(bin_size)) <= keys
+            # Bins of 1, 2, 4 or 8 keys fill the budget with whole bins. (Otherwise the bin that overflows the
+            # budget gives its first keys, as `select_keys` documents.)
             if baseline == "local_window" and row + 1 in (8, 16, 32, 64):
-                assert keys == set(range(row - 7, row + 1))
+                first = bin_size if anchors and bin_size < 8 else 0
+                assert keys == set(range(first)) | set(range(row + 1 - (8 - first), row + 1))

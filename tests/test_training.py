@@ -173,6 +173,25 @@ def test_sliding_window_perplexity_scores_every_token_once_with_its_window_conte
         sliding_window_perplexity(model, tokens, window=16, stride=16)
 
 
+def test_long_context_only_scores_the_tokens_with_a_full_window_before_them():
+    """With `long_context_only`, every scored token has at least window - stride tokens before it in its window,
+    and the result is the same per-token reference restricted to those tokens."""
+    model = OPTForCausalLM(tiny_opt_config(dense=True)).eval()
+    tokens = torch.randint(0, 120, (47,)).tolist()
+    window, stride = 16, 4
+    nll, scored = 0.0, 0
+    with torch.no_grad():
+        for p in range(window - stride, len(tokens)):
+            begin = max(0, math.ceil((p + 1 - window) / stride)) * stride
+            assert p - begin >= window - stride
+            logits = model(torch.tensor([tokens[begin:p]])).logits[0, -1].double()
+            nll -= float(torch.log_softmax(logits, -1)[tokens[p]])
+            scored += 1
+    got = sliding_window_perplexity(model, tokens, window=window, stride=stride, long_context_only=True)
+    assert got["tokens_scored"] == scored == len(tokens) - (window - stride)
+    assert got["perplexity"] == pytest.approx(math.exp(nll / scored), rel=1e-5)
+
+
 def tiny_classification_data(count=16, length=12):
     torch.manual_seed(1)
     ids = torch.randint(1, 120, (count, length))

@@ -94,9 +94,12 @@ def evaluate_classifier(model, dataset, tokenizer, batch_size: int, teacher=None
 
 
 @torch.no_grad()
-def sliding_window_perplexity(model, tokens: list[int], window: int, stride: int, teacher=None, query_chunk: int = 256):
+def sliding_window_perplexity(
+    model, tokens: list[int], window: int, stride: int, teacher=None, query_chunk: int = 256, long_context_only=False
+):
     """exp(mean NLL) over every token after the first, each scored once with up to `window - stride` tokens of
-    context before the stride it belongs to; tokens are counted exactly."""
+    context before the stride it belongs to; tokens are counted exactly. `long_context_only` also skips the first
+    `window - stride` tokens of the first window, so every scored token has at least that much context."""
     if not 0 < stride < window:
         raise ValueError(f"The perplexity stride ({stride}) must be in [1, window={window}) so every token has context.")
     model.eval()
@@ -108,7 +111,8 @@ def sliding_window_perplexity(model, tokens: list[int], window: int, stride: int
         end = min(begin + window, len(tokens))
         chunk = ids[begin:end][None]
         labels = chunk.clone()
-        labels[:, : max(previous_end - begin, 1)] = -100  # context already scored, and the first token
+        skipped = window - stride if long_context_only else 1
+        labels[:, : max(previous_end - begin, skipped)] = -100  # context already scored, and the first token(s)
         with record_sea_layers(model) as student_layers:
             logits = model(chunk, use_cache=False).logits
         nll = torch.nn.functional.cross_entropy(logits[0, :-1].float(), labels[0, 1:], ignore_index=-100, reduction="sum")
