@@ -1,11 +1,13 @@
 """Quality and cost of SEA on a real pretrained Llama-architecture decoder (SmolLM2-135M, packaged as GGUF).
 
 Perplexity on held-out Wikipedia text (the packaged enwiki excerpt) at contexts 1k, 2k and 4k of:
-the dense teacher; SEA right after conversion; SEA after distillation (mask estimator only); and, at the same
-per-query key budget, a sliding window (the most recent bins), SEA with a random mask, and a kernel-attention-only
-(Performer) model trained on the teacher's outputs. Each scored token has at least 15/16 of the window before it,
-so the key budget is a fixed share of what it could see. Also: the teacher's attention mass on the keys SEA reads,
-per layer, and the conversion cost (tokens, steps, wall time, device).
+the dense teacher; SEA right after conversion; SEA after distillation (mask estimator only), with and without
+anchor bins; at the same per-query key budget, a sliding window (the most recent bins), a sink + sliding window
+(with anchor bins), a random mask and a kernel-attention-only (Performer) model trained on the teacher's outputs;
+and the distilled SEA model and the sink window each with the whole model then trained on the teacher's outputs.
+Each scored token has at least 15/16 of the window before it, so the key budget is a fixed share of what it could
+see. Also: the teacher's attention mass on the keys read, per layer, the claim check (within 3% of the teacher at
+<= 1/8 of the keys, better than the baselines) and the cost (tokens, steps, wall time, device) of each training.
 
 The BERT side (`--part bert`): 5-fold cross-validated accuracy on the 200 packaged labelled movie-review sentences
 of the packaged MiniLM fine-tuned as teacher, its SEA conversion, and that SEA model after distillation.

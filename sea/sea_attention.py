@@ -454,16 +454,19 @@ class SeaAttention(nn.Module):
         """What `select_keys` ranks bins by: SEA's estimate, or a baseline's fixed or random order, with the
         anchor bins (first and last, when enabled) first and the empty bins (from `edges`) last."""
         if self.baseline is None:
-            ranking = estimate_log_probs.clone()
+            ranking = estimate_log_probs
         elif self.baseline == "local_window":
             ranking = torch.arange(self.width, device=estimate_log_probs.device, dtype=estimate_log_probs.dtype)
-            ranking = ranking.expand_as(estimate_log_probs).clone()
+            ranking = ranking.expand_as(estimate_log_probs)
         else:  # "random_mask"
             ranking = torch.rand_like(estimate_log_probs)
+        empty = (edges.diff(dim=-1) == 0).unsqueeze(1)
+        ranking = ranking.masked_fill(empty, float("-inf"))  # a new tensor: the anchors below write into it
         if self.anchor_bins:  # the newest bin first: with room for one bin only, a query still sees itself
-            ranking[..., 0] = torch.finfo(ranking.dtype).max
             ranking[..., -1] = float("inf")
-        return ranking.masked_fill((edges.diff(dim=-1) == 0).unsqueeze(1), float("-inf"))
+            ranking[..., 0] = torch.finfo(ranking.dtype).max
+            ranking.masked_fill_(empty, float("-inf"))
+        return ranking
 
     def forward(
         self,

@@ -205,6 +205,7 @@ def test_selection_rules_read_the_documented_keys(baseline, anchors):
 
     config = tiny_opt_config(sea_baseline=baseline, sea_key_budget=8, sea_compressed_width=8, sea_anchor_bins=anchors)
     op = SeaAttention(config, 4, 16, True)
+    op.init_sea_weights()
     q, k, v = (torch.randn(1, 4, 64, 16) for _ in range(3))
     selection = op(q, k, v, None, 0.25).selection
     for row in range(64):
