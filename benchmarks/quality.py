@@ -36,7 +36,7 @@ from transformers.trainer_utils import get_last_checkpoint
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conversion.convert import convert_to_sea, load_dense, save_atomically  # noqa: E402
 from hub_cards.card import write_card  # noqa: E402
-from hub_cards.plots import BENCHMARK_RESULTS, attention_maps, plot_attention, plot_perplexity, plot_scaling  # noqa: E402
+from hub_cards.plots import plot_layer_cost_and_attention, plot_perplexity  # noqa: E402
 from training.evaluation import sliding_window_perplexity  # noqa: E402
 from training.sea_trainer import (  # noqa: E402
     ATTENTION_LOSSES,
@@ -158,6 +158,10 @@ class TokenBlocks(torch.utils.data.Dataset):
         return {"input_ids": block, "labels": block}
 
 
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
 def distil(name: str, student, teacher, train, steps: int, losses: SeaDistillationArguments, args, work: Path):
     """Train `student` with the SEA distillation Trainer (resuming from the last checkpoint); returns the model
     and its cost."""
@@ -175,7 +179,7 @@ def distil(name: str, student, teacher, train, steps: int, losses: SeaDistillati
     result = trainer.train(resume_from_checkpoint=last)
     cost = {"steps": result.global_step, "tokens_seen": int(trainer.state.num_input_tokens_seen),
             "wall_time_s": round(time.time() - start, 1), "resumed_from": last,
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+            "device": device_name()}
     cost["device_minutes"] = round(cost["wall_time_s"] / 60, 2)
     return trainer.model, cost
 
@@ -202,10 +206,16 @@ def with_trained_weights(model, weights_file: Path):
     return model
 
 
+def sea_model(teacher, args, **overrides):
+    """The teacher converted to SEA at the report's key budget and compressed width (`overrides`: other fields)."""
+    return convert_to_sea(teacher, sea_key_budget=args.key_budget, sea_compressed_width=args.compressed_width,
+                          **overrides)
+
+
 def distilled_sea(teacher, train, args, work: Path):
     """The SEA model with its mask estimator distilled on the attention losses (the teacher's weights and gates
     kept, so SEA computes the teacher's function on the keys it reads)."""
-    model = convert_to_sea(teacher, sea_key_budget=args.key_budget, sea_compressed_width=args.compressed_width)
+    model = sea_model(teacher, args)
     losses = SeaDistillationArguments(**dict.fromkeys(OUTPUT_LOSSES, 0.0))
     return trained("sea-distilled", model, teacher, train, args.steps, losses, args, work, is_estimator_parameter)
 
@@ -215,17 +225,14 @@ def finetuned(name: str, teacher, train, args, work: Path, **overrides):
     trained to match the teacher's outputs (logits and hidden states), so the backbone adapts to reading only the
     selected keys. No LM loss on the text: the student cannot gain from adapting to Wikipedia beyond what the
     teacher knows."""
-    model = convert_to_sea(teacher, sea_key_budget=args.key_budget, sea_compressed_width=args.compressed_width,
-                           **overrides)
-    model = with_trained_weights(model, work / "sea-distilled.safetensors")
+    model = with_trained_weights(sea_model(teacher, args, **overrides), work / "sea-distilled.safetensors")
     losses = SeaDistillationArguments(**dict.fromkeys(ATTENTION_LOSSES, 0.0), task_loss_weight=0.0)
     return trained(name, model, teacher, train, args.finetune_steps, losses, args, work, lambda name: True)
 
 
 def kernel_baseline(teacher, train, args, work: Path):
     """The kernel-attention (Performer) model: every weight trained on the output losses (it has no mask)."""
-    model = convert_to_sea(teacher, sea_key_budget=args.key_budget, sea_compressed_width=args.compressed_width,
-                           sea_baseline="kernel_attention")
+    model = sea_model(teacher, args, sea_baseline="kernel_attention")
     losses = SeaDistillationArguments(**dict.fromkeys(ATTENTION_LOSSES, 0.0))
     return trained("kernel-baseline", model, teacher, train, args.baseline_steps, losses, args, work,
                    lambda name: True)
@@ -289,12 +296,8 @@ def publish(model, teacher, held_out: list[int], tokenizer, report: dict, folder
         plots.mkdir()
         plot_perplexity(report["perplexity"], report["contexts"], plots / "perplexity.png",
                         f"{BASE_MODEL_ID}: held-out perplexity, {report['key_budget']} keys per query")
-        plot_scaling(BENCHMARK_RESULTS / "layer_memory_cpu.json", plots / "scaling.png",
-                     "One causal attention layer (12 heads x 64), fp32, CPU: SEA vs dense")
-        layer = model.config.num_hidden_layers // 2
         example = {"input_ids": torch.tensor([held_out[:1024]], device=model.device)}
-        plot_attention(attention_maps(model, teacher, example, layer=layer, head=0), plots / "attention.png",
-                       f"layer {layer}, head 0, first 1024 held-out tokens")
+        plot_layer_cost_and_attention(plots, model, teacher, example, "first 1024 held-out tokens")
         write_card(staging, folder)
 
     save_atomically(model, folder, tokenizer, overwrite=True, populate=populate)
@@ -462,7 +465,7 @@ def run_record(work: Path, argv) -> dict:
     path = work / "run.json"
     if not path.exists():
         record = {
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "device": device_name(),
             "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
             "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         }
@@ -482,22 +485,21 @@ def llama_report(args, work: Path, argv):
     teacher = load_dense(folder, gguf_file=gguf).to(device).eval()
     train = TokenBlocks(tokens["train"], args.train_context)
     held_out = tokens["held_out"].tolist()
-    budget = dict(sea_key_budget=args.key_budget, sea_compressed_width=args.compressed_width)
 
     def measure(row: str, file_name: str, build, attention_stats=True):
         perplexity[row] = evaluate(file_name, build, held_out, args, work, teacher if attention_stats else None)
 
     perplexity = {}
     measure(TEACHER, "teacher", lambda: teacher, attention_stats=False)
-    measure("sea (converted, untrained)", "sea-untrained", lambda: convert_to_sea(teacher, **budget))
+    measure("sea (converted, untrained)", "sea-untrained", lambda: sea_model(teacher, args))
     sea, _ = distilled_sea(teacher, train, args, work)
     measure(DISTILLED, "sea-distilled", lambda: sea)
     for row, (file_name, overrides) in SAME_BUDGET_BASELINES.items():
-        measure(row, file_name, lambda: convert_to_sea(teacher, **budget, **overrides))
+        measure(row, file_name, lambda: sea_model(teacher, args, **overrides))
     measure(KERNEL, "kernel-baseline", lambda: kernel_baseline(teacher, train, args, work)[0], attention_stats=False)
     # The same distilled estimator ranking bins by its estimate alone (the reference implementation's rule).
     measure("sea (distilled, no anchor bins)", "sea-distilled-no-anchors", lambda: with_trained_weights(
-        convert_to_sea(teacher, **budget, sea_anchor_bins=False), work / "sea-distilled.safetensors"))
+        sea_model(teacher, args, sea_anchor_bins=False), work / "sea-distilled.safetensors"))
     measure(FINETUNED, "sea-finetuned", lambda: finetuned("sea-finetuned", teacher, train, args, work)[0])
     measure(SINK_WINDOW_FINETUNED, "sink-window-finetuned", lambda: finetuned(
         "sink-window-finetuned", teacher, train, args, work, sea_baseline="local_window")[0])

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.quality import GGUF_FILE, with_trained_weights  # noqa: E402
-from conversion.convert import convert_to_sea, load_dense  # noqa: E402
+from benchmarks.quality import GGUF_FILE, sea_model, with_trained_weights  # noqa: E402
+from conversion.convert import load_dense  # noqa: E402
 from sea.sea_attention import SeaAttention  # noqa: E402
 from training.evaluation import sliding_window_perplexity  # noqa: E402
 
@@ -32,8 +32,7 @@ def main(argv=None):
     work = Path(args.work_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     teacher = load_dense(args.model, gguf_file=GGUF_FILE).to(device).eval()
-    model = convert_to_sea(teacher, sea_key_budget=args.key_budget, sea_compressed_width=args.compressed_width)
-    model = with_trained_weights(model, work / "sea-distilled.safetensors").eval()
+    model = with_trained_weights(sea_model(teacher, args), work / "sea-distilled.safetensors").eval()
     layers = [m for m in model.modules() if isinstance(m, SeaAttention)]
     early, late, budget, context = args.early_layers, len(layers) - args.early_layers, args.key_budget, args.context
     moved = (len(layers) * budget - early * 2 * budget) // late  # same total keys, twice the budget early

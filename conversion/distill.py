@@ -49,7 +49,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from conversion.convert import CAUSAL_TYPES, SEA_FAMILIES, SUPPORTED, convert_to_sea, save_atomically
 from hub_cards.card import write_card
-from hub_cards.plots import BENCHMARK_RESULTS, attention_maps, plot_attention, plot_scaling
+from hub_cards.plots import plot_layer_cost_and_attention
 from hub_cards.push import TRANSPORT_ERRORS, PushError, push_to_hub
 from training import data
 from training.evaluation import evaluate_classifier, sliding_window_perplexity
@@ -428,19 +428,13 @@ def write_plots(folder: Path, student, teacher, held_out, tokenizer, task: str, 
     """The card's plots: SEA's cost vs length (from the committed CPU layer benchmark) and one head's attention on
     the first held-out input, teacher vs SEA."""
     (folder / "plots").mkdir()
-    benchmark = BENCHMARK_RESULTS / "layer_memory_cpu.json"
-    if benchmark.exists():
-        plot_scaling(benchmark, folder / "plots" / "scaling.png",
-                     "One causal attention layer (12 heads x 64), fp32, CPU: SEA vs dense")
     if task == "sequence-classification":
         example = DataCollatorWithPadding(tokenizer)([held_out[0]])
         example.pop("labels")
     else:
         example = {"input_ids": torch.tensor([held_out[:128]])}
     example = {k: v.to(device) for k, v in example.items()}
-    layer = student.config.num_hidden_layers // 2
-    maps = attention_maps(student, teacher, example, layer=layer, head=0)
-    plot_attention(maps, folder / "plots" / "attention.png", f"layer {layer}, head 0, first held-out input")
+    plot_layer_cost_and_attention(folder / "plots", student, teacher, example, "first held-out input")
 
 
 if __name__ == "__main__":

@@ -102,3 +102,14 @@ def plot_attention(maps: dict[str, torch.Tensor], path: str | Path, title: str):
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def plot_layer_cost_and_attention(plots: Path, student, teacher, example: dict, example_name: str):
+    """The plots every SEA card has, into the folder `plots`: one causal layer's cost vs length (from the committed
+    CPU layer benchmark, when present) and one head of the middle layer on `example`, teacher vs SEA."""
+    benchmark = BENCHMARK_RESULTS / "layer_memory_cpu.json"
+    if benchmark.exists():
+        plot_scaling(benchmark, plots / "scaling.png", "One causal attention layer (12 heads x 64), fp32, CPU: SEA vs dense")
+    layer = student.config.num_hidden_layers // 2
+    maps = attention_maps(student, teacher, example, layer=layer, head=0)
+    plot_attention(maps, plots / "attention.png", f"layer {layer}, head 0, {example_name}")

@@ -52,8 +52,9 @@ class SeaConfigMixin:
         `None` for SEA. The other values turn the model into a comparison baseline with the same weights and key
         budget: `"kernel_attention"` outputs the kernel (Performer) linear attention of the values instead of sparse
         attention; `"local_window"` attends to the most recent bins instead of the estimated ones (a sliding
-        window); `"random_mask"` attends to randomly chosen bins (SEA with a random mask of the same sparsity). `sea_anchor_bins` applies to
-        the two mask baselines as well (a local window with anchors is a "sink + window" attention).
+        window); `"random_mask"` attends to randomly chosen bins (SEA with a random mask of the same sparsity).
+        `sea_anchor_bins` applies to the two mask baselines as well (a local window with anchors is a "sink +
+        window" attention).
     """
 
     sea_key_budget: int = 64

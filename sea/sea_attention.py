@@ -460,13 +460,11 @@ class SeaAttention(nn.Module):
             ranking = ranking.expand_as(estimate_log_probs)
         else:  # "random_mask"
             ranking = torch.rand_like(estimate_log_probs)
-        empty = (edges.diff(dim=-1) == 0).unsqueeze(1)
-        ranking = ranking.masked_fill(empty, float("-inf"))  # a new tensor: the anchors below write into it
         if self.anchor_bins:  # the newest bin first: with room for one bin only, a query still sees itself
+            ranking = ranking.clone()
             ranking[..., -1] = float("inf")
             ranking[..., 0] = torch.finfo(ranking.dtype).max
-            ranking.masked_fill_(empty, float("-inf"))
-        return ranking
+        return ranking.masked_fill((edges.diff(dim=-1) == 0).unsqueeze(1), float("-inf"))
 
     def forward(
         self,

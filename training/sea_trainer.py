@@ -161,8 +161,9 @@ def teacher_attention(teacher_q, teacher_k, key_valid, causal: bool, rows: slice
 
 def attention_losses(teacher_q, teacher_k, output, key_valid, causal: bool, chunk: int, rows_counted=None) -> dict:
     """KL and MSE of the student's estimate and sparse attention against the teacher's attention for one layer,
-    averaged over query rows that see a key (and, given `rows_counted` (N, T) bool, are among those), and heads; also (without gradient) the teacher's attention mass on
-    the selected keys and the share of visible keys selected. The teacher's T x T probabilities exist one chunk of
+    averaged over heads and the query rows that see a key (and, given `rows_counted` (N, T) bool, are among those);
+    also (without gradient) the teacher's attention mass on the selected keys and the share of visible keys
+    selected. The teacher's T x T probabilities exist one chunk of
     rows at a time."""
     n, h, t, d = teacher_q.shape
     width = output.estimate_log_probs.shape[-1]
@@ -182,27 +183,27 @@ def attention_losses(teacher_q, teacher_k, output, key_valid, causal: bool, chun
         at_edges = prefix.gather(-1, edge_prefix[:, :, rows].expand(n, h, c, width + 1))
         binned = at_edges.diff(dim=-1).clamp_min(0)  # teacher mass per student bin
         estimate = output.estimate_log_probs[:, :, rows]
-        # Rows of real queries that see at least one key (a padded query's row means nothing).
-        row_has_keys = (counts[:, rows] > 0) & key_valid[:, -t:][:, rows]
+        # Rows of real queries that see at least one key (a padded query's row means nothing), if counted.
+        rows_used = (counts[:, rows] > 0) & key_valid[:, -t:][:, rows]
         if rows_counted is not None:
-            row_has_keys = row_has_keys & rows_counted[:, rows]
-        row_has_keys = row_has_keys[:, None, :].expand(n, h, c)
-        totals["estimate_kl"] = totals["estimate_kl"] + kl_rows(binned, estimate)[row_has_keys].sum()
-        totals["estimate_mse"] = totals["estimate_mse"] + ((estimate.exp() - binned) ** 2).mean(-1)[row_has_keys].sum()
+            rows_used = rows_used & rows_counted[:, rows]
+        rows_used = rows_used[:, None, :].expand(n, h, c)
+        totals["estimate_kl"] = totals["estimate_kl"] + kl_rows(binned, estimate)[rows_used].sum()
+        totals["estimate_mse"] = totals["estimate_mse"] + ((estimate.exp() - binned) ** 2).mean(-1)[rows_used].sum()
         selected = output.selection.key_index[:, :, rows]
         valid = output.selection.key_valid[:, :, rows]
         target = teacher_p.gather(-1, selected) * valid
         mass = target.sum(-1, keepdim=True)
-        totals["teacher_mass"] = totals["teacher_mass"] + mass.squeeze(-1)[row_has_keys].detach().sum()
+        totals["teacher_mass"] = totals["teacher_mass"] + mass.squeeze(-1)[rows_used].detach().sum()
         fraction = valid.sum(-1) / counts[:, None, rows].clamp_min(1)
-        totals["key_fraction"] = totals["key_fraction"] + fraction[row_has_keys].sum()
+        totals["key_fraction"] = totals["key_fraction"] + fraction[rows_used].sum()
         target = target / mass.clamp_min(1e-30)
         sparse = at_least_float32(output.sparse_probs[:, :, rows]) * valid
         sparse = sparse / sparse.sum(-1, keepdim=True).clamp_min(1e-30)
-        totals["sparse_kl"] = totals["sparse_kl"] + kl_rows(target, sparse.clamp_min(1e-30).log())[row_has_keys].sum()
+        totals["sparse_kl"] = totals["sparse_kl"] + kl_rows(target, sparse.clamp_min(1e-30).log())[rows_used].sum()
         sq = ((sparse - target) ** 2 * valid).sum(-1) / valid.sum(-1).clamp_min(1)
-        totals["sparse_mse"] = totals["sparse_mse"] + sq[row_has_keys].sum()
-        rows_seen += int(row_has_keys.sum())
+        totals["sparse_mse"] = totals["sparse_mse"] + sq[rows_used].sum()
+        rows_seen += int(rows_used.sum())
     return {name: value / max(rows_seen, 1) for name, value in totals.items()}
 
 
