@@ -83,7 +83,7 @@ def time_attention_step(sea_model, context: int, steps: int, device: str, dtype:
     state = layer.initial_state(1, dtype, device).map(lambda t: torch.rand_like(t) * context)
     steps_of = {
         "dense": lambda: torch.nn.functional.scaled_dot_product_attention(query, keys, values),
-        "sea": lambda: layer(query, keys, values, key_valid, 1.0, state=state),
+        "sea": lambda: layer(query, keys, values, key_valid, 1.0, state=state, need_probs=False),
     }
     medians = []
     for run in steps_of.values():
@@ -106,11 +106,12 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--key-budget", type=int, default=64)
+    parser.add_argument("--width", type=int, default=128, help="sea_compressed_width (M)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     dense, sea = build_models(args.layers, max(args.contexts) + args.steps + 2, args.device, dtype,
-                              {"sea_key_budget": args.key_budget})
+                              {"sea_key_budget": args.key_budget, "sea_compressed_width": args.width})
     rows = []
     for context in args.contexts:
         dense_s, dense_bytes = time_decode(dense, context, args.steps, args.device, dtype)
@@ -120,7 +121,7 @@ def main():
                      "dense_attention_ms": dense_attn * 1e3, "sea_attention_ms": sea_attn * 1e3,
                      "dense_cache_bytes_per_token": dense_bytes, "sea_cache_bytes_per_token": sea_bytes})
     print(f"decode, {args.layers} layers x 12 heads x 64, {args.dtype}, batch 1, device {args.device}, "
-          f"SEA key budget {args.key_budget}")
+          f"SEA key budget {args.key_budget}, M {args.width}")
     print("| context | dense SDPA ms/token | SEA ms/token | dense / SEA | attention only: SDPA ms | SEA ms "
           "| dense / SEA | dense cache B/token | SEA cache B/token |")
     print("|---" * 9 + "|")

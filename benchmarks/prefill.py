@@ -48,6 +48,8 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--key-budget", type=int, default=64)
+    parser.add_argument("--width", type=int, default=128, help="sea_compressed_width (M)")
+    parser.add_argument("--query-block", type=int, default=1, help="sea_query_block_size")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -56,7 +58,8 @@ def main():
     for shape in args.shapes:
         config = OPTConfig(**SHAPES[shape], max_position_embeddings=max(args.lengths))
         dense = OPTForCausalLM._from_config(config, attn_implementation="sdpa").eval()
-        sea = convert_to_sea(dense, sea_key_budget=args.key_budget).to(args.device, dtype)
+        sea = convert_to_sea(dense, sea_key_budget=args.key_budget, sea_compressed_width=args.width,
+                             sea_query_block_size=args.query_block).to(args.device, dtype)
         dense = dense.to(args.device, dtype)
         for length in args.lengths:
             ids = torch.randint(3, config.vocab_size, (1, length), device=args.device)
@@ -67,7 +70,8 @@ def main():
         del dense, sea
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
-    print(f"\nprefill, batch 1, {args.dtype}, device {args.device}, SEA key budget {args.key_budget}")
+    print(f"\nprefill, batch 1, {args.dtype}, device {args.device}, SEA key budget {args.key_budget}, M {args.width}, "
+          f"query blocks of {args.query_block}")
     print("| shape | T | dense SDPA ms | SEA ms | dense / SEA | dense peak MB | SEA peak MB |")
     print("|---|---|---|---|---|---|---|")
     for shape in args.shapes:

@@ -17,17 +17,21 @@ def main():
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--bidirectional", action="store_true")
+    parser.add_argument("--key-budget", type=int, default=1024)
+    parser.add_argument("--width", type=int, default=128, help="sea_compressed_width (M)")
+    parser.add_argument("--query-block", type=int, default=64, help="sea_query_block_size")
     args = parser.parse_args()
     device = torch.device("cuda")
-    op = sea_layer(args.heads, args.head_dim, not args.bidirectional, "auto", 64, 128, device).to(torch.bfloat16)
+    op = sea_layer(args.heads, args.head_dim, not args.bidirectional, "auto", args.key_budget, args.width,
+                   args.query_block, device).to(torch.bfloat16)
     q, k, v = (torch.randn(1, args.heads, args.length, args.head_dim, device=device, dtype=torch.bfloat16)
                for _ in range(3))
     with torch.no_grad():
         for _ in range(2):
-            op(q, k, v, None, args.head_dim**-0.5)
+            op(q, k, v, None, args.head_dim**-0.5, need_probs=False)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            op(q, k, v, None, args.head_dim**-0.5)
+            op(q, k, v, None, args.head_dim**-0.5, need_probs=False)
             torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
 

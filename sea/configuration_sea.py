@@ -9,6 +9,8 @@ from transformers import BertConfig, LlamaConfig, OPTConfig
 
 SEA_BUDGET_RULES = ("constant", "reference")
 SEA_KERNELS = ("auto", "triton", "torch")
+# 1, or block sizes the Triton kernel's matrix products take (tl.dot needs at least 16 rows).
+SEA_QUERY_BLOCK_SIZES = (1, 16, 32, 64, 128)
 SEA_BASELINES = (None, "kernel_attention", "local_window", "random_mask")
 
 # Width reduction of the row decoder before the CNN (see `SeaAttention`): causal models decode M/4 bins in 2
@@ -44,6 +46,13 @@ class SeaConfigMixin:
         ("attention sinks": the first token of a decoder, `[CLS]` of an encoder), and the end of the row (the
         newest keys for a causal model, `[SEP]` for an encoder). `False` ranks by the estimate alone, as the
         reference implementation does.
+    sea_query_block_size (`int`, defaults to 1):
+        Consecutive queries that share one selection of keys: 1 (every query chooses its own keys, as in the paper)
+        or 16, 32, 64, 128. Shared selections let the Triton kernel attend with matrix units (tensor cores), which
+        long inputs need to beat dense FlashAttention. A causal block takes the bins of its first query (so no query
+        depends on a later token) and every query of the block also reads the keys from there up to itself.
+        Decoding with a cache starts a block at every new token (each one chooses its own keys), so with blocks > 1
+        a cached generation may read slightly different keys than one forward over the same text.
     sea_kernel (`str`, defaults to `"auto"`):
         Which implementation computes the sparse attention: `"auto"` picks the Triton kernel on CUDA when it can
         run (else the PyTorch path, with one warning saying why), `"triton"` always uses it (an error when it cannot
@@ -63,6 +72,7 @@ class SeaConfigMixin:
     sea_budget_rule: str = "constant"
     sea_output_gates: bool = True
     sea_anchor_bins: bool = True
+    sea_query_block_size: int = 1
     sea_kernel: str = "auto"
     sea_baseline: str | None = None
 
@@ -92,6 +102,8 @@ class SeaConfigMixin:
             raise ValueError(f"`sea_budget_rule` must be one of {SEA_BUDGET_RULES}, got {self.sea_budget_rule!r}.")
         if not isinstance(self.sea_anchor_bins, bool):
             raise ValueError(f"`sea_anchor_bins` must be True or False, got {self.sea_anchor_bins!r}.")
+        if self.sea_query_block_size not in SEA_QUERY_BLOCK_SIZES:
+            raise ValueError(f"`sea_query_block_size` must be one of {SEA_QUERY_BLOCK_SIZES}, got {self.sea_query_block_size!r}.")
         if self.sea_kernel not in SEA_KERNELS:
             raise ValueError(f"`sea_kernel` must be one of {SEA_KERNELS}, got {self.sea_kernel!r}.")
         if self.sea_baseline not in SEA_BASELINES:

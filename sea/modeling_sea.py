@@ -128,7 +128,7 @@ class SeaOptAttention(OPTAttention):
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
             state = past_key_values.sea_state(self.layer_idx)
-        result = self.sea(query, key, value, attention_mask, scaling=1.0, state=state)
+        result = self.sea(query, key, value, attention_mask, scaling=1.0, state=state, need_probs=output_attentions)
         if past_key_values is not None:
             past_key_values.set_sea_state(self.layer_idx, result.state)
         output = self.out_proj(heads_to_hidden(result.context))
@@ -262,11 +262,12 @@ class SeaLlamaAttention(LlamaAttention):
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
             state = past_key_values.sea_state(self.layer_idx)
-        result = self.sea(query, key, value, attention_mask, scaling=self.scaling, state=state)
+        output_attentions = bool(kwargs.get("output_attentions"))
+        result = self.sea(query, key, value, attention_mask, scaling=self.scaling, state=state, need_probs=output_attentions)
         if past_key_values is not None:
             past_key_values.set_sea_state(self.layer_idx, result.state)
         output = self.o_proj(heads_to_hidden(result.context))
-        return output, result.dense_probs(key.shape[2]) if kwargs.get("output_attentions") else None
+        return output, result.dense_probs(key.shape[2]) if output_attentions else None
 
 
 class SeaLlamaPreTrainedModel(SeaPreTrainedMixin, LlamaPreTrainedModel):
@@ -336,8 +337,9 @@ class SeaBertSelfAttention(BertSelfAttention):
         query = self.query(hidden_states).view(shape).transpose(1, 2)
         key = self.key(hidden_states).view(shape).transpose(1, 2)
         value = self.value(hidden_states).view(shape).transpose(1, 2)
-        result = self.sea(query, key, value, attention_mask, scaling=self.scaling)
-        probs = result.dense_probs(t) if kwargs.get("output_attentions") else None
+        output_attentions = bool(kwargs.get("output_attentions"))
+        result = self.sea(query, key, value, attention_mask, scaling=self.scaling, need_probs=output_attentions)
+        probs = result.dense_probs(t) if output_attentions else None
         return heads_to_hidden(result.context), probs
 
 

@@ -15,6 +15,7 @@ One SEA layer, given the usual per-head queries, keys and values (N, H, T, D) an
 Every faster kernel is tested against these functions.
 """
 
+import functools
 import math
 from dataclasses import dataclass, fields
 
@@ -53,13 +54,58 @@ def at_least_float32(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class SeaSelection:
-    """The keys each (batch, head, query) attends to.
+    """The keys each (batch, head, query) attends to, as ranges of key ranks (rank r: the r-th valid key).
 
-    key_index: (N, H, T, S) key positions; key_valid: (N, H, T, S), False for unused slots (their index is 0).
+    Query rows come in blocks of `rows_per_block` consecutive rows that share their ranges: starts and lengths
+    (N, H, R, K) for R = ceil(T / rows_per_block) blocks. A row reads its block's ranges in order, skipping ranks at
+    or beyond its own visible-key count `row_counts` (N, T) (in a causal block, the keys after the row). Slot s of
+    a row is the s-th rank of that concatenation; `key_positions` (N, T_all) maps ranks to key positions (None
+    when every key is valid: then rank and position are the same, and the Triton kernel reads keys contiguously).
     """
 
-    key_index: torch.Tensor
-    key_valid: torch.Tensor
+    starts: torch.Tensor
+    lengths: torch.Tensor
+    key_positions: torch.Tensor | None
+    row_counts: torch.Tensor
+    rows_per_block: int
+
+    @functools.cached_property
+    def slots(self) -> int:
+        """Slots per row: the longest concatenation of a block's ranges."""
+        return int(self.lengths.sum(-1).max()) if self.lengths.numel() else 0
+
+    def rows(self, first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Key positions (N, H, last - first, slots) of query rows first..last - 1, and which slots are used
+        (False slots hold position 0)."""
+        n, h = self.starts.shape[:2]
+        block = torch.arange(first, last, device=self.starts.device) // self.rows_per_block
+        starts, lengths = self.starts[:, :, block], self.lengths[:, :, block]
+        shape = (n, h, last - first, self.slots)
+        if self.slots == 0:
+            return torch.zeros(shape, dtype=torch.long, device=starts.device), torch.zeros(shape, dtype=torch.bool, device=starts.device)
+        filled = lengths.cumsum(-1)
+        slot = torch.arange(self.slots, device=starts.device).expand(shape).contiguous()
+        which = torch.searchsorted(filled, slot, right=True).clamp_max(starts.shape[-1] - 1)
+        rank = starts.gather(-1, which) + slot - (filled - lengths).gather(-1, which)
+        valid = (slot < filled[..., -1:]) & (rank < self.row_counts[:, None, first:last, None])
+        rank = rank.masked_fill(~valid, 0)
+        if self.key_positions is None:
+            return rank, valid
+        key_index = self.key_positions.gather(-1, rank.view(n, -1)).view(shape)
+        return key_index.masked_fill(~valid, 0), valid
+
+    @functools.cached_property
+    def per_row(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`rows` of every query row, kept once computed. O(T x slots) memory: for inspection and training losses."""
+        return self.rows(0, self.row_counts.shape[1])
+
+    @property
+    def key_index(self) -> torch.Tensor:
+        return self.per_row[0]
+
+    @property
+    def key_valid(self) -> torch.Tensor:
+        return self.per_row[1]
 
 
 @dataclass
@@ -82,11 +128,11 @@ class SeaCausalState:
 @dataclass
 class SeaAttentionOutput:
     """context (N, H, T, D); sparse_probs (N, H, T, S) over `selection`'s slots, gate-scaled, zero in unused
-    slots; estimate_log_probs (N, H, T, M) the estimated compressed attention (log-probabilities over bins);
+    slots (None when the forward was asked for no probabilities); estimate_log_probs (N, H, T, M) the estimated compressed attention (log-probabilities over bins);
     state: the causal state after these queries (None for bidirectional layers)."""
 
     context: torch.Tensor
-    sparse_probs: torch.Tensor
+    sparse_probs: torch.Tensor | None
     selection: SeaSelection
     estimate_log_probs: torch.Tensor
     state: SeaCausalState | None = None
@@ -194,57 +240,40 @@ def linear_attention(phi_q, phi_k, values, causal: bool, kv_sum=None, k_sum=None
     return out, (kv_through[..., -1, :, :], k_through[..., -1, :])
 
 
-def select_keys(
-    estimate_logits: torch.Tensor,
-    edges: torch.Tensor,
-    key_positions: torch.Tensor,
-    budget: int,
-    rule: str,
-) -> SeaSelection:
-    """Expand the best-estimated bins of every query into key positions.
+def select_keys(ranking: torch.Tensor, edges: torch.Tensor, budget: int, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best-ranked bins of every row (or block of rows) as rank ranges: starts and lengths (..., K), best first.
 
-    estimate_logits (N, H, T, M) with empty bins at -inf; edges (N, T, M + 1) from `bin_edges`; key_positions
-    (N, T) from `valid_key_positions`. "constant": bins are taken whole in estimate order until `budget` keys are
-    filled (the overflowing bin gives its first keys), so a row of L <= budget keys gets all of them.
-    "reference": round(budget * M / L) bins are taken whole.
+    ranking (N, H, R, M) with empty bins at -inf; edges (N, R, M + 1) from `bin_edges`. "constant": bins are taken
+    whole in ranking order until `budget` keys are filled (the overflowing bin gives its first keys), so a row of
+    L <= budget keys gets all of them. "reference": round(budget * M / L) bins are taken whole.
     """
-    width = estimate_logits.shape[-1]
+    width = ranking.shape[-1]
     starts, sizes = edges[..., :-1].unsqueeze(1), edges.diff(dim=-1).unsqueeze(1)
-    head_shape = estimate_logits.shape
     top = min(width, budget) if rule == "constant" else width
     # A full sort of the M bins is faster on CUDA than a sorted top-k (a segmented sort of short rows).
-    order = estimate_logits.sort(dim=-1, descending=True, stable=True).indices[..., :top]
-    top_sizes = sizes.expand(head_shape).gather(-1, order)
-    top_starts = starts.expand(head_shape).gather(-1, order)
+    order = ranking.sort(dim=-1, descending=True, stable=True).indices[..., :top]
+    top_sizes = sizes.expand(ranking.shape).gather(-1, order)
+    top_starts = starts.expand(ranking.shape).gather(-1, order)
     if rule == "reference":
         counts = edges[..., -1:].unsqueeze(1)
         bins = torch.round(budget * width / counts.clamp_min(1)).clamp(1, width)
-        top_sizes = top_sizes * (torch.arange(top, device=order.device) < bins)
-    filled = top_sizes.cumsum(-1)
-    slots = budget if rule == "constant" else max(int(filled[..., -1].max()), 1)
-    slot = torch.arange(slots, device=order.device).expand(*head_shape[:-1], slots).contiguous()
-    which = torch.searchsorted(filled, slot, right=True).clamp_max(top - 1)
-    rank = top_starts.gather(-1, which) + slot - (filled - top_sizes).gather(-1, which)
-    valid = slot < filled[..., -1:]
-    rank = rank.masked_fill(~valid, 0)
-    n, h, t, _ = rank.shape
-    key_index = key_positions.gather(-1, rank.view(n, -1)).view(n, h, t, slots)
-    return SeaSelection(key_index=key_index.masked_fill(~valid, 0), key_valid=valid)
+        return top_starts, top_sizes * (torch.arange(top, device=order.device) < bins)
+    before = top_sizes.cumsum(-1) - top_sizes
+    return top_starts, top_sizes.clamp_max((budget - before).clamp_min(0))
 
 
-def sparse_attention(q, k, v, selection: SeaSelection, scaling: float):
+def sparse_attention(q, k, v, selection: SeaSelection, scaling: float, need_probs: bool = True):
     """Exact softmax attention of each query over its selected keys only. Returns probabilities (N, H, T, S), zero
-    in unused slots (a row with no key gets all zeros), and the context (N, H, T, D). k and v have H_kv heads
-    (H_kv divides H; query head i reads key/value head i // (H / H_kv)), never repeated. Works on chunks of query
-    rows so the gathered keys and values stay a bounded size at any T."""
+    in unused slots (a row with no key gets all zeros), or None when not `need_probs`, and the context (N, H, T, D).
+    k and v have H_kv heads (H_kv divides H; query head i reads key/value head i // (H / H_kv)), never repeated.
+    Works on chunks of query rows so the gathered keys and values stay a bounded size at any T."""
     n, h, t, d = q.shape
     kv_heads = k.shape[1]
-    slots = selection.key_index.shape[-1]
+    slots = selection.slots
     rows = max(1, GATHER_CHUNK_ELEMENTS // max(1, n * h * slots * d))
     probs, contexts = [], []
     for r0 in range(0, t, rows):
-        index = selection.key_index[:, :, r0 : r0 + rows]
-        valid = selection.key_valid[:, :, r0 : r0 + rows]
+        index, valid = selection.rows(r0, min(t, r0 + rows))
         c = index.shape[2]
         flat = index.reshape(n, kv_heads, h // kv_heads * c * slots, 1).expand(-1, -1, -1, d)
         k_sel = k.gather(2, flat).view(n, h, c, slots, d)
@@ -253,9 +282,10 @@ def sparse_attention(q, k, v, selection: SeaSelection, scaling: float):
         scores = at_least_float32(scores) * scaling
         scores = scores.masked_fill(~valid, torch.finfo(scores.dtype).min)
         p = (torch.softmax(scores, dim=-1) * valid).to(v.dtype)
-        probs.append(p)
+        if need_probs:
+            probs.append(p)
         contexts.append(torch.einsum("nhcs,nhcsd->nhcd", p, v_sel))
-    return torch.cat(probs, 2), torch.cat(contexts, 2)
+    return torch.cat(probs, 2) if need_probs else None, torch.cat(contexts, 2)
 
 
 def sparse_attention_implementation(q: torch.Tensor, kernel: str):
@@ -390,6 +420,7 @@ class SeaAttention(nn.Module):
         self.baseline = config.sea_baseline
         self.anchor_bins = config.sea_anchor_bins
         self.kernel = config.sea_kernel
+        self.query_block_size = config.sea_query_block_size
 
     @torch.no_grad()
     def init_sea_weights(self):
@@ -466,6 +497,37 @@ class SeaAttention(nn.Module):
             ranking[..., 0] = torch.finfo(ranking.dtype).max
         return ranking.masked_fill((edges.diff(dim=-1) == 0).unsqueeze(1), float("-inf"))
 
+    def select(self, estimate_log_probs: torch.Tensor, counts: torch.Tensor, positions: torch.Tensor | None) -> SeaSelection:
+        """The keys of every query: bins ranked by `bin_ranking`, expanded by `select_keys`, shared by blocks of
+        `sea_query_block_size` consecutive queries.
+
+        A causal block takes the bins of its first row (they depend on no later token, so the model stays causal)
+        plus one range holding the keys after that row's, which each row reads up to itself: a row reads at most
+        budget + block size - 1 keys. A bidirectional block ranks bins by the estimate averaged (in probability)
+        over its rows that see keys, with the bins of the row that sees the most keys."""
+        block = self.query_block_size
+        if block == 1:
+            edges = bin_edges(counts, self.width)
+            starts, lengths = select_keys(self.bin_ranking(estimate_log_probs, edges), edges, self.budget, self.budget_rule)
+            return SeaSelection(starts, lengths, positions, counts, 1)
+        pad = (-counts.shape[1]) % block
+        block_counts = F.pad(counts, (0, pad)).unflatten(1, (-1, block))  # (N, R, B)
+        if self.causal:
+            first_counts, block_estimate = block_counts[..., 0], estimate_log_probs[:, :, ::block]
+        else:
+            first_counts = block_counts.amax(-1)
+            sees_keys = (block_counts > 0)[:, None, :, :, None]
+            rows = F.pad(estimate_log_probs, (0, 0, 0, pad)).unflatten(2, (-1, block))
+            block_estimate = rows.masked_fill(~sees_keys, float("-inf")).logsumexp(3)
+        edges = bin_edges(first_counts, self.width)
+        starts, lengths = select_keys(self.bin_ranking(block_estimate, edges), edges, self.budget, self.budget_rule)
+        if self.causal:  # the newest range: ranks first_count .. (the block's largest count - 1)
+            newest = block_counts.amax(-1) - first_counts
+            per_head = (*starts.shape[:-1], 1)
+            starts = torch.cat([starts, first_counts[:, None, :, None].expand(per_head)], -1)
+            lengths = torch.cat([lengths, newest[:, None, :, None].expand(per_head)], -1)
+        return SeaSelection(starts, lengths, positions, counts, block)
+
     def forward(
         self,
         q: torch.Tensor,
@@ -475,12 +537,14 @@ class SeaAttention(nn.Module):
         scaling: float,
         selection: SeaSelection | None = None,
         state: SeaCausalState | None = None,
+        need_probs: bool = True,
     ) -> SeaAttentionOutput:
         """q: (N, H, T, D) queries of the last T positions; k, v: (N, H_kv, T_all, D) keys and values of every
         position so far (T_all = T without a cache); key_valid: (N, T_all) bool, True for real tokens (None: no
         padding). Causal layers continue from `state` (None: the start of the sequence), which must summarise
         exactly the first T_all - T positions. A given `selection` replaces the estimated one (to compare two
-        passes with the same keys)."""
+        passes with the same keys). Without `need_probs` the output's `sparse_probs` is None, which spares the
+        (N, H, T, S) probabilities and lets the Triton kernel skip writing them."""
         n, _, t, _ = q.shape
         if key_valid is None:
             key_valid = torch.ones(n, k.shape[2], dtype=torch.bool, device=q.device)
@@ -488,20 +552,20 @@ class SeaAttention(nn.Module):
             state = self.initial_state(n, v.dtype, v.device)
         counts = visible_key_counts(key_valid, self.causal, t)
         positions = valid_key_positions(key_valid)
+        selected_positions = None if key_valid.all() else positions  # no padding: a key's rank is its position
         v_new = v[:, :, -t:]
         estimate_log_probs, encoding, state, kernel_context = self.estimate(
             q, k[:, :, -t:], v_new, key_valid, counts, state
         )
         if self.baseline == "kernel_attention":  # the linear-attention baseline: no selection, no sparse attention
             nothing = torch.zeros(n, q.shape[1], t, 0, dtype=torch.long, device=q.device)
-            selection = SeaSelection(nothing, nothing.bool())
+            selection = SeaSelection(nothing, nothing, selected_positions, counts, 1)
             return SeaAttentionOutput(kernel_context, nothing.to(q.dtype), selection, estimate_log_probs, state)
         if selection is None:
             with torch.no_grad():
-                edges = bin_edges(counts, self.width)
-                ranking = self.bin_ranking(estimate_log_probs, edges)
-                selection = select_keys(ranking, edges, positions, self.budget, self.budget_rule)
-        probs, context = sparse_attention_implementation(q, self.kernel)(q, k, v, selection, scaling)
+                selection = self.select(estimate_log_probs, counts, selected_positions)
+        implementation = sparse_attention_implementation(q, self.kernel)
+        probs, context = implementation(q, k, v, selection, scaling, need_probs)
         if self.causal:
             average, value_sum = causal_average_context(v_new, key_valid[:, -t:], counts, state.value_sum)
             state.value_sum = value_sum
@@ -514,7 +578,7 @@ class SeaAttention(nn.Module):
             kv_heads = self.num_key_value_heads
             mixed = context.unflatten(1, (kv_heads, -1)) * scale.unflatten(1, (kv_heads, -1))
             context = (mixed + mix.unflatten(1, (kv_heads, -1)) * average).flatten(1, 2)
-            probs = probs * scale
+            probs = probs * scale if probs is not None else None
         return SeaAttentionOutput(context, probs, selection, estimate_log_probs, state)
 
 

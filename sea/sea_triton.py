@@ -41,6 +41,7 @@ def kernel_unavailable_reason(q: torch.Tensor) -> str | None:
 
 if triton is not None:
     _EMPTY = tl.constexpr(EMPTY_ROW)
+    TRITON_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
     @triton.jit
     def _key_value_head(head, num_heads, group):
@@ -132,7 +133,153 @@ if triton is not None:
         tl.store(GRAD_Q + q_rows[:, None] * HEAD_DIM + dims[None, :], grad_q, mask=tile_ok)
 
 
-BLOCK_M = 32
+    @triton.jit
+    def _key_tile(K, V, POSITIONS, start, offset, length, batch_keys, kv_base, dims, dim_ok,
+                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, GATHER: tl.constexpr):
+        """Ranks start + offset + [0, BLOCK_N) of a range of `length` ranks: the ranks, which are inside the range,
+        their key positions, and the key and value rows there (zero outside the range), as DOT_DTYPE."""
+        inside = offset + tl.arange(0, BLOCK_N) < length
+        ranks = start + offset + tl.arange(0, BLOCK_N)
+        if GATHER:  # padding among the keys: rank -> position through the table
+            positions = tl.load(POSITIONS + batch_keys + ranks, mask=inside, other=0)
+        else:
+            positions = ranks
+        offsets = (kv_base + positions)[:, None] * HEAD_DIM + dims[None, :]
+        tile_ok = inside[:, None] & dim_ok[None, :]
+        k = tl.load(K + offsets, mask=tile_ok, other=0.0).to(DOT_DTYPE)
+        v = tl.load(V + offsets, mask=tile_ok, other=0.0).to(DOT_DTYPE)
+        return ranks, inside, offsets, tile_ok, k, v
+
+    @triton.jit
+    def _block_sparse_forward(
+        Q, K, V, STARTS, LENGTHS, POSITIONS, COUNTS, OUT, LSE, PROBS,
+        num_queries, num_keys, num_ranges, slots, scaling, num_heads, group,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        NEED_PROBS: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, GATHER: tl.constexpr,
+    ):
+        block = tl.program_id(0)
+        head = tl.program_id(1)  # flattened (batch, head)
+        batch = head // num_heads
+        rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < num_queries
+        dims = tl.arange(0, BLOCK_D)
+        dim_ok = dims < HEAD_DIM
+        q_rows = head * num_queries + rows
+        q = tl.load(Q + q_rows[:, None] * HEAD_DIM + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :],
+                    other=0.0).to(DOT_DTYPE)
+        count = tl.load(COUNTS + batch * num_queries + rows, mask=row_ok, other=0)
+        kv_base = _key_value_head(head, num_heads, group) * num_keys
+        range_base = (head * tl.cdiv(num_queries, BLOCK_M) + block) * num_ranges
+
+        running_max = tl.full([BLOCK_M], -_EMPTY, tl.float32)
+        normaliser = tl.zeros([BLOCK_M], tl.float32)
+        context = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for r in range(0, num_ranges):
+            start = tl.load(STARTS + range_base + r)
+            length = tl.load(LENGTHS + range_base + r)
+            for offset in range(0, length, BLOCK_N):
+                ranks, inside, _, _, k, v = _key_tile(K, V, POSITIONS, start, offset, length, batch * num_keys, kv_base,
+                                                      dims, dim_ok, HEAD_DIM, BLOCK_N, DOT_DTYPE, GATHER)
+                ok = inside[None, :] & (ranks[None, :] < count[:, None])
+                scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scaling
+                scores = tl.where(ok, scores, -_EMPTY)
+                new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+                p = tl.where(ok, tl.exp(scores - new_max[:, None]), 0.0)
+                rescale = tl.exp(running_max - new_max)
+                normaliser = normaliser * rescale + tl.sum(p, axis=1)
+                context = context * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+                running_max = new_max
+        has_keys = normaliser > 0
+        lse = tl.where(has_keys, running_max + tl.log(tl.where(has_keys, normaliser, 1.0)), _EMPTY)
+        tl.store(LSE + q_rows, lse, mask=row_ok)
+        context = context / tl.where(has_keys, normaliser, 1.0)[:, None]
+        tl.store(OUT + q_rows[:, None] * HEAD_DIM + dims[None, :], context.to(OUT.dtype.element_ty),
+                 mask=row_ok[:, None] & dim_ok[None, :])
+        if NEED_PROBS:  # a second walk writes each slot's probability, now that the normaliser is known
+            slot = 0
+            for r in range(0, num_ranges):
+                start = tl.load(STARTS + range_base + r)
+                length = tl.load(LENGTHS + range_base + r)
+                for offset in range(0, length, BLOCK_N):
+                    ranks, inside, _, _, k, v = _key_tile(K, V, POSITIONS, start, offset, length, batch * num_keys,
+                                                          kv_base, dims, dim_ok, HEAD_DIM, BLOCK_N, DOT_DTYPE, GATHER)
+                    ok = inside[None, :] & (ranks[None, :] < count[:, None])
+                    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scaling
+                    p = tl.where(ok, tl.exp(scores - lse[:, None]), 0.0)
+                    columns = slot + offset + tl.arange(0, BLOCK_N)
+                    tl.store(PROBS + q_rows[:, None] * slots + columns[None, :], p.to(PROBS.dtype.element_ty),
+                             mask=row_ok[:, None] & inside[None, :])
+                slot += length
+
+    @triton.jit
+    def _block_sparse_backward(
+        Q, K, V, STARTS, LENGTHS, POSITIONS, COUNTS, LSE, DELTA, GRAD_OUT, GRAD_PROBS, GRAD_Q, GRAD_K, GRAD_V,
+        num_queries, num_keys, num_ranges, slots, scaling, num_heads, group,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_GRAD_PROBS: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, GATHER: tl.constexpr,
+    ):
+        block = tl.program_id(0)
+        head = tl.program_id(1)
+        batch = head // num_heads
+        rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < num_queries
+        dims = tl.arange(0, BLOCK_D)
+        dim_ok = dims < HEAD_DIM
+        q_rows = head * num_queries + rows
+        row_tile = q_rows[:, None] * HEAD_DIM + dims[None, :]
+        row_tile_ok = row_ok[:, None] & dim_ok[None, :]
+        q = tl.load(Q + row_tile, mask=row_tile_ok, other=0.0).to(DOT_DTYPE)
+        grad_out = tl.load(GRAD_OUT + row_tile, mask=row_tile_ok, other=0.0).to(DOT_DTYPE)
+        lse = tl.load(LSE + q_rows, mask=row_ok, other=_EMPTY)
+        delta = tl.load(DELTA + q_rows, mask=row_ok, other=0.0)
+        count = tl.load(COUNTS + batch * num_queries + rows, mask=row_ok, other=0)
+        kv_base = _key_value_head(head, num_heads, group) * num_keys
+        range_base = (head * tl.cdiv(num_queries, BLOCK_M) + block) * num_ranges
+        grad_q = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        slot = 0
+        for r in range(0, num_ranges):
+            start = tl.load(STARTS + range_base + r)
+            length = tl.load(LENGTHS + range_base + r)
+            for offset in range(0, length, BLOCK_N):
+                ranks, inside, offsets, tile_ok, k, v = _key_tile(K, V, POSITIONS, start, offset, length,
+                                                                   batch * num_keys, kv_base, dims, dim_ok, HEAD_DIM,
+                                                                   BLOCK_N, DOT_DTYPE, GATHER)
+                ok = inside[None, :] & (ranks[None, :] < count[:, None])
+                scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scaling
+                p = tl.where(ok, tl.exp(scores - lse[:, None]), 0.0)
+                grad_p = tl.dot(grad_out, tl.trans(v), input_precision=PRECISION)
+                if HAS_GRAD_PROBS:
+                    columns = slot + offset + tl.arange(0, BLOCK_N)
+                    grad_p += tl.load(GRAD_PROBS + q_rows[:, None] * slots + columns[None, :],
+                                      mask=row_ok[:, None] & inside[None, :], other=0.0).to(tl.float32)
+                grad_score = (p * (grad_p - delta[:, None]) * scaling).to(q.dtype)
+                grad_q += tl.dot(grad_score, k, input_precision=PRECISION)
+                tl.atomic_add(GRAD_K + offsets, tl.dot(tl.trans(grad_score), q, input_precision=PRECISION), mask=tile_ok)
+                tl.atomic_add(GRAD_V + offsets, tl.dot(tl.trans(p.to(q.dtype)), grad_out, input_precision=PRECISION),
+                              mask=tile_ok)
+            slot += length
+        tl.store(GRAD_Q + row_tile, grad_q, mask=row_tile_ok)
+
+
+    # Key tile and launch shape of the block kernels, measured once per problem kind on the GPU (key/value
+    # gradients are accumulated atomically, so the backward's trial runs start from zeroed buffers).
+    BLOCK_CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
+                     for n in (32, 64, 128) for w in (4, 8) for s in (2, 3)]
+    _block_forward_tuned = triton.autotune(BLOCK_CONFIGS, key=["HEAD_DIM", "BLOCK_M", "NEED_PROBS", "GATHER"])(
+        _block_sparse_forward)
+    _block_backward_tuned = triton.autotune(BLOCK_CONFIGS, key=["HEAD_DIM", "BLOCK_M", "HAS_GRAD_PROBS", "GATHER"],
+                                            reset_to_zero=["GRAD_K", "GRAD_V"])(_block_sparse_backward)
+
+
+BLOCK_M = 32  # query rows per program of the per-query kernel
+INTERPRETER_BLOCK_N = 64  # keys per tile of the block kernels in Triton's interpreter, which cannot time configs
+
+
+def _block_kernel(kernel, tuned, on_gpu: bool, arguments: dict):
+    """The autotuned kernel on a GPU; under the interpreter the plain one with a fixed key tile."""
+    if on_gpu:
+        return tuned, arguments
+    return kernel, {**arguments, "BLOCK_N": INTERPRETER_BLOCK_N}
 
 
 def _grid(q):
@@ -140,7 +287,20 @@ def _grid(q):
     return (triton.cdiv(t, BLOCK_M), n * h)
 
 
+def _backward_prologue(out, probs, grad_probs, grad_out):
+    """delta = sum_s P_s dL/dP_s per row (dL/dP_s = grad_out . v_s + grad_probs_s), and float32 gradient buffers
+    (key/value gradients are accumulated with atomic adds)."""
+    grad_out = torch.zeros_like(out) if grad_out is None else grad_out.contiguous()
+    delta = (grad_out.float() * out.float()).sum(-1)
+    if grad_probs is not None:
+        grad_probs = grad_probs.contiguous()
+        delta = delta + (grad_probs.float() * probs.float()).sum(-1)
+    return grad_out, grad_probs, delta.contiguous()
+
+
 class _SparseAttention(torch.autograd.Function):
+    """One query per row of a program: every query walks its own slots (sea_query_block_size 1)."""
+
     @staticmethod
     def forward(ctx, q, k, v, key_index, key_valid, scaling):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -166,28 +326,79 @@ class _SparseAttention(torch.autograd.Function):
     def backward(ctx, grad_probs, grad_out):
         q, k, v, key_index, key_valid, out, probs, lse = ctx.saved_tensors
         n, h, t, d = q.shape
-        grad_out = torch.zeros_like(out) if grad_out is None else grad_out.contiguous()
-        # sum_s P_s dL/dP_s, with dL/dP_s = grad_out . v_s + grad_probs_s.
-        delta = (grad_out.float() * out.float()).sum(-1)
-        if grad_probs is not None:
-            grad_probs = grad_probs.contiguous()
-            delta = delta + (grad_probs.float() * probs.float()).sum(-1)
-        grad_q = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        grad_out, grad_probs, delta = _backward_prologue(out, probs, grad_probs, grad_out)
+        grad_q = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         grad_k = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
         grad_v = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
         if key_index.shape[-1] > 0 and t > 0:
             _sparse_backward[_grid(q)](
                 q, k, v, key_index, key_valid, lse, grad_out, grad_probs if grad_probs is not None else grad_out,
-                delta.contiguous(), grad_q, grad_k, grad_v, t, k.shape[2], key_index.shape[-1], ctx.scaling, h,
+                delta, grad_q, grad_k, grad_v, t, k.shape[2], key_index.shape[-1], ctx.scaling, h,
                 h // k.shape[1],
                 HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_D=triton.next_power_of_2(d), HAS_GRAD_PROBS=grad_probs is not None,
             )
-        else:
-            grad_q.zero_()
         return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None
 
 
-def sparse_attention_triton(q, k, v, selection, scaling: float):
-    """`sea_attention.sparse_attention` as a Triton kernel: (probabilities (N, H, T, S), context (N, H, T, D)).
-    k and v may have fewer heads than q (grouped-query attention); they are read in place, never repeated."""
-    return _SparseAttention.apply(q, k, v, selection.key_index, selection.key_valid, scaling)
+class _BlockSparseAttention(torch.autograd.Function):
+    """A block of queries sharing its key ranges per program: tiles of keys go through matrix products
+    (sea_query_block_size > 1)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, starts, lengths, positions, counts, rows_per_block, slots, scaling, need_probs):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        gather = positions is not None
+        # int32 ranks keep the kernel's loop counters in one type (and halve the index traffic).
+        starts, lengths, counts = (x.to(torch.int32).contiguous() for x in (starts, lengths, counts))
+        positions = positions.to(torch.int32).contiguous() if gather else counts
+        n, h, t, d = q.shape
+        out = torch.empty_like(q)
+        lse = torch.empty(n, h, t, dtype=torch.float32, device=q.device)
+        probs = torch.zeros(n, h, t, slots if need_probs else 0, dtype=v.dtype, device=q.device)
+        # Triton's interpreter (CPU tests) multiplies bfloat16 matrices wrongly: there they go through float32.
+        interpreted_bf16 = q.dtype == torch.bfloat16 and not q.is_cuda
+        dot_dtype = tl.float32 if q.dtype == torch.float32 or interpreted_bf16 else TRITON_DTYPES[q.dtype]
+        arguments = dict(HEAD_DIM=d, BLOCK_M=rows_per_block, BLOCK_D=max(16, triton.next_power_of_2(d)),
+                         PRECISION="ieee" if dot_dtype == tl.float32 else "tf32", DOT_DTYPE=dot_dtype, GATHER=gather)
+        if t > 0:
+            kernel, launch = _block_kernel(_block_sparse_forward, _block_forward_tuned, q.is_cuda, arguments)
+            kernel[(triton.cdiv(t, rows_per_block), n * h)](
+                q, k, v, starts, lengths, positions, counts, out, lse, probs,
+                t, k.shape[2], starts.shape[-1], slots, scaling, h, h // k.shape[1], NEED_PROBS=need_probs, **launch,
+            )
+        ctx.save_for_backward(q, k, v, starts, lengths, positions, counts, out, probs, lse)
+        ctx.setup = (slots, scaling, arguments)
+        return (probs if need_probs else None), out
+
+    @staticmethod
+    def backward(ctx, grad_probs, grad_out):
+        q, k, v, starts, lengths, positions, counts, out, probs, lse = ctx.saved_tensors
+        slots, scaling, arguments = ctx.setup
+        n, h, t, d = q.shape
+        grad_out, grad_probs, delta = _backward_prologue(out, probs, grad_probs, grad_out)
+        grad_q = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        grad_k = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
+        grad_v = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+        if t > 0:
+            kernel, launch = _block_kernel(_block_sparse_backward, _block_backward_tuned, q.is_cuda, arguments)
+            kernel[(triton.cdiv(t, arguments["BLOCK_M"]), n * h)](
+                q, k, v, starts, lengths, positions, counts, lse, delta, grad_out,
+                grad_probs if grad_probs is not None else grad_out, grad_q, grad_k, grad_v,
+                t, k.shape[2], starts.shape[-1], slots, scaling, h, h // k.shape[1],
+                HAS_GRAD_PROBS=grad_probs is not None, **launch,
+            )
+        return (grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype)) + (None,) * 8
+
+
+def sparse_attention_triton(q, k, v, selection, scaling: float, need_probs: bool = True):
+    """`sea_attention.sparse_attention` as a Triton kernel: (probabilities (N, H, T, S) or None when not
+    `need_probs`, context (N, H, T, D)). k and v may have fewer heads than q (grouped-query attention); they are
+    read in place, never repeated. Blocks of queries sharing their keys run through matrix products; single-query
+    selections through a per-slot kernel."""
+    if selection.rows_per_block == 1:
+        probs, context = _SparseAttention.apply(q, k, v, *selection.per_row, scaling)
+        return (probs if need_probs else None), context
+    return _BlockSparseAttention.apply(
+        q, k, v, selection.starts, selection.lengths, selection.key_positions, selection.row_counts,
+        selection.rows_per_block, selection.slots, scaling, need_probs,
+    )

@@ -6,6 +6,7 @@ import torch
 from sea.configuration_sea import SeaBertConfig, SeaOptConfig
 from sea.sea_attention import (
     SeaAttention,
+    SeaSelection,
     kernel_features,
     linear_attention,
     orthogonal_gaussian_features,
@@ -15,11 +16,11 @@ from sea.sea_attention import (
 N, H, D = 3, 4, 16
 
 
-def make_operator(causal: bool, budget: int, width: int = 16, rule: str = "constant", dtype=torch.float32):
+def make_operator(causal: bool, budget: int, width: int = 16, rule: str = "constant", dtype=torch.float32, block=1):
     config_class = SeaOptConfig if causal else SeaBertConfig
     config = config_class(
         hidden_size=H * D, num_attention_heads=H, max_position_embeddings=512,
-        sea_key_budget=budget, sea_compressed_width=width, sea_budget_rule=rule,
+        sea_key_budget=budget, sea_compressed_width=width, sea_budget_rule=rule, sea_query_block_size=block,
     )
     op = SeaAttention(config, H, D, causal)
     with torch.no_grad():
@@ -87,11 +88,12 @@ def dense_reference(op, q, k, v, valid, selection, scaling, causal):
     return context, probs * scale
 
 
+@pytest.mark.parametrize("block", [1, 16], ids=["per-query", "blocks"])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("rule,budget", [("constant", 5), ("constant", 200), ("reference", 3)])
-def test_operator_matches_float64_dense_reference(causal, rule, budget):
+def test_operator_matches_float64_dense_reference(causal, rule, budget, block):
     t = 70
-    op = make_operator(causal, budget, rule=rule)
+    op = make_operator(causal, budget, rule=rule, block=block)
     q, k, v = torch.randn(3, N, H, t, D).unbind(0)
     valid = random_padding(t)
     scaling = D**-0.5
@@ -148,9 +150,10 @@ def test_kernel_attention_matches_dense_float64(causal):
     torch.testing.assert_close(out.double()[rows], expected[rows], atol=1e-5, rtol=1e-4)
 
 
-def test_causal_estimate_never_reads_later_rows():
+@pytest.mark.parametrize("block", [1, 16], ids=["per-query", "blocks"])
+def test_causal_estimate_never_reads_later_rows(block):
     t = 90
-    op = make_operator(True, 8)
+    op = make_operator(True, 8, block=block)
     q, k, v = torch.randn(3, 1, H, t, D).unbind(0)
     out = op(q, k, v, None, D**-0.5)
     cut = 41
@@ -161,6 +164,28 @@ def test_causal_estimate_never_reads_later_rows():
     torch.testing.assert_close(out.estimate_log_probs[:, :, :cut], out2.estimate_log_probs[:, :, :cut], atol=1e-5, rtol=0)
     assert out.selection.key_index[:, :, :cut].equal(out2.selection.key_index[:, :, :cut])
     torch.testing.assert_close(out.context[:, :, :cut], out2.context[:, :, :cut], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_query_blocks_share_their_keys(causal):
+    """With blocks of 16 queries: a bidirectional block reads one key set; every query of a causal block reads the
+    keys its first query reads plus the keys after those up to itself, never more than budget + 15 keys."""
+    t, budget, block = 150, 12, 16
+    op = make_operator(causal, budget, block=block)
+    q, k, v = torch.randn(3, N, H, t, D).unbind(0)
+    valid = random_padding(t)
+    chosen = selected_matrix(op(q, k, v, valid, D**-0.5).selection, t) > 0
+    assert (chosen.sum(-1) <= budget + block - 1).all()
+    assert not (chosen & ~visibility(valid, causal)).any()
+    for first in range(0, t, block):
+        rows = slice(first, min(t, first + block))
+        if not causal:
+            assert (chosen[:, :, rows] == chosen[:, :, first : first + 1]).all()
+            continue
+        seen_by_first = visibility(valid, True)[:, :, first]
+        for row in range(rows.start, rows.stop):
+            after_first = visibility(valid, True)[:, :, row] & ~seen_by_first
+            assert (chosen[:, :, row] == (chosen[:, :, first] | after_first)).all()
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -187,10 +212,11 @@ def test_padded_rows_are_finite_and_padding_matches_alone_with_selection_held(ca
         same_keys = (out.selection.key_index[:, :, rows] == shifted) | ~alone.selection.key_valid
         assert same_keys.float().mean() > 0.99, "padding changed which keys were selected"
         torch.testing.assert_close(out.estimate_log_probs[:, :, rows], alone.estimate_log_probs, atol=1e-4, rtol=0)
-        # With the selection held fixed, the outputs must agree up to rounding.
-        held = type(alone.selection)(out.selection.key_index.clone(), out.selection.key_valid.clone())
-        held.key_index[:, :, rows] = shifted.masked_fill(~alone.selection.key_valid, 0)
-        held.key_valid[:, :, rows] = alone.selection.key_valid
+        # With the selection held fixed (the same key ranks; padding shifts only their positions), the outputs
+        # must agree up to rounding.
+        starts, lengths = out.selection.starts.clone(), out.selection.lengths.clone()
+        starts[:, :, rows], lengths[:, :, rows] = alone.selection.starts, alone.selection.lengths
+        held = SeaSelection(starts, lengths, out.selection.key_positions, out.selection.row_counts, 1)
         fixed = op(padded(q), padded(k), padded(v), valid, D**-0.5, selection=held)
         torch.testing.assert_close(fixed.context[:, :, rows], alone.context, atol=1e-5, rtol=1e-5)
 

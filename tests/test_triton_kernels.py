@@ -19,18 +19,29 @@ pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def random_problem(n=2, h=3, t=41, d=16, slots=7, dtype=torch.float32, kv_heads=None):
+def random_problem(n=2, h=3, t=41, d=16, rows_per_block=1, dtype=torch.float32, kv_heads=None, padded=True):
+    """Queries over 30 more keys than queries (as after a cache), a random rank -> position map, random row counts,
+    and per block of rows 4 random rank ranges, some empty: of up to 70 keys for blocks (more than one key tile of
+    the block kernel), of up to 6 for single queries (the per-slot kernel walks slots one by one). Not `padded`:
+    every key valid, ranks are positions."""
+    keys = t + 30
+    longest = 70 if rows_per_block > 1 else 6
     q = torch.randn(n, h, t, d, device=DEVICE).to(dtype).requires_grad_()
-    k, v = (torch.randn(n, kv_heads or h, t, d, device=DEVICE).to(dtype).requires_grad_() for _ in range(2))
-    valid = torch.rand(n, h, t, slots, device=DEVICE) > 0.3
-    valid[0, 1, 5] = False  # a query with no key at all
-    index = torch.randint(0, t, (n, h, t, slots), device=DEVICE).masked_fill(~valid, 0)
-    return q, k, v, SeaSelection(index, valid)
+    k, v = (torch.randn(n, kv_heads or h, keys, d, device=DEVICE).to(dtype).requires_grad_() for _ in range(2))
+    blocks = -(-t // rows_per_block)
+    lengths = torch.randint(0, longest + 1, (n, h, blocks, 4), device=DEVICE) * (torch.rand(n, h, blocks, 4, device=DEVICE) > 0.2)
+    starts = (torch.rand(n, h, blocks, 4, device=DEVICE) * (keys - lengths + 1)).long()
+    lengths[0, 1, 1] = 0  # a block with no key at all
+    positions = torch.stack([torch.randperm(keys, device=DEVICE) for _ in range(n)]) if padded else None
+    counts = torch.randint(0, keys + 1, (n, t), device=DEVICE)
+    return q, k, v, SeaSelection(starts, lengths, positions, counts, rows_per_block)
 
 
+@pytest.mark.parametrize("rows_per_block, d, padded", [(1, 16, True), (16, 16, True), (32, 24, False)],
+                         ids=["per-query", "blocks-16", "blocks-32-d24-no-padding"])
 @pytest.mark.parametrize("kv_heads", [3, 1], ids=["multi-head", "grouped-query"])
-def test_forward_and_gradients_match_the_float64_reference_path(kv_heads):
-    q, k, v, selection = random_problem(h=3, kv_heads=kv_heads)
+def test_forward_and_gradients_match_the_float64_reference_path(kv_heads, rows_per_block, d, padded):
+    q, k, v, selection = random_problem(h=3, d=d, kv_heads=kv_heads, rows_per_block=rows_per_block, padded=padded)
     scaling = q.shape[-1] ** -0.5
     probs, context = sparse_attention_triton(q, k, v, selection, scaling)
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
@@ -39,25 +50,37 @@ def test_forward_and_gradients_match_the_float64_reference_path(kv_heads):
     ref_probs, ref_context = sparse_attention(q64, repeat(k64), repeat(v64), selection, scaling)
     torch.testing.assert_close(probs.double(), ref_probs, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(context.double(), ref_context, rtol=1e-5, atol=1e-6)
-    assert torch.all(context[0, 1, 5] == 0) and torch.all(probs[0, 1, 5] == 0)
+    empty = slice(rows_per_block, 2 * rows_per_block)  # the rows of block 1, which has no key in head 1
+    assert torch.all(context[0, 1, empty] == 0) and torch.all(probs[0, 1, empty] == 0)
 
     grad_probs, grad_context = torch.randn_like(ref_probs), torch.randn_like(ref_context)
     got = torch.autograd.grad((probs * grad_probs.float()).sum() + (context * grad_context.float()).sum(), (q, k, v))
-    want = torch.autograd.grad((ref_probs * grad_probs).sum() + (ref_context * grad_context).sum(), (q64, k64, v64))
+    want = torch.autograd.grad((ref_probs * grad_probs).sum() + (ref_context * grad_context).sum(), (q64, k64, v64),
+                               retain_graph=True)
     for name, a, b in zip("qkv", got, want):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5, msg=f"grad {name}")
 
+    # Without probabilities the context and its gradients are the same.
+    no_probs, context_only = sparse_attention_triton(q, k, v, selection, scaling, need_probs=False)
+    assert no_probs is None
+    torch.testing.assert_close(context_only, context)
+    got = torch.autograd.grad((context_only * grad_context.float()).sum(), (q, k, v))
+    want = torch.autograd.grad((ref_context * grad_context).sum(), (q64, k64, v64))
+    for name, a, b in zip("qkv", got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5, msg=f"grad {name} without probabilities")
 
+
+@pytest.mark.parametrize("rows_per_block", [1, 16], ids=["per-query", "blocks"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_within_one_percent_of_float32(dtype):
-    q, k, v, selection = random_problem(dtype=dtype)
+def test_half_precision_within_one_percent_of_float32(dtype, rows_per_block):
+    q, k, v, selection = random_problem(dtype=dtype, rows_per_block=rows_per_block)
     scaling = q.shape[-1] ** -0.5
     probs, context = sparse_attention_triton(q, k, v, selection, scaling)
     assert probs.dtype == dtype and context.dtype == dtype
     q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
     ref_probs, ref_context = sparse_attention(q32, k32, v32, selection, scaling)
     relative = lambda a, b: float((a.float() - b).norm() / b.norm())
-    assert relative(context, ref_context) <= 1e-2
+    assert relative(context, ref_context) <= 1e-2 and relative(probs, ref_probs) <= 1e-2
     grad = torch.randn_like(ref_context)
     got = torch.autograd.grad((context.float() * grad).sum(), (q, k, v))
     want = torch.autograd.grad((ref_context * grad).sum(), (q32, k32, v32))
@@ -76,10 +99,12 @@ def tiny_llama_config(**sea):
     [(SeaOptForCausalLM, tiny_opt_config), (SeaLlamaForCausalLM, tiny_llama_config)],
     ids=["opt", "llama-grouped-query"],
 )
-def test_model_with_the_kernel_equals_the_pytorch_path(model_class, make_config):
+@pytest.mark.parametrize("block", [1, 16], ids=["per-query", "blocks"])
+def test_model_with_the_kernel_equals_the_pytorch_path(model_class, make_config, block):
     torch.manual_seed(0)
-    reference = model_class(make_config(sea_key_budget=8, sea_compressed_width=8, sea_kernel="torch")).to(DEVICE).eval()
-    kernel = model_class(make_config(sea_key_budget=8, sea_compressed_width=8, sea_kernel="triton")).to(DEVICE).eval()
+    sea = dict(sea_key_budget=8, sea_compressed_width=8, sea_query_block_size=block)
+    reference = model_class(make_config(**sea, sea_kernel="torch")).to(DEVICE).eval()
+    kernel = model_class(make_config(**sea, sea_kernel="triton")).to(DEVICE).eval()
     kernel.load_state_dict(reference.state_dict())
     ids = torch.randint(3, 120, (2, 30), device=DEVICE)
     mask = torch.ones_like(ids).index_fill_(1, torch.arange(4, device=DEVICE), 0)

@@ -78,8 +78,8 @@ def is_estimator_parameter(name: str) -> bool:
 
 @contextlib.contextmanager
 def record_sea_layers(model):
-    """Collects, in layer order, each SEA layer's output and key-validity mask (N, T_all) during a forward; a
-    forward without padding records an all-True mask."""
+    """Collects, in layer order, each SEA layer's output (with its sparse probabilities) and key-validity mask
+    (N, T_all) during a forward; a forward without padding records an all-True mask."""
     records = []
 
     def hook(module, args, kwargs, output):
@@ -89,7 +89,12 @@ def record_sea_layers(model):
             key_valid = torch.ones(keys.shape[0], keys.shape[2], dtype=torch.bool, device=keys.device)
         records.append((module, output, key_valid))
 
-    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in model.modules() if isinstance(m, SeaAttention)]
+    def need_probs(module, args, kwargs):  # the attention losses and plots read the sparse probabilities
+        return args, {**kwargs, "need_probs": True}
+
+    layers = [m for m in model.modules() if isinstance(m, SeaAttention)]
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in layers]
+    handles += [m.register_forward_pre_hook(need_probs, with_kwargs=True) for m in layers]
     try:
         yield records
     finally:
