@@ -151,25 +151,33 @@ if triton is not None:
         return ranks, inside, offsets, tile_ok, k, v
 
     @triton.jit
+    def _query_block(COUNTS, num_queries, num_keys, num_ranges, num_heads, group,
+                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        """What a block-kernel program (query block, flattened (batch, head)) needs to know of its rows: the batch,
+        which rows exist, the head dims, the rows' offsets into (N*H*T, .) views, their visible-key counts, and the
+        bases of their key/value head and of their key ranges."""
+        block = tl.program_id(0)
+        head = tl.program_id(1)
+        batch = head // num_heads
+        rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < num_queries
+        dims = tl.arange(0, BLOCK_D)
+        count = tl.load(COUNTS + batch * num_queries + rows, mask=row_ok, other=0)
+        kv_base = _key_value_head(head, num_heads, group) * num_keys
+        range_base = (head * tl.cdiv(num_queries, BLOCK_M) + block) * num_ranges
+        return batch, row_ok, dims, dims < HEAD_DIM, head * num_queries + rows, count, kv_base, range_base
+
+    @triton.jit
     def _block_sparse_forward(
         Q, K, V, STARTS, LENGTHS, POSITIONS, COUNTS, OUT, LSE, PROBS,
         num_queries, num_keys, num_ranges, slots, scaling, num_heads, group,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         NEED_PROBS: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, GATHER: tl.constexpr,
     ):
-        block = tl.program_id(0)
-        head = tl.program_id(1)  # flattened (batch, head)
-        batch = head // num_heads
-        rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < num_queries
-        dims = tl.arange(0, BLOCK_D)
-        dim_ok = dims < HEAD_DIM
-        q_rows = head * num_queries + rows
+        batch, row_ok, dims, dim_ok, q_rows, count, kv_base, range_base = _query_block(
+            COUNTS, num_queries, num_keys, num_ranges, num_heads, group, HEAD_DIM, BLOCK_M, BLOCK_D)
         q = tl.load(Q + q_rows[:, None] * HEAD_DIM + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :],
                     other=0.0).to(DOT_DTYPE)
-        count = tl.load(COUNTS + batch * num_queries + rows, mask=row_ok, other=0)
-        kv_base = _key_value_head(head, num_heads, group) * num_keys
-        range_base = (head * tl.cdiv(num_queries, BLOCK_M) + block) * num_ranges
 
         running_max = tl.full([BLOCK_M], -_EMPTY, tl.float32)
         normaliser = tl.zeros([BLOCK_M], tl.float32)
@@ -218,23 +226,14 @@ if triton is not None:
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         HAS_GRAD_PROBS: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, GATHER: tl.constexpr,
     ):
-        block = tl.program_id(0)
-        head = tl.program_id(1)
-        batch = head // num_heads
-        rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < num_queries
-        dims = tl.arange(0, BLOCK_D)
-        dim_ok = dims < HEAD_DIM
-        q_rows = head * num_queries + rows
+        batch, row_ok, dims, dim_ok, q_rows, count, kv_base, range_base = _query_block(
+            COUNTS, num_queries, num_keys, num_ranges, num_heads, group, HEAD_DIM, BLOCK_M, BLOCK_D)
         row_tile = q_rows[:, None] * HEAD_DIM + dims[None, :]
         row_tile_ok = row_ok[:, None] & dim_ok[None, :]
         q = tl.load(Q + row_tile, mask=row_tile_ok, other=0.0).to(DOT_DTYPE)
         grad_out = tl.load(GRAD_OUT + row_tile, mask=row_tile_ok, other=0.0).to(DOT_DTYPE)
         lse = tl.load(LSE + q_rows, mask=row_ok, other=_EMPTY)
         delta = tl.load(DELTA + q_rows, mask=row_ok, other=0.0)
-        count = tl.load(COUNTS + batch * num_queries + rows, mask=row_ok, other=0)
-        kv_base = _key_value_head(head, num_heads, group) * num_keys
-        range_base = (head * tl.cdiv(num_queries, BLOCK_M) + block) * num_ranges
         grad_q = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         slot = 0
         for r in range(0, num_ranges):
