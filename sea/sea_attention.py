@@ -128,7 +128,9 @@ class SeaCausalState:
 @dataclass
 class SeaAttentionOutput:
     """context (N, H, T, D); sparse_probs (N, H, T, S) over `selection`'s slots, gate-scaled, zero in unused
-    slots (None when the forward was asked for no probabilities); estimate_log_probs (N, H, T, M) the estimated compressed attention (log-probabilities over bins);
+    slots (None when the forward was asked for no probabilities); estimate_log_probs (N, H, T, M) the estimated
+    compressed attention (log-probabilities over bins; without probabilities, causal query blocks give only the
+    first row of each block);
     state: the causal state after these queries (None for bidirectional layers)."""
 
     context: torch.Tensor
@@ -357,6 +359,15 @@ class SeaRowCnn(nn.Module):
         """Earlier rows one causal convolution reads: its receptive field above the current row."""
         return 2 * self.row_dilation
 
+    def rows_needed(self, targets: torch.Tensor, num_rows: int) -> torch.Tensor:
+        """Sorted rows (of 0 .. num_rows - 1) whose input a causal CNN needs for its output at `targets` and for
+        its memory of the last rows: each target and the rows its two convolutions read above it. Run on just
+        these rows (with the same state), the CNN gives the same output at the targets and the same memory: a row
+        separated from the one before it by a gap has all of its receptive field among the rows kept."""
+        ends = torch.cat([targets, targets.new_tensor([num_rows - 1])])
+        window = torch.arange(-2 * self.rows_above, 1, device=targets.device)
+        return (ends[:, None] + window).clamp_min(0).flatten().unique()
+
     def _conv(self, conv: nn.Conv2d, x: torch.Tensor, row_valid: torch.Tensor, above: torch.Tensor | None):
         """Causal: `above` holds the rows before `x` (zeros at the start of a sequence). Bidirectional: zero
         padding on both sides."""
@@ -447,10 +458,11 @@ class SeaAttention(nn.Module):
             cnn_hidden_rows=rows.clone(),
         )
 
-    def estimate(self, q, k_new, v_new, key_valid, counts, state):
-        """Estimated attention log-probabilities over bins (N, H, T, M) of the new queries, their encoding
-        (N, H, T, 2D), the causal state after them, and the kernel attention of the values (N, H, T, D). `k_new`,
-        `v_new` are the keys and values of the new positions (the last T of `key_valid`)."""
+    def estimate(self, q, k_new, v_new, key_valid, counts, state, targets=None):
+        """Estimated attention log-probabilities over bins (N, H, T, M) of the new queries (only of the rows
+        `targets` when given, causal only: (N, H, len(targets), M)), their encoding (N, H, T, 2D), the causal state
+        after them, and the kernel attention of the values (N, H, T, D). `k_new`, `v_new` are the keys and values
+        of the new positions (the last T of `key_valid`)."""
         n, kv_heads, t, d = v_new.shape
         h = self.num_heads
         new_valid = key_valid[:, -t:]
@@ -463,10 +475,17 @@ class SeaAttention(nn.Module):
         estimate, new_sums = linear_attention(phi_q, phi_k, augmented, self.causal, *sums)
         encoding = self.encode(estimate.to(v_new.dtype), v_new.unsqueeze(2)).flatten(1, 2)
         estimate = estimate.flatten(1, 2)
-        rows = self.row_decoder(encoding).view(n, h, t, DECODER_CHANNELS[self.causal], -1)
-        rows = rows.permute(0, 1, 3, 2, 4).reshape(n, -1, t, rows.shape[-1])
-        logits, cnn_rows = self.cnn(rows, new_valid[:, None, :, None].to(rows.dtype), state)
+        decoded, row_valid = encoding, new_valid
+        if targets is not None:  # decode and refine only the rows the CNN needs for the targets
+            needed = self.cnn.rows_needed(targets, t)
+            decoded, row_valid = encoding[:, :, needed], new_valid[:, needed]
+        r = decoded.shape[2]
+        rows = self.row_decoder(decoded).view(n, h, r, DECODER_CHANNELS[self.causal], -1)
+        rows = rows.permute(0, 1, 3, 2, 4).reshape(n, -1, r, rows.shape[-1])
+        logits, cnn_rows = self.cnn(rows, row_valid[:, None, :, None].to(rows.dtype), state)
         logits = at_least_float32(logits)
+        if targets is not None:
+            logits, counts = logits[:, :, torch.searchsorted(needed, targets)], counts[:, targets]
         empty = (bin_edges(counts, self.width).diff(dim=-1) == 0).unsqueeze(1)
         logits = logits.masked_fill(empty, torch.finfo(logits.dtype).min)
         if self.causal:
@@ -497,14 +516,17 @@ class SeaAttention(nn.Module):
             ranking[..., 0] = torch.finfo(ranking.dtype).max
         return ranking.masked_fill((edges.diff(dim=-1) == 0).unsqueeze(1), float("-inf"))
 
-    def select(self, estimate_log_probs: torch.Tensor, counts: torch.Tensor, positions: torch.Tensor | None) -> SeaSelection:
+    def select(
+        self, estimate_log_probs: torch.Tensor, counts: torch.Tensor, positions: torch.Tensor | None, leading_rows_only: bool = False
+    ) -> SeaSelection:
         """The keys of every query: bins ranked by `bin_ranking`, expanded by `select_keys`, shared by blocks of
         `sea_query_block_size` consecutive queries.
 
         A causal block takes the bins of its first row (they depend on no later token, so the model stays causal)
         plus one range holding the keys after that row's, which each row reads up to itself: a row reads at most
         budget + block size - 1 keys. A bidirectional block ranks bins by the estimate averaged (in probability)
-        over its rows that see keys, with the bins of the row that sees the most keys."""
+        over its rows that see keys, with the bins of the row that sees the most keys. `leading_rows_only`: the
+        (causal) estimate holds only the first row of every block."""
         block = self.query_block_size
         if block == 1:
             edges = bin_edges(counts, self.width)
@@ -513,7 +535,8 @@ class SeaAttention(nn.Module):
         pad = (-counts.shape[1]) % block
         block_counts = F.pad(counts, (0, pad)).unflatten(1, (-1, block))  # (N, R, B)
         if self.causal:
-            first_counts, block_estimate = block_counts[..., 0], estimate_log_probs[:, :, ::block]
+            first_counts = block_counts[..., 0]
+            block_estimate = estimate_log_probs if leading_rows_only else estimate_log_probs[:, :, ::block]
         else:
             first_counts = block_counts.amax(-1)
             sees_keys = (block_counts > 0)[:, None, :, :, None]
@@ -544,7 +567,9 @@ class SeaAttention(nn.Module):
         padding). Causal layers continue from `state` (None: the start of the sequence), which must summarise
         exactly the first T_all - T positions. A given `selection` replaces the estimated one (to compare two
         passes with the same keys). Without `need_probs` the output's `sparse_probs` is None, which spares the
-        (N, H, T, S) probabilities and lets the Triton kernel skip writing them."""
+        (N, H, T, S) probabilities and lets the Triton kernel skip writing them; causal layers with query blocks
+        then also estimate only the rows that choose keys (the first of every block): `estimate_log_probs` has
+        one row per block. Training losses and plots ask for probabilities and get every row."""
         n, _, t, _ = q.shape
         if key_valid is None:
             key_valid = torch.ones(n, k.shape[2], dtype=torch.bool, device=q.device)
@@ -554,8 +579,10 @@ class SeaAttention(nn.Module):
         positions = valid_key_positions(key_valid)
         selected_positions = None if key_valid.all() else positions  # no padding: a key's rank is its position
         v_new = v[:, :, -t:]
+        leading_rows_only = self.causal and self.query_block_size > 1 and not need_probs
+        targets = torch.arange(0, t, self.query_block_size, device=q.device) if leading_rows_only else None
         estimate_log_probs, encoding, state, kernel_context = self.estimate(
-            q, k[:, :, -t:], v_new, key_valid, counts, state
+            q, k[:, :, -t:], v_new, key_valid, counts, state, targets
         )
         if self.baseline == "kernel_attention":  # the linear-attention baseline: no selection, no sparse attention
             nothing = torch.zeros(n, q.shape[1], t, 0, dtype=torch.long, device=q.device)
@@ -563,7 +590,7 @@ class SeaAttention(nn.Module):
             return SeaAttentionOutput(kernel_context, nothing.to(q.dtype), selection, estimate_log_probs, state)
         if selection is None:
             with torch.no_grad():
-                selection = self.select(estimate_log_probs, counts, selected_positions)
+                selection = self.select(estimate_log_probs, counts, selected_positions, leading_rows_only)
         implementation = sparse_attention_implementation(q, self.kernel)
         probs, context = implementation(q, k, v, selection, scaling, need_probs)
         if self.causal:

@@ -166,6 +166,30 @@ def test_causal_estimate_never_reads_later_rows(block):
     torch.testing.assert_close(out.context[:, :, :cut], out2.context[:, :, :cut], atol=1e-5, rtol=0)
 
 
+def test_causal_blocks_without_probabilities_estimate_only_the_rows_that_choose_keys():
+    """Asked for no probabilities, causal query blocks decode and refine only the rows the first row of every
+    block needs: the same estimate there, the same keys, context and carried state as estimating every row,
+    over a padded batch continued from an earlier call."""
+    block, first, t = 16, 37, 150
+    op = make_operator(True, 12, dtype=torch.float64, block=block)
+    q, k, v = torch.randn(3, N, H, t, D, dtype=torch.float64).unbind(0)
+    valid = random_padding(t)
+    outputs = {}
+    for need_probs in (True, False):
+        head = op(q[:, :, :first], k[:, :, :first], v[:, :, :first], valid[:, :first], D**-0.5, need_probs=need_probs)
+        rest = op(q[:, :, first:], k, v, valid, D**-0.5, state=head.state, need_probs=need_probs)
+        outputs[need_probs] = (head, rest)
+    for every, leading in zip(outputs[True], outputs[False]):
+        rows = every.estimate_log_probs.shape[2]
+        assert leading.estimate_log_probs.shape[2] == -(-rows // block)
+        torch.testing.assert_close(leading.estimate_log_probs, every.estimate_log_probs[:, :, ::block], atol=1e-12, rtol=0)
+        assert torch.equal(leading.selection.starts, every.selection.starts)
+        assert torch.equal(leading.selection.lengths, every.selection.lengths)
+        torch.testing.assert_close(leading.context, every.context, atol=1e-12, rtol=0)
+    for name, tensor in vars(outputs[True][1].state).items():
+        torch.testing.assert_close(getattr(outputs[False][1].state, name), tensor, atol=1e-12, rtol=0)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_query_blocks_share_their_keys(causal):
     """With blocks of 16 queries: a bidirectional block reads one key set; every query of a causal block reads the
