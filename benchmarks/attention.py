@@ -20,6 +20,7 @@ from sea.sea_attention import SeaAttention, sparse_attention
 from sea.sea_triton import sparse_attention_triton
 
 FLEX_BLOCK = 128
+METHODS = ("sea", "sea_sparse_only", "sdpa_flash", "flex", "flex_sea_mask", "eager")
 
 
 def sea_layer(heads, head_dim, causal, kernel, budget, width, block, device):
@@ -42,7 +43,8 @@ def relative(a, b):
 def check_kernels(device, heads, head_dim, budget, width, block, length=4096):
     """On fresh random inputs with SEA's own selections: the Triton kernel in bf16 against the PyTorch sparse
     attention in float32 (context, probabilities, gradients through both), and the whole operator in bf16 against
-    the whole operator in float32 with the selection held (context); no NaN anywhere."""
+    the whole operator in float32 with the selection held (context; with gradients, and for inference, where
+    causal layers run the fused estimate kernels); no NaN anywhere."""
     rows = []
     for causal in (True, False):
         for rows_per_block in sorted({1, block}):
@@ -59,13 +61,17 @@ def check_kernels(device, heads, head_dim, budget, width, block, length=4096):
             got_grads = torch.autograd.grad((context.float() * grad).sum() + (probs.float() * grad_probs).sum(), inputs16)
             kernel = sea_layer(heads, head_dim, causal, "triton", budget, width, rows_per_block, device)
             kernel.load_state_dict(reference.state_dict())
-            whole = kernel.to(torch.bfloat16)(*(x.to(torch.bfloat16) for x in (q, k, v)), None, scaling,
-                                              selection=ref.selection)
+            inputs = [x.to(torch.bfloat16) for x in (q, k, v)]
+            whole = kernel.to(torch.bfloat16)(*inputs, None, scaling, selection=ref.selection)
+            with torch.no_grad():  # inference: the fused estimate kernels, no probabilities
+                inference = kernel(*inputs, None, scaling, selection=ref.selection, need_probs=False)
             rows.append({"causal": causal, "query_block": rows_per_block, "kernel_context": relative(context, ref_context),
                          "kernel_probs": relative(probs, ref_probs),
                          **{f"kernel_grad_{n}": relative(a, b) for n, a, b in zip("qkv", got_grads, ref_grads)},
                          "operator_context": relative(whole.context, ref.context),
-                         "finite": bool(all(torch.isfinite(t).all() for t in (context, probs, whole.context, *got_grads)))})
+                         "inference_context": relative(inference.context, ref.context),
+                         "finite": bool(all(torch.isfinite(t).all()
+                                            for t in (context, probs, whole.context, inference.context, *got_grads)))})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -150,14 +156,16 @@ def methods(op, causal, length, q, k, v, device):
     return found
 
 
-def benchmark(lengths, shapes, budget, width, block, repeats, device):
+def benchmark(lengths, shapes, masks, chosen, budget, width, block, repeats, device):
     rows = []
     for heads, head_dim in shapes:
-        for causal in (True, False):
+        for causal in [mask == "causal" for mask in masks]:
             op = sea_layer(heads, head_dim, causal, "auto", budget, width, block, device).to(torch.bfloat16)
             for length in lengths:
                 q, k, v = (torch.randn(1, heads, length, head_dim, device=device, dtype=torch.bfloat16) for _ in range(3))
                 for name, fn in methods(op, causal, length, q, k, v, device).items():
+                    if name not in chosen:
+                        continue
                     for mode in ("forward", "forward+backward"):
                         inputs = [x.clone().requires_grad_(mode != "forward") for x in (q, k, v)]
 
@@ -229,6 +237,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 32768, 65536, 131072])
     parser.add_argument("--shapes", nargs="+", default=["12x64", "32x128"], help="heads x head_dim")
+    parser.add_argument("--masks", nargs="+", default=["causal", "bidirectional"], choices=["causal", "bidirectional"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                        help="sdpa_flash always runs: every ratio is to it")
     parser.add_argument("--key-budget", type=int, default=1024)
     parser.add_argument("--width", type=int, default=128, help="sea_compressed_width (M)")
     parser.add_argument("--query-block", type=int, default=64, help="sea_query_block_size")
@@ -249,8 +260,9 @@ def main():
     print("kernel check (bf16 Triton vs float32 PyTorch, relative L2 error):")
     checks = check_kernels(device, *shapes[0], args.check_budget or args.key_budget, args.width, args.query_block,
                            args.check_length)
-    rows = with_ratios(benchmark(args.lengths, shapes, args.key_budget, args.width, args.query_block, args.repeats,
-                                 device))
+    chosen = set(args.methods) | {"sdpa_flash"}
+    rows = with_ratios(benchmark(args.lengths, shapes, args.masks, chosen, args.key_budget, args.width,
+                                 args.query_block, args.repeats, device))
     print_table(rows)
     if args.json:
         with open(args.json, "w") as f:

@@ -8,7 +8,7 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from attention import sea_layer
+from attention import sea_layer, timed
 
 
 def main():
@@ -34,6 +34,9 @@ def main():
             op(q, k, v, None, args.head_dim**-0.5, need_probs=False)
             torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+    with torch.no_grad():
+        ms, mb = timed(lambda: op(q, k, v, None, args.head_dim**-0.5, need_probs=False), repeats=10)
+    print(f"whole layer forward: median {ms:.2f} ms, peak {mb:.0f} MB above the inputs")
 
 
 if __name__ == "__main__":

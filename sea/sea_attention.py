@@ -26,7 +26,12 @@ from transformers import initialization as init
 from transformers.utils import logging
 
 from .configuration_sea import SEA_DECODER_WIDTH_DIVISOR
-from .sea_triton import kernel_unavailable_reason, sparse_attention_triton
+from .sea_triton import (
+    causal_kernel_encoding_triton,
+    estimate_kernel_unavailable_reason,
+    kernel_unavailable_reason,
+    sparse_attention_triton,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -173,7 +178,7 @@ def positional_code(key_valid: torch.Tensor, head_dim: int, table: torch.Tensor 
     relative position rank / (L - 1) spread linearly over D channels. Zero for padded tokens."""
     rank = (key_valid.long().cumsum(-1) - 1).clamp_min(0)[:, -num_new:]
     if table is not None:
-        if rank.max() >= table.shape[0]:
+        if key_valid.shape[-1] > table.shape[0] and rank.max() >= table.shape[0]:  # (checked on the GPU only then)
             raise ValueError(f"SEA's positional table covers {table.shape[0]} tokens; the input has more.")
         code = table[rank]
     else:
@@ -359,14 +364,21 @@ class SeaRowCnn(nn.Module):
         """Earlier rows one causal convolution reads: its receptive field above the current row."""
         return 2 * self.row_dilation
 
-    def rows_needed(self, targets: torch.Tensor, num_rows: int) -> torch.Tensor:
-        """Sorted rows (of 0 .. num_rows - 1) whose input a causal CNN needs for its output at `targets` and for
-        its memory of the last rows: each target and the rows its two convolutions read above it. Run on just
-        these rows (with the same state), the CNN gives the same output at the targets and the same memory: a row
-        separated from the one before it by a gap has all of its receptive field among the rows kept."""
-        ends = torch.cat([targets, targets.new_tensor([num_rows - 1])])
-        window = torch.arange(-2 * self.rows_above, 1, device=targets.device)
-        return (ends[:, None] + window).clamp_min(0).flatten().unique()
+    def rows_needed(self, block: int, num_rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows (sorted, of 0 .. num_rows - 1) whose input a causal CNN needs for its output at the first row of
+        every `block` rows and for its memory of the last rows, and where those first rows are among them. Run on
+        just these rows (with the same state), the CNN gives the same output there and the same memory: each first
+        row comes with the `reach` rows its two convolutions read above it (row 0 reads the state), and so does the
+        last row. Built from host integers, so no step waits for the GPU."""
+        reach = 2 * self.rows_above
+        if block <= reach:
+            raise ValueError(f"query blocks of {block} rows are shorter than the CNN's reach of {reach} rows")
+        window = torch.arange(-reach, 1, device=device)
+        windows = (torch.arange(block, num_rows, block, device=device)[:, None] + window).flatten()
+        last_first = (num_rows - 1) // block * block
+        tail = torch.arange(max(num_rows - 1 - reach, last_first + 1), num_rows, device=device)
+        rows = torch.cat([torch.zeros(1, dtype=torch.long, device=device), windows, tail])
+        return rows, torch.arange(0, last_first + 1, block, device=device) // block * (reach + 1)
 
     def _conv(self, conv: nn.Conv2d, x: torch.Tensor, row_valid: torch.Tensor, above: torch.Tensor | None):
         """Causal: `above` holds the rows before `x` (zeros at the start of a sequence). Bidirectional: zero
@@ -458,15 +470,51 @@ class SeaAttention(nn.Module):
             cnn_hidden_rows=rows.clone(),
         )
 
-    def estimate(self, q, k_new, v_new, key_valid, counts, state, targets=None):
-        """Estimated attention log-probabilities over bins (N, H, T, M) of the new queries (only of the rows
-        `targets` when given, causal only: (N, H, len(targets), M)), their encoding (N, H, T, 2D), the causal state
-        after them, and the kernel attention of the values (N, H, T, D). `k_new`, `v_new` are the keys and values
-        of the new positions (the last T of `key_valid`)."""
-        n, kv_heads, t, d = v_new.shape
+    def estimate(self, q, k_new, v_new, key_valid, counts, state, leading_rows_only=False):
+        """Estimated attention log-probabilities over bins (N, H, T, M) of the new queries (causal
+        `leading_rows_only`: of the first row of every query block, (N, H, R, M)), their encoding (N, H, T, 2D), the
+        causal state after them, and the kernel attention of the values (N, H, T, D; None from the fused kernels).
+        `k_new`, `v_new` are the keys and values of the new positions (the last T of `key_valid`)."""
+        n, _, t, d = v_new.shape
         h = self.num_heads
         new_valid = key_valid[:, -t:]
         code = positional_code(key_valid, d, self.position_table, t).to(v_new.dtype)
+        encoding, new_sums, kernel_context = self.kernel_encoding(q, k_new, v_new, code, new_valid, state)
+        decoded, row_valid = encoding, new_valid
+        if leading_rows_only:  # decode and refine only the rows the CNN needs for the blocks' first rows
+            needed, leading = self.cnn.rows_needed(self.query_block_size, t, q.device)
+            decoded, row_valid = encoding[:, :, needed], new_valid[:, needed]
+        r = decoded.shape[2]
+        rows = self.row_decoder(decoded).view(n, h, r, DECODER_CHANNELS[self.causal], -1)
+        rows = rows.permute(0, 1, 3, 2, 4).reshape(n, -1, r, rows.shape[-1])
+        logits, cnn_rows = self.cnn(rows, row_valid[:, None, :, None].to(rows.dtype), state)
+        logits = at_least_float32(logits)
+        if leading_rows_only:
+            logits, counts = logits[:, :, leading], counts[:, :: self.query_block_size]
+        empty = (bin_edges(counts, self.width).diff(dim=-1) == 0).unsqueeze(1)
+        logits = logits.masked_fill(empty, torch.finfo(logits.dtype).min)
+        if self.causal:
+            state = SeaCausalState(*new_sums, state.value_sum, *cnn_rows)
+        return torch.log_softmax(logits, dim=-1), encoding, state, kernel_context
+
+    def kernel_encoding(self, q, k_new, v_new, code, new_valid, state):
+        """Kernel attention of [code || v] for the new queries (causal: continuing `state`'s sums), encoded with v:
+        the encoding (N, H, T, 2D), the sums after these rows (causal; else None) and the kernel attention of the
+        values (N, H, T, D). Causal layers serving inference (no gradient wanted) on CUDA run the fused Triton
+        kernels, which return no kernel attention: only the kernel-attention baseline reads it, and it takes this
+        path."""
+        n, kv_heads, t, d = v_new.shape
+        fused = self.causal and self.kernel != "torch" and self.baseline != "kernel_attention"
+        if fused and (q.is_cuda or self.kernel == "triton") and not torch.is_grad_enabled():
+            reason = estimate_kernel_unavailable_reason(q, d)
+            if reason is None:
+                encoding, sums = causal_kernel_encoding_triton(
+                    q, k_new, v_new, code, new_valid, self.feature_projection, self.encoder, FEATURE_EPS[True],
+                    state.kv_sum, state.k_sum,
+                )
+                return encoding, sums, None
+            logger.warning_once(f"SEA: the fused estimate kernels cannot run ({reason}); the estimate uses the slower "
+                                "PyTorch path.")
         augmented = torch.cat([code.unsqueeze(1).expand(n, kv_heads, t, d), v_new], dim=-1).unsqueeze(2)
         # Query heads grouped per key/value head: (N, H_kv, G, T, F) against (N, H_kv, 1, T, F).
         phi_q = kernel_features(q, self.feature_projection, self.causal, None).unflatten(1, (kv_heads, -1))
@@ -474,23 +522,9 @@ class SeaAttention(nn.Module):
         sums = (state.kv_sum.unsqueeze(2), state.k_sum.unsqueeze(2)) if self.causal else (None, None)
         estimate, new_sums = linear_attention(phi_q, phi_k, augmented, self.causal, *sums)
         encoding = self.encode(estimate.to(v_new.dtype), v_new.unsqueeze(2)).flatten(1, 2)
-        estimate = estimate.flatten(1, 2)
-        decoded, row_valid = encoding, new_valid
-        if targets is not None:  # decode and refine only the rows the CNN needs for the targets
-            needed = self.cnn.rows_needed(targets, t)
-            decoded, row_valid = encoding[:, :, needed], new_valid[:, needed]
-        r = decoded.shape[2]
-        rows = self.row_decoder(decoded).view(n, h, r, DECODER_CHANNELS[self.causal], -1)
-        rows = rows.permute(0, 1, 3, 2, 4).reshape(n, -1, r, rows.shape[-1])
-        logits, cnn_rows = self.cnn(rows, row_valid[:, None, :, None].to(rows.dtype), state)
-        logits = at_least_float32(logits)
-        if targets is not None:
-            logits, counts = logits[:, :, torch.searchsorted(needed, targets)], counts[:, targets]
-        empty = (bin_edges(counts, self.width).diff(dim=-1) == 0).unsqueeze(1)
-        logits = logits.masked_fill(empty, torch.finfo(logits.dtype).min)
-        if self.causal:
-            state = SeaCausalState(new_sums[0].squeeze(2), new_sums[1].squeeze(2), state.value_sum, *cnn_rows)
-        return torch.log_softmax(logits, dim=-1), encoding, state, estimate[..., d:].to(v_new.dtype)
+        if new_sums is not None:
+            new_sums = tuple(x.squeeze(2) for x in new_sums)
+        return encoding, new_sums, estimate.flatten(1, 2)[..., d:].to(v_new.dtype)
 
     def encode(self, estimate: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:
         """`self.encoder` applied to [estimate || v] per query head, with the value half of its first linear
@@ -571,18 +605,19 @@ class SeaAttention(nn.Module):
         then also estimate only the rows that choose keys (the first of every block): `estimate_log_probs` has
         one row per block. Training losses and plots ask for probabilities and get every row."""
         n, _, t, _ = q.shape
-        if key_valid is None:
+        unpadded = key_valid is None
+        if unpadded:
             key_valid = torch.ones(n, k.shape[2], dtype=torch.bool, device=q.device)
         if self.causal and state is None:
             state = self.initial_state(n, v.dtype, v.device)
         counts = visible_key_counts(key_valid, self.causal, t)
         positions = valid_key_positions(key_valid)
-        selected_positions = None if key_valid.all() else positions  # no padding: a key's rank is its position
+        # No padding: a key's rank is its position. (A mask of all ones is checked, which waits for the GPU.)
+        selected_positions = None if unpadded or key_valid.all() else positions
         v_new = v[:, :, -t:]
         leading_rows_only = self.causal and self.query_block_size > 1 and not need_probs
-        targets = torch.arange(0, t, self.query_block_size, device=q.device) if leading_rows_only else None
         estimate_log_probs, encoding, state, kernel_context = self.estimate(
-            q, k[:, :, -t:], v_new, key_valid, counts, state, targets
+            q, k[:, :, -t:], v_new, key_valid, counts, state, leading_rows_only
         )
         if self.baseline == "kernel_attention":  # the linear-attention baseline: no selection, no sparse attention
             nothing = torch.zeros(n, q.shape[1], t, 0, dtype=torch.long, device=q.device)

@@ -14,6 +14,7 @@ tests do).
 import os
 
 import torch
+import torch.nn.functional as F
 
 try:
     import triton
@@ -270,6 +271,149 @@ if triton is not None:
                                             reset_to_zero=["GRAD_K", "GRAD_V"])(_block_sparse_backward)
 
 
+    @triton.jit
+    def _kernel_features(x, PROJECTION, num_features, scale, eps,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
+                         SUMS_PRECISION: tl.constexpr):
+        """relu(x D^-1/4 P^T) + eps, (rows, BLOCK_F) float32, zero in the padding features: `kernel_features`."""
+        dims = tl.arange(0, BLOCK_D)
+        features = tl.arange(0, BLOCK_F)
+        used = features < num_features
+        projection_t = tl.load(PROJECTION + features[None, :] * HEAD_DIM + dims[:, None],
+                               mask=used[None, :] & (dims[:, None] < HEAD_DIM), other=0.0).to(tl.float32)
+        projected = tl.dot(x * scale, projection_t, input_precision=SUMS_PRECISION)
+        return tl.where(used[None, :], tl.maximum(projected, 0.0) + eps, 0.0)
+
+    @triton.jit
+    def _estimate_rows(Q_OR_K, CODE, VALID, PROJECTION, head, batch, first, last, num_rows, num_features, scale,
+                       eps, HEAD_DIM: tl.constexpr, BLOCK_F: tl.constexpr, CHUNK: tl.constexpr, IS_KEY: tl.constexpr,
+                       SUMS_PRECISION: tl.constexpr):
+        """Rows first .. first + CHUNK - 1 (those below `last`) of one head: kernel features of Q_OR_K (keys:
+        zero on padding and beyond `last`), and the positional code and value rows as float32."""
+        rows = first + tl.arange(0, CHUNK)
+        row_ok = rows < last
+        dims = tl.arange(0, HEAD_DIM)
+        tile = row_ok[:, None] & (dims[None, :] < HEAD_DIM)
+        x = tl.load(Q_OR_K + (head * num_rows + rows)[:, None] * HEAD_DIM + dims[None, :], mask=tile, other=0.0)
+        phi = _kernel_features(x.to(tl.float32), PROJECTION, num_features, scale, eps, HEAD_DIM, HEAD_DIM, BLOCK_F,
+                               SUMS_PRECISION)
+        if IS_KEY:
+            valid = (tl.load(VALID + batch * num_rows + rows, mask=row_ok, other=0) != 0) & row_ok
+            phi = tl.where(valid[:, None], phi, 0.0)
+        code = tl.load(CODE + (batch * num_rows + rows)[:, None] * HEAD_DIM + dims[None, :], mask=tile, other=0.0)
+        return rows, row_ok, phi, code.to(tl.float32)
+
+    @triton.jit
+    def _causal_kernel_sums(
+        K, V, CODE, VALID, PROJECTION, SUM_CODE, SUM_VALUE, SUM_K,
+        num_rows, segment_rows, num_segments, num_features, num_kv_heads, scale, eps,
+        HEAD_DIM: tl.constexpr, BLOCK_F: tl.constexpr, CHUNK: tl.constexpr, SUMS_PRECISION: tl.constexpr,
+    ):
+        """Per (batch x key/value head, segment of rows): sum of phi(k_j) code_j^T, phi(k_j) v_j^T and phi(k_j)."""
+        head = tl.program_id(0)
+        segment = tl.program_id(1)
+        batch = head // num_kv_heads
+        first = segment * segment_rows
+        last = tl.minimum(first + segment_rows, num_rows)
+        dims = tl.arange(0, HEAD_DIM)
+        features = tl.arange(0, BLOCK_F)
+        sum_code = tl.zeros([BLOCK_F, HEAD_DIM], tl.float32)
+        sum_value = tl.zeros([BLOCK_F, HEAD_DIM], tl.float32)
+        sum_k = tl.zeros([BLOCK_F], tl.float32)
+        for chunk in range(first, last, CHUNK):
+            rows, row_ok, phi_k, code = _estimate_rows(K, CODE, VALID, PROJECTION, head, batch, chunk, last,
+                                                       num_rows, num_features, scale, eps, HEAD_DIM, BLOCK_F, CHUNK,
+                                                       True, SUMS_PRECISION)
+            value = tl.load(V + (head * num_rows + rows)[:, None] * HEAD_DIM + dims[None, :],
+                            mask=row_ok[:, None], other=0.0).to(tl.float32)
+            sum_code += tl.dot(tl.trans(phi_k), code, input_precision=SUMS_PRECISION)
+            sum_value += tl.dot(tl.trans(phi_k), value, input_precision=SUMS_PRECISION)
+            sum_k += tl.sum(phi_k, axis=0)
+        out = head * num_segments + segment
+        tile = (out * BLOCK_F + features)[:, None] * HEAD_DIM + dims[None, :]
+        tl.store(SUM_CODE + tile, sum_code)
+        tl.store(SUM_VALUE + tile, sum_value)
+        tl.store(SUM_K + out * BLOCK_F + features, sum_k)
+
+    @triton.jit
+    def _encoder_weight_t(W, column, HEAD_DIM: tl.constexpr):
+        """Columns column .. column + D - 1 of the encoder's first weight (2D, 3D), transposed: (D, 2D)."""
+        dims = tl.arange(0, HEAD_DIM)
+        outputs = tl.arange(0, 2 * HEAD_DIM)
+        return tl.load(W + outputs[None, :] * (3 * HEAD_DIM) + column + dims[:, None])
+
+    @triton.jit
+    def _causal_kernel_encoding(
+        Q, K, V, CODE, VALID, PROJECTION, START_CODE, START_VALUE, START_K, W, BIAS, NORM_W, NORM_B, ENCODING,
+        num_rows, segment_rows, num_segments, num_features, num_heads, group, scale, eps, norm_eps,
+        HEAD_DIM: tl.constexpr, BLOCK_F: tl.constexpr, CHUNK: tl.constexpr, SUMS_PRECISION: tl.constexpr,
+        DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        """Per (batch x query head, segment): causal kernel attention of [code || v] from the segment's starting
+        sums, then the encoder (linear, layer norm, GELU) of [estimate || v], written as ENCODING (rows, 2D)."""
+        head = tl.program_id(0)
+        segment = tl.program_id(1)
+        batch = head // num_heads
+        kv_head = _key_value_head(head, num_heads, group)
+        first = segment * segment_rows
+        last = tl.minimum(first + segment_rows, num_rows)
+        dims = tl.arange(0, HEAD_DIM)
+        features = tl.arange(0, BLOCK_F)
+        outputs = tl.arange(0, 2 * HEAD_DIM)
+        start = kv_head * num_segments + segment
+        tile = (start * BLOCK_F + features)[:, None] * HEAD_DIM + dims[None, :]
+        sum_code = tl.load(START_CODE + tile)
+        sum_value = tl.load(START_VALUE + tile)
+        sum_k = tl.load(START_K + start * BLOCK_F + features)
+        bias = tl.load(BIAS + outputs).to(tl.float32)
+        norm_w = tl.load(NORM_W + outputs).to(tl.float32)
+        norm_b = tl.load(NORM_B + outputs).to(tl.float32)
+        for chunk in range(first, last, CHUNK):
+            rows, row_ok, phi_k, code = _estimate_rows(K, CODE, VALID, PROJECTION, kv_head, batch, chunk, last,
+                                                       num_rows, num_features, scale, eps, HEAD_DIM, BLOCK_F, CHUNK,
+                                                       True, SUMS_PRECISION)
+            _, _, phi_q, _ = _estimate_rows(Q, CODE, VALID, PROJECTION, head, batch, chunk, last, num_rows,
+                                            num_features, scale, eps, HEAD_DIM, BLOCK_F, CHUNK, False, SUMS_PRECISION)
+            value_in = tl.load(V + (kv_head * num_rows + rows)[:, None] * HEAD_DIM + dims[None, :],
+                               mask=row_ok[:, None], other=0.0)
+            value = value_in.to(tl.float32)
+            local = tl.arange(0, CHUNK)
+            within = tl.dot(phi_q, tl.trans(phi_k), input_precision=SUMS_PRECISION)
+            within = tl.where(local[None, :] <= local[:, None], within, 0.0)
+            denominator = tl.sum(phi_q * sum_k[None, :], axis=1) + tl.sum(within, axis=1)
+            denominator = tl.maximum(denominator, 1e-30)[:, None]
+            est_code = (tl.dot(phi_q, sum_code, input_precision=SUMS_PRECISION)
+                        + tl.dot(within, code, input_precision=SUMS_PRECISION))
+            est_value = (tl.dot(phi_q, sum_value, input_precision=SUMS_PRECISION)
+                         + tl.dot(within, value, input_precision=SUMS_PRECISION))
+            sum_code += tl.dot(tl.trans(phi_k), code, input_precision=SUMS_PRECISION)
+            sum_value += tl.dot(tl.trans(phi_k), value, input_precision=SUMS_PRECISION)
+            sum_k += tl.sum(phi_k, axis=0)
+            # The encoder reads the estimate in the values' precision, as the PyTorch path does.
+            est_code = (est_code / denominator).to(V.dtype.element_ty).to(DOT_DTYPE)
+            est_value = (est_value / denominator).to(V.dtype.element_ty).to(DOT_DTYPE)
+            hidden = tl.dot(est_code, _encoder_weight_t(W, 0, HEAD_DIM).to(DOT_DTYPE), input_precision=PRECISION)
+            hidden += tl.dot(est_value, _encoder_weight_t(W, HEAD_DIM, HEAD_DIM).to(DOT_DTYPE),
+                             input_precision=PRECISION)
+            hidden += tl.dot(value_in.to(DOT_DTYPE), _encoder_weight_t(W, 2 * HEAD_DIM, HEAD_DIM).to(DOT_DTYPE),
+                             input_precision=PRECISION)
+            hidden += bias[None, :]
+            mean = tl.sum(hidden, axis=1)[:, None] / (2 * HEAD_DIM)
+            centred = hidden - mean
+            variance = tl.sum(centred * centred, axis=1)[:, None] / (2 * HEAD_DIM)
+            normed = centred / tl.sqrt(variance + norm_eps) * norm_w[None, :] + norm_b[None, :]
+            encoded = 0.5 * normed * (1.0 + tl.erf(normed * 0.7071067811865476))
+            tl.store(ENCODING + (head * num_rows + rows)[:, None] * (2 * HEAD_DIM) + outputs[None, :],
+                     encoded.to(ENCODING.dtype.element_ty), mask=row_ok[:, None])
+
+
+    # Launch shape of the estimate kernels, measured once per head size on the GPU (the interpreter ignores it).
+    ESTIMATE_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2)]
+    _estimate_sums_tuned = triton.autotune(ESTIMATE_CONFIGS, key=["HEAD_DIM", "BLOCK_F"])(_causal_kernel_sums)
+    _estimate_encoding_tuned = triton.autotune(ESTIMATE_CONFIGS, key=["HEAD_DIM", "BLOCK_F", "DOT_DTYPE"])(
+        _causal_kernel_encoding)
+
+
 BLOCK_M = 32  # query rows per program of the per-query kernel
 INTERPRETER_BLOCK_N = 64  # keys per tile of the block kernels in Triton's interpreter, which cannot time configs
 
@@ -279,6 +423,15 @@ def _block_kernel(kernel, tuned, on_gpu: bool, arguments: dict):
     if on_gpu:
         return tuned, arguments
     return kernel, {**arguments, "BLOCK_N": INTERPRETER_BLOCK_N}
+
+
+def _dot_arguments(x: torch.Tensor) -> dict:
+    """DOT_DTYPE and PRECISION of a kernel's matrix products for tensors like `x`: their own half precision, or
+    exact float32. Triton's interpreter (CPU tests) multiplies bfloat16 matrices wrongly: there they go through
+    float32."""
+    interpreted_bf16 = x.dtype == torch.bfloat16 and not x.is_cuda
+    dot_dtype = tl.float32 if x.dtype == torch.float32 or interpreted_bf16 else TRITON_DTYPES[x.dtype]
+    return dict(DOT_DTYPE=dot_dtype, PRECISION="ieee" if dot_dtype == tl.float32 else "tf32")
 
 
 def _grid(q):
@@ -354,11 +507,8 @@ class _BlockSparseAttention(torch.autograd.Function):
         out = torch.empty_like(q)
         lse = torch.empty(n, h, t, dtype=torch.float32, device=q.device)
         probs = torch.zeros(n, h, t, slots if need_probs else 0, dtype=v.dtype, device=q.device)
-        # Triton's interpreter (CPU tests) multiplies bfloat16 matrices wrongly: there they go through float32.
-        interpreted_bf16 = q.dtype == torch.bfloat16 and not q.is_cuda
-        dot_dtype = tl.float32 if q.dtype == torch.float32 or interpreted_bf16 else TRITON_DTYPES[q.dtype]
         arguments = dict(HEAD_DIM=d, BLOCK_M=rows_per_block, BLOCK_D=max(16, triton.next_power_of_2(d)),
-                         PRECISION="ieee" if dot_dtype == tl.float32 else "tf32", DOT_DTYPE=dot_dtype, GATHER=gather)
+                         GATHER=gather, **_dot_arguments(q))
         if t > 0:
             kernel, launch = _block_kernel(_block_sparse_forward, _block_forward_tuned, q.is_cuda, arguments)
             kernel[(triton.cdiv(t, rows_per_block), n * h)](
@@ -399,5 +549,67 @@ def sparse_attention_triton(q, k, v, selection, scaling: float, need_probs: bool
         return (probs if need_probs else None), context
     return _BlockSparseAttention.apply(
         q, k, v, selection.starts, selection.lengths, selection.key_positions, selection.row_counts,
-        selection.rows_per_block, selection.slots, scaling, need_probs,
+        selection.rows_per_block, selection.slots if need_probs else 0, scaling, need_probs,
     )
+
+
+ESTIMATE_CHUNK = 64  # rows per step of the estimate kernels' walk (as LINEAR_ATTENTION_CHUNK in the PyTorch path)
+ESTIMATE_PROGRAMS = 512  # rows are cut into segments until (batch x head, segment) programs fill a large GPU
+
+
+def estimate_kernel_unavailable_reason(q: torch.Tensor, head_dim: int) -> str | None:
+    """Why `causal_kernel_encoding_triton` cannot serve these queries, or None when it can. (It has no backward:
+    callers use it only when no gradient is wanted.)"""
+    reason = kernel_unavailable_reason(q)
+    if reason is not None:
+        return reason
+    # Measured on an H100 with Triton 3.6: smaller heads compile to an illegal shared-memory read (cf.
+    # triton-lang/triton#11366), and at 128 the carried (F, D) sums outgrow shared memory.
+    if head_dim != 64:
+        return f"head_dim {head_dim} is not 64"
+    return None
+
+
+def causal_kernel_encoding_triton(q, k, v, code, key_valid, projection, encoder, eps, kv_sum, k_sum):
+    """The causal part of `SeaAttention.kernel_encoding` as two Triton kernels, for inference: the encoding
+    (N, H, T, 2D) of [kernel attention of [code || v] || v] and the new sums (kv_sum, k_sum) after these rows.
+
+    q (N, H, T, D), k and v (N, H_kv, T, D) of the new rows, code (N, T, D), key_valid (N, T) and the sums before
+    them (N, H_kv, F, 2D), (N, H_kv, F). Rows are cut into segments: a first kernel sums phi(k) [code || v]^T per
+    segment, a prefix over segments gives each segment's starting sums, and a second kernel walks each segment in
+    chunks, carrying the sums in registers, and applies the encoder to every row as soon as it is estimated, so
+    neither the features nor the estimate ever reach memory."""
+    n, h, t, d = q.shape
+    kv_heads, f = k.shape[1], projection.shape[0]
+    block_f = max(16, triton.next_power_of_2(f))
+    segments = max(1, min(triton.cdiv(t, ESTIMATE_CHUNK), triton.cdiv(ESTIMATE_PROGRAMS, n * h)))
+    segment_rows = ESTIMATE_CHUNK * max(1, triton.cdiv(t, ESTIMATE_CHUNK * segments))
+    segments = max(1, triton.cdiv(t, segment_rows))
+    q, k, v, code, key_valid, projection = (x.contiguous() for x in (q, k, v, code, key_valid, projection))
+    sums = torch.empty(2, n * kv_heads, segments, block_f, d, dtype=torch.float32, device=q.device)
+    sum_k = torch.empty(n * kv_heads, segments, block_f, dtype=torch.float32, device=q.device)
+    # float32 products of the kernel attention: three TF32 passes on the GPU's matrix units (float32 accuracy;
+    # exact float32 runs on its scalar units, ~30x slower here), exact in the interpreter.
+    precision = "tf32x3" if q.is_cuda else "ieee"
+    constants = dict(HEAD_DIM=d, BLOCK_F=block_f, CHUNK=ESTIMATE_CHUNK, SUMS_PRECISION=precision)
+    sums_kernel, encoding_kernel = ((_estimate_sums_tuned, _estimate_encoding_tuned) if q.is_cuda
+                                    else (_causal_kernel_sums, _causal_kernel_encoding))
+    sums_kernel[(n * kv_heads, segments)](
+        k, v, code, key_valid, projection, sums[0], sums[1], sum_k, t, segment_rows, segments, f, kv_heads,
+        d**-0.25, eps, **constants,
+    )
+    # Sums before each segment: the carried state, then the segments before it.
+    initial = F.pad(kv_sum, (0, 0, 0, block_f - f)).reshape(n * kv_heads, block_f, 2, d).permute(2, 0, 1, 3)
+    initial_k = F.pad(k_sum, (0, block_f - f)).reshape(n * kv_heads, 1, block_f)
+    start = initial.unsqueeze(2) + sums.cumsum(2) - sums
+    start_k = initial_k + sum_k.cumsum(1) - sum_k
+    encoding = torch.empty(n, h, t, 2 * d, dtype=v.dtype, device=q.device)
+    first, norm = encoder[0], encoder[1]
+    encoding_kernel[(n * h, segments)](
+        q, k, v, code, key_valid, projection, start[0].contiguous(), start[1].contiguous(), start_k.contiguous(),
+        first.weight.contiguous(), first.bias, norm.weight, norm.bias, encoding, t, segment_rows, segments, f, h,
+        h // kv_heads, d**-0.25, eps, norm.eps, **constants, **_dot_arguments(v),
+    )
+    total = (initial + sums.sum(2)).permute(1, 2, 0, 3).reshape(n, kv_heads, block_f, 2 * d)[:, :, :f]
+    total_k = (initial_k.squeeze(1) + sum_k.sum(1)).reshape(n, kv_heads, block_f)[..., :f]
+    return encoding, (total, total_k)

@@ -88,6 +88,62 @@ def test_half_precision_within_one_percent_of_float32(dtype, rows_per_block):
         assert torch.isfinite(a).all() and relative(a, b) <= 1e-2
 
 
+@pytest.mark.parametrize("d, heads, kv_heads", [(64, 3, 3), (64, 4, 2)], ids=["multi-head", "grouped-query"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_causal_estimate_kernel_matches_the_pytorch_path(d, heads, kv_heads, dtype):
+    """The fused kernel-attention + encoder kernels against `SeaAttention.kernel_encoding`'s PyTorch path: a padded
+    batch continued from random carried sums, over more rows than one segment, the encoding and the new sums."""
+    from sea.sea_attention import SeaAttention, positional_code
+
+    config = tiny_opt_config(sea_key_budget=8, sea_compressed_width=8)
+    op = SeaAttention(config, heads, d, True, kv_heads)
+    op.init_sea_weights()
+    with torch.no_grad():
+        for param in op.encoder.parameters():
+            param.normal_(std=0.3)
+    op = op.to(DEVICE, dtype)
+    n, t = 2, 150
+    q = torch.randn(n, heads, t, d, device=DEVICE, dtype=dtype)
+    k, v = (torch.randn(n, kv_heads, t, d, device=DEVICE, dtype=dtype) for _ in range(2))
+    valid = torch.ones(n, t, dtype=torch.bool, device=DEVICE)
+    valid[1, : torch.randint(1, t // 2, ()).item()] = False
+    state = op.initial_state(n, dtype, DEVICE)
+    state.kv_sum.uniform_(0, 5)
+    state.k_sum.uniform_(0, 5)
+    code = positional_code(valid, d, op.position_table, t).to(dtype)
+    with torch.no_grad():
+        op.kernel = "torch"
+        want, want_sums, _ = op.kernel_encoding(q, k, v, code, valid, state)
+        op.kernel = "triton"
+        got, got_sums, kernel_context = op.kernel_encoding(q, k, v, code, valid, state)
+    assert kernel_context is None, "the fused kernels did not run"
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0, atol=0.05)
+    torch.testing.assert_close(got, want, **tolerance)
+    for a, b in zip(got_sums, want_sums):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    if dtype == torch.bfloat16:
+        assert (got.float() - want.float()).norm() / want.float().norm() < 1e-2
+    # With gradients wanted, the differentiable PyTorch path serves.
+    assert op.kernel_encoding(q, k, v, code, valid, state)[2] is not None
+
+
+def test_estimate_kernel_on_an_unsupported_head_size_warns_once_and_uses_the_pytorch_path():
+    from transformers.testing_utils import CaptureLogger
+
+    from sea.sea_attention import SeaAttention, logger
+
+    op = SeaAttention(tiny_opt_config(sea_key_budget=8, sea_compressed_width=8, sea_kernel="triton"), 2, 16, True)
+    op.init_sea_weights()
+    q, k, v = (torch.randn(1, 2, 20, 16, device=DEVICE) for _ in range(3))
+    with torch.no_grad(), CaptureLogger(logger) as captured:
+        first = op.to(DEVICE)(q, k, v, None, 0.25, need_probs=False)
+        op(q, k, v, None, 0.25, need_probs=False)
+    assert captured.out.count("head_dim 16 is not 64") == 1
+    op.kernel = "torch"
+    with torch.no_grad():
+        torch.testing.assert_close(first.context, op(q, k, v, None, 0.25, need_probs=False).context)
+
+
 def tiny_llama_config(**sea):
     from test_llama import TINY_LLAMA
 
