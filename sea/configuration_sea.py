@@ -56,7 +56,9 @@ class SeaConfigMixin:
     sea_kernel (`str`, defaults to `"auto"`):
         Which implementation computes the sparse attention: `"auto"` picks the Triton kernel on CUDA when it can
         run (else the PyTorch path, with one warning saying why), `"triton"` always uses it (an error when it cannot
-        run), `"torch"` always uses the PyTorch reference path.
+        run), `"torch"` always uses the PyTorch reference path. With `"auto"` on CUDA or `"triton"`, causal layers
+        that need no gradient also estimate with fused Triton kernels (head_dim 64; other sizes warn once and use
+        the PyTorch estimate).
     sea_baseline (`str`, *optional*):
         `None` for SEA. The other values turn the model into a comparison baseline with the same weights and key
         budget: `"kernel_attention"` outputs the kernel (Performer) linear attention of the values instead of sparse
