@@ -178,7 +178,8 @@ def positional_code(key_valid: torch.Tensor, head_dim: int, table: torch.Tensor 
     relative position rank / (L - 1) spread linearly over D channels. Zero for padded tokens."""
     rank = (key_valid.long().cumsum(-1) - 1).clamp_min(0)[:, -num_new:]
     if table is not None:
-        if key_valid.shape[-1] > table.shape[0] and rank.max() >= table.shape[0]:  # (checked on the GPU only then)
+        # Ranks stay below the number of tokens: the exact check, which waits for the GPU, only when that can fail.
+        if key_valid.shape[-1] > table.shape[0] and rank.max() >= table.shape[0]:
             raise ValueError(f"SEA's positional table covers {table.shape[0]} tokens; the input has more.")
         code = table[rank]
     else:
@@ -551,7 +552,11 @@ class SeaAttention(nn.Module):
         return ranking.masked_fill((edges.diff(dim=-1) == 0).unsqueeze(1), float("-inf"))
 
     def select(
-        self, estimate_log_probs: torch.Tensor, counts: torch.Tensor, positions: torch.Tensor | None, leading_rows_only: bool = False
+        self,
+        estimate_log_probs: torch.Tensor,
+        counts: torch.Tensor,
+        positions: torch.Tensor | None,
+        leading_rows_only: bool = False,
     ) -> SeaSelection:
         """The keys of every query: bins ranked by `bin_ranking`, expanded by `select_keys`, shared by blocks of
         `sea_query_block_size` consecutive queries.
