@@ -277,36 +277,28 @@ if triton is not None:
 
 
     @triton.jit
-    def _kernel_features(x, PROJECTION, num_features, scale, eps,
-                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
-                         SUMS_PRECISION: tl.constexpr):
-        """relu(x D^-1/4 P^T) + eps, (rows, BLOCK_F) float32, zero in the padding features: `kernel_features`."""
-        dims = tl.arange(0, BLOCK_D)
-        features = tl.arange(0, BLOCK_F)
-        used = features < num_features
-        projection_t = tl.load(PROJECTION + features[None, :] * HEAD_DIM + dims[:, None],
-                               mask=used[None, :] & (dims[:, None] < HEAD_DIM), other=0.0).to(tl.float32)
-        projected = tl.dot(x * scale, projection_t, input_precision=SUMS_PRECISION)
-        return tl.where(used[None, :], tl.maximum(projected, 0.0) + eps, 0.0)
+    def _matrix_rows(X, base, rows, row_ok, HEAD_DIM: tl.constexpr):
+        """Rows base + `rows` of a row-major (., HEAD_DIM) matrix X, zero where not `row_ok`."""
+        dims = tl.arange(0, HEAD_DIM)
+        return tl.load(X + (base + rows)[:, None] * HEAD_DIM + dims[None, :], mask=row_ok[:, None], other=0.0)
 
     @triton.jit
-    def _estimate_rows(Q_OR_K, CODE, VALID, PROJECTION, head, batch, first, last, num_rows, num_features, scale,
-                       eps, HEAD_DIM: tl.constexpr, BLOCK_F: tl.constexpr, CHUNK: tl.constexpr, IS_KEY: tl.constexpr,
-                       SUMS_PRECISION: tl.constexpr):
-        """Rows first .. first + CHUNK - 1 (those below `last`) of one head: kernel features of Q_OR_K (keys:
-        zero on padding and beyond `last`), and the positional code and value rows as float32."""
-        rows = first + tl.arange(0, CHUNK)
-        row_ok = rows < last
+    def _kernel_features(X, VALID, PROJECTION, head, batch, rows, row_ok, num_rows, num_features, scale, eps,
+                         HEAD_DIM: tl.constexpr, BLOCK_F: tl.constexpr, IS_KEY: tl.constexpr,
+                         SUMS_PRECISION: tl.constexpr):
+        """`kernel_features` of rows `rows` of one head of X: relu(x D^-1/4 P^T) + eps, (rows, BLOCK_F) float32,
+        zero in the padding features and in rows not `row_ok` (keys: also in padded rows)."""
         dims = tl.arange(0, HEAD_DIM)
-        tile = row_ok[:, None] & (dims[None, :] < HEAD_DIM)
-        x = tl.load(Q_OR_K + (head * num_rows + rows)[:, None] * HEAD_DIM + dims[None, :], mask=tile, other=0.0)
-        phi = _kernel_features(x.to(tl.float32), PROJECTION, num_features, scale, eps, HEAD_DIM, HEAD_DIM, BLOCK_F,
-                               SUMS_PRECISION)
+        features = tl.arange(0, BLOCK_F)
+        used = features < num_features
+        projection_t = tl.load(PROJECTION + features[None, :] * HEAD_DIM + dims[:, None], mask=used[None, :],
+                               other=0.0).to(tl.float32)
+        x = _matrix_rows(X, head * num_rows, rows, row_ok, HEAD_DIM).to(tl.float32)
+        projected = tl.dot(x * scale, projection_t, input_precision=SUMS_PRECISION)
+        keep = used[None, :] & row_ok[:, None]
         if IS_KEY:
-            valid = (tl.load(VALID + batch * num_rows + rows, mask=row_ok, other=0) != 0) & row_ok
-            phi = tl.where(valid[:, None], phi, 0.0)
-        code = tl.load(CODE + (batch * num_rows + rows)[:, None] * HEAD_DIM + dims[None, :], mask=tile, other=0.0)
-        return rows, row_ok, phi, code.to(tl.float32)
+            keep = keep & (tl.load(VALID + batch * num_rows + rows, mask=row_ok, other=0) != 0)[:, None]
+        return tl.where(keep, tl.maximum(projected, 0.0) + eps, 0.0)
 
     @triton.jit
     def _causal_kernel_sums(
@@ -326,11 +318,12 @@ if triton is not None:
         sum_value = tl.zeros([BLOCK_F, HEAD_DIM], tl.float32)
         sum_k = tl.zeros([BLOCK_F], tl.float32)
         for chunk in range(first, last, CHUNK):
-            rows, row_ok, phi_k, code = _estimate_rows(K, CODE, VALID, PROJECTION, head, batch, chunk, last,
-                                                       num_rows, num_features, scale, eps, HEAD_DIM, BLOCK_F, CHUNK,
-                                                       True, SUMS_PRECISION)
-            value = tl.load(V + (head * num_rows + rows)[:, None] * HEAD_DIM + dims[None, :],
-                            mask=row_ok[:, None], other=0.0).to(tl.float32)
+            rows = chunk + tl.arange(0, CHUNK)
+            row_ok = rows < last
+            phi_k = _kernel_features(K, VALID, PROJECTION, head, batch, rows, row_ok, num_rows, num_features, scale,
+                                     eps, HEAD_DIM, BLOCK_F, True, SUMS_PRECISION)
+            code = _matrix_rows(CODE, batch * num_rows, rows, row_ok, HEAD_DIM).to(tl.float32)
+            value = _matrix_rows(V, head * num_rows, rows, row_ok, HEAD_DIM).to(tl.float32)
             sum_code += tl.dot(tl.trans(phi_k), code, input_precision=SUMS_PRECISION)
             sum_value += tl.dot(tl.trans(phi_k), value, input_precision=SUMS_PRECISION)
             sum_k += tl.sum(phi_k, axis=0)
@@ -374,13 +367,14 @@ if triton is not None:
         norm_w = tl.load(NORM_W + outputs).to(tl.float32)
         norm_b = tl.load(NORM_B + outputs).to(tl.float32)
         for chunk in range(first, last, CHUNK):
-            rows, row_ok, phi_k, code = _estimate_rows(K, CODE, VALID, PROJECTION, kv_head, batch, chunk, last,
-                                                       num_rows, num_features, scale, eps, HEAD_DIM, BLOCK_F, CHUNK,
-                                                       True, SUMS_PRECISION)
-            _, _, phi_q, _ = _estimate_rows(Q, CODE, VALID, PROJECTION, head, batch, chunk, last, num_rows,
-                                            num_features, scale, eps, HEAD_DIM, BLOCK_F, CHUNK, False, SUMS_PRECISION)
-            value_in = tl.load(V + (kv_head * num_rows + rows)[:, None] * HEAD_DIM + dims[None, :],
-                               mask=row_ok[:, None], other=0.0)
+            rows = chunk + tl.arange(0, CHUNK)
+            row_ok = rows < last
+            phi_k = _kernel_features(K, VALID, PROJECTION, kv_head, batch, rows, row_ok, num_rows, num_features,
+                                     scale, eps, HEAD_DIM, BLOCK_F, True, SUMS_PRECISION)
+            phi_q = _kernel_features(Q, VALID, PROJECTION, head, batch, rows, row_ok, num_rows, num_features, scale,
+                                     eps, HEAD_DIM, BLOCK_F, False, SUMS_PRECISION)
+            code = _matrix_rows(CODE, batch * num_rows, rows, row_ok, HEAD_DIM).to(tl.float32)
+            value_in = _matrix_rows(V, kv_head * num_rows, rows, row_ok, HEAD_DIM)
             value = value_in.to(tl.float32)
             local = tl.arange(0, CHUNK)
             within = tl.dot(phi_q, tl.trans(phi_k), input_precision=SUMS_PRECISION)
