@@ -474,13 +474,14 @@ class SeaAttention(nn.Module):
     def estimate(self, q, k_new, v_new, key_valid, counts, state, leading_rows_only=False):
         """Estimated attention log-probabilities over bins (N, H, T, M) of the new queries (causal
         `leading_rows_only`: of the first row of every query block, (N, H, R, M)), their encoding (N, H, T, 2D), the
-        causal state after them, and the kernel attention of the values (N, H, T, D; None from the fused kernels).
-        `k_new`, `v_new` are the keys and values of the new positions (the last T of `key_valid`)."""
+        causal state after them, the kernel attention of the values (N, H, T, D; None from the fused kernels) and
+        (causal) the running mean of the valid values (see `kernel_encoding`). `k_new`, `v_new` are the keys and
+        values of the new positions (the last T of `key_valid`)."""
         n, _, t, d = v_new.shape
         h = self.num_heads
         new_valid = key_valid[:, -t:]
         code = positional_code(key_valid, d, self.position_table, t).to(v_new.dtype)
-        encoding, new_sums, kernel_context = self.kernel_encoding(q, k_new, v_new, code, new_valid, state)
+        encoding, new_sums, kernel_context, average = self.kernel_encoding(q, k_new, v_new, code, new_valid, counts, state)
         decoded, row_valid = encoding, new_valid
         if leading_rows_only:  # decode and refine only the rows the CNN needs for the blocks' first rows
             needed, leading = self.cnn.rows_needed(self.query_block_size, t, q.device)
@@ -495,25 +496,26 @@ class SeaAttention(nn.Module):
         empty = (bin_edges(counts, self.width).diff(dim=-1) == 0).unsqueeze(1)
         logits = logits.masked_fill(empty, torch.finfo(logits.dtype).min)
         if self.causal:
-            state = SeaCausalState(*new_sums, state.value_sum, *cnn_rows)
-        return torch.log_softmax(logits, dim=-1), encoding, state, kernel_context
+            state = SeaCausalState(*new_sums, *cnn_rows)
+        return torch.log_softmax(logits, dim=-1), encoding, state, kernel_context, average
 
-    def kernel_encoding(self, q, k_new, v_new, code, new_valid, state):
+    def kernel_encoding(self, q, k_new, v_new, code, new_valid, counts, state):
         """Kernel attention of [code || v] for the new queries (causal: continuing `state`'s sums), encoded with v:
-        the encoding (N, H, T, 2D), the sums after these rows (causal; else None) and the kernel attention of the
-        values (N, H, T, D). Causal layers serving inference (no gradient wanted) on CUDA run the fused Triton
-        kernels, which return no kernel attention: only the kernel-attention baseline reads it, and it takes this
-        path."""
+        the encoding (N, H, T, 2D), the sums after these rows (causal: kv_sum, k_sum, value_sum; else None), the
+        kernel attention of the values (N, H, T, D) and (causal; else None) the running mean of the valid values
+        (`causal_average_context`). Causal layers serving inference (no gradient wanted) on CUDA run the fused
+        Triton kernels, which return no kernel attention: only the kernel-attention baseline reads it, and it takes
+        this path."""
         n, kv_heads, t, d = v_new.shape
         fused = self.causal and self.kernel != "torch" and self.baseline != "kernel_attention"
         if fused and (q.is_cuda or self.kernel == "triton") and not torch.is_grad_enabled():
             reason = estimate_kernel_unavailable_reason(q, d)
             if reason is None:
-                encoding, sums = causal_kernel_encoding_triton(
-                    q, k_new, v_new, code, new_valid, self.feature_projection, self.encoder, FEATURE_EPS[True],
-                    state.kv_sum, state.k_sum,
+                encoding, sums, average = causal_kernel_encoding_triton(
+                    q, k_new, v_new, code, new_valid, counts, self.feature_projection, self.encoder,
+                    FEATURE_EPS[True], state.kv_sum, state.k_sum, state.value_sum,
                 )
-                return encoding, sums, None
+                return encoding, sums, None, average
             logger.warning_once(f"SEA: the fused estimate kernels cannot run ({reason}); the estimate uses the slower "
                                 "PyTorch path.")
         augmented = torch.cat([code.unsqueeze(1).expand(n, kv_heads, t, d), v_new], dim=-1).unsqueeze(2)
@@ -523,9 +525,11 @@ class SeaAttention(nn.Module):
         sums = (state.kv_sum.unsqueeze(2), state.k_sum.unsqueeze(2)) if self.causal else (None, None)
         estimate, new_sums = linear_attention(phi_q, phi_k, augmented, self.causal, *sums)
         encoding = self.encode(estimate.to(v_new.dtype), v_new.unsqueeze(2)).flatten(1, 2)
-        if new_sums is not None:
-            new_sums = tuple(x.squeeze(2) for x in new_sums)
-        return encoding, new_sums, estimate.flatten(1, 2)[..., d:].to(v_new.dtype)
+        kernel_context = estimate.flatten(1, 2)[..., d:].to(v_new.dtype)
+        if not self.causal:
+            return encoding, None, kernel_context, None
+        average, value_sum = causal_average_context(v_new, new_valid, counts, state.value_sum)
+        return encoding, (*(x.squeeze(2) for x in new_sums), value_sum), kernel_context, average
 
     def encode(self, estimate: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:
         """`self.encoder` applied to [estimate || v] per query head, with the value half of its first linear
@@ -621,7 +625,7 @@ class SeaAttention(nn.Module):
         selected_positions = None if unpadded or key_valid.all() else positions
         v_new = v[:, :, -t:]
         leading_rows_only = self.causal and self.query_block_size > 1 and not need_probs
-        estimate_log_probs, encoding, state, kernel_context = self.estimate(
+        estimate_log_probs, encoding, state, kernel_context, average = self.estimate(
             q, k[:, :, -t:], v_new, key_valid, counts, state, leading_rows_only
         )
         if self.baseline == "kernel_attention":  # the linear-attention baseline: no selection, no sparse attention
@@ -633,10 +637,7 @@ class SeaAttention(nn.Module):
                 selection = self.select(estimate_log_probs, counts, selected_positions, leading_rows_only)
         implementation = sparse_attention_implementation(q, self.kernel)
         probs, context = implementation(q, k, v, selection, scaling, need_probs)
-        if self.causal:
-            average, value_sum = causal_average_context(v_new, key_valid[:, -t:], counts, state.value_sum)
-            state.value_sum = value_sum
-        elif self.gates is not None:
+        if not self.causal and self.gates is not None:
             average = bidirectional_average_context(v, key_valid, estimate_log_probs, positions)
         if self.gates is not None:
             gate_logits = self.gates(encoding)

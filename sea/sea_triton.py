@@ -283,30 +283,35 @@ if triton is not None:
         return tl.load(X + (base + rows)[:, None] * HEAD_DIM + dims[None, :], mask=row_ok[:, None], other=0.0)
 
     @triton.jit
-    def _kernel_features(X, VALID, PROJECTION, head, batch, rows, row_ok, num_rows, num_features, scale, eps,
-                         HEAD_DIM: tl.constexpr, BLOCK_F: tl.constexpr, IS_KEY: tl.constexpr,
-                         SUMS_PRECISION: tl.constexpr):
-        """`kernel_features` of rows `rows` of one head of X: relu(x D^-1/4 P^T) + eps, (rows, BLOCK_F) float32,
-        zero in the padding features and in rows not `row_ok` (keys: also in padded rows)."""
+    def _kernel_features(X, PROJECTION, base, rows, keep, num_features, scale, eps,
+                         HEAD_DIM: tl.constexpr, BLOCK_F: tl.constexpr, SUMS_PRECISION: tl.constexpr):
+        """`kernel_features` of rows base + `rows` of X: relu(x D^-1/4 P^T) + eps, (rows, BLOCK_F) float32, zero
+        in the padding features and in the rows not kept."""
         dims = tl.arange(0, HEAD_DIM)
         features = tl.arange(0, BLOCK_F)
         used = features < num_features
         projection_t = tl.load(PROJECTION + features[None, :] * HEAD_DIM + dims[:, None], mask=used[None, :],
                                other=0.0).to(tl.float32)
-        x = _matrix_rows(X, head * num_rows, rows, row_ok, HEAD_DIM).to(tl.float32)
+        x = _matrix_rows(X, base, rows, keep, HEAD_DIM).to(tl.float32)
         projected = tl.dot(x * scale, projection_t, input_precision=SUMS_PRECISION)
-        keep = used[None, :] & row_ok[:, None]
-        if IS_KEY:
-            keep = keep & (tl.load(VALID + batch * num_rows + rows, mask=row_ok, other=0) != 0)[:, None]
-        return tl.where(keep, tl.maximum(projected, 0.0) + eps, 0.0)
+        return tl.where(used[None, :] & keep[:, None], tl.maximum(projected, 0.0) + eps, 0.0)
+
+    @triton.jit
+    def _chunk_rows(VALID, batch, chunk, last, num_rows, CHUNK: tl.constexpr):
+        """The rows of a chunk, which of them exist (below `last`), and which hold a valid key."""
+        rows = chunk + tl.arange(0, CHUNK)
+        row_ok = rows < last
+        valid = (tl.load(VALID + batch * num_rows + rows, mask=row_ok, other=0) != 0) & row_ok
+        return rows, row_ok, valid
 
     @triton.jit
     def _causal_kernel_sums(
-        K, V, CODE, VALID, PROJECTION, SUM_CODE, SUM_VALUE, SUM_K,
+        K, V, CODE, VALID, PROJECTION, SUM_CODE, SUM_VALUE, SUM_K, SUM_V,
         num_rows, segment_rows, num_segments, num_features, num_kv_heads, scale, eps,
         HEAD_DIM: tl.constexpr, BLOCK_F: tl.constexpr, CHUNK: tl.constexpr, SUMS_PRECISION: tl.constexpr,
     ):
-        """Per (batch x key/value head, segment of rows): sum of phi(k_j) code_j^T, phi(k_j) v_j^T and phi(k_j)."""
+        """Per (batch x key/value head, segment of rows): sums of phi(k_j) code_j^T, phi(k_j) v_j^T, phi(k_j) and
+        of the valid v_j."""
         head = tl.program_id(0)
         segment = tl.program_id(1)
         batch = head // num_kv_heads
@@ -317,21 +322,23 @@ if triton is not None:
         sum_code = tl.zeros([BLOCK_F, HEAD_DIM], tl.float32)
         sum_value = tl.zeros([BLOCK_F, HEAD_DIM], tl.float32)
         sum_k = tl.zeros([BLOCK_F], tl.float32)
+        sum_v = tl.zeros([HEAD_DIM], tl.float32)
         for chunk in range(first, last, CHUNK):
-            rows = chunk + tl.arange(0, CHUNK)
-            row_ok = rows < last
-            phi_k = _kernel_features(K, VALID, PROJECTION, head, batch, rows, row_ok, num_rows, num_features, scale,
-                                     eps, HEAD_DIM, BLOCK_F, True, SUMS_PRECISION)
+            rows, row_ok, valid = _chunk_rows(VALID, batch, chunk, last, num_rows, CHUNK)
+            phi_k = _kernel_features(K, PROJECTION, head * num_rows, rows, valid, num_features, scale, eps, HEAD_DIM,
+                                     BLOCK_F, SUMS_PRECISION)
             code = _matrix_rows(CODE, batch * num_rows, rows, row_ok, HEAD_DIM).to(tl.float32)
             value = _matrix_rows(V, head * num_rows, rows, row_ok, HEAD_DIM).to(tl.float32)
             sum_code += tl.dot(tl.trans(phi_k), code, input_precision=SUMS_PRECISION)
             sum_value += tl.dot(tl.trans(phi_k), value, input_precision=SUMS_PRECISION)
             sum_k += tl.sum(phi_k, axis=0)
+            sum_v += tl.sum(tl.where(valid[:, None], value, 0.0), axis=0)
         out = head * num_segments + segment
         tile = (out * BLOCK_F + features)[:, None] * HEAD_DIM + dims[None, :]
         tl.store(SUM_CODE + tile, sum_code)
         tl.store(SUM_VALUE + tile, sum_value)
         tl.store(SUM_K + out * BLOCK_F + features, sum_k)
+        tl.store(SUM_V + out * HEAD_DIM + dims, sum_v)
 
     @triton.jit
     def _encoder_weight_t(W, column, HEAD_DIM: tl.constexpr):
@@ -342,13 +349,14 @@ if triton is not None:
 
     @triton.jit
     def _causal_kernel_encoding(
-        Q, K, V, CODE, VALID, PROJECTION, START_CODE, START_VALUE, START_K, W, BIAS, NORM_W, NORM_B, ENCODING,
-        num_rows, segment_rows, num_segments, num_features, num_heads, group, scale, eps, norm_eps,
+        Q, K, V, CODE, VALID, COUNTS, PROJECTION, START_CODE, START_VALUE, START_K, START_V, W, BIAS, NORM_W, NORM_B,
+        ENCODING, AVERAGE, num_rows, segment_rows, num_segments, num_features, num_heads, group, scale, eps, norm_eps,
         HEAD_DIM: tl.constexpr, BLOCK_F: tl.constexpr, CHUNK: tl.constexpr, SUMS_PRECISION: tl.constexpr,
         DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     ):
         """Per (batch x query head, segment): causal kernel attention of [code || v] from the segment's starting
-        sums, then the encoder (linear, layer norm, GELU) of [estimate || v], written as ENCODING (rows, 2D)."""
+        sums, then the encoder (linear, layer norm, GELU) of [estimate || v], written as ENCODING (rows, 2D); and the
+        running mean of the valid values, written as AVERAGE (rows, D)."""
         head = tl.program_id(0)
         segment = tl.program_id(1)
         batch = head // num_heads
@@ -363,19 +371,27 @@ if triton is not None:
         sum_code = tl.load(START_CODE + tile)
         sum_value = tl.load(START_VALUE + tile)
         sum_k = tl.load(START_K + start * BLOCK_F + features)
+        sum_v = tl.load(START_V + start * HEAD_DIM + dims)
         bias = tl.load(BIAS + outputs).to(tl.float32)
         norm_w = tl.load(NORM_W + outputs).to(tl.float32)
         norm_b = tl.load(NORM_B + outputs).to(tl.float32)
         for chunk in range(first, last, CHUNK):
-            rows = chunk + tl.arange(0, CHUNK)
-            row_ok = rows < last
-            phi_k = _kernel_features(K, VALID, PROJECTION, kv_head, batch, rows, row_ok, num_rows, num_features,
-                                     scale, eps, HEAD_DIM, BLOCK_F, True, SUMS_PRECISION)
-            phi_q = _kernel_features(Q, VALID, PROJECTION, head, batch, rows, row_ok, num_rows, num_features, scale,
-                                     eps, HEAD_DIM, BLOCK_F, False, SUMS_PRECISION)
+            rows, row_ok, valid = _chunk_rows(VALID, batch, chunk, last, num_rows, CHUNK)
+            phi_k = _kernel_features(K, PROJECTION, kv_head * num_rows, rows, valid, num_features, scale, eps,
+                                     HEAD_DIM, BLOCK_F, SUMS_PRECISION)
+            phi_q = _kernel_features(Q, PROJECTION, head * num_rows, rows, row_ok, num_features, scale, eps, HEAD_DIM,
+                                     BLOCK_F, SUMS_PRECISION)
             code = _matrix_rows(CODE, batch * num_rows, rows, row_ok, HEAD_DIM).to(tl.float32)
             value_in = _matrix_rows(V, kv_head * num_rows, rows, row_ok, HEAD_DIM)
             value = value_in.to(tl.float32)
+            # The running mean of the valid values up to each row (`causal_average_context`).
+            valid_values = tl.where(valid[:, None], value, 0.0)
+            through = sum_v[None, :] + tl.cumsum(valid_values, axis=0)
+            sum_v += tl.sum(valid_values, axis=0)
+            count = tl.load(COUNTS + batch * num_rows + rows, mask=row_ok, other=1).to(tl.float32)
+            average = through / tl.maximum(count, 1.0)[:, None]
+            tl.store(AVERAGE + (head * num_rows + rows)[:, None] * HEAD_DIM + dims[None, :],
+                     average.to(AVERAGE.dtype.element_ty), mask=row_ok[:, None])
             local = tl.arange(0, CHUNK)
             within = tl.dot(phi_q, tl.trans(phi_k), input_precision=SUMS_PRECISION)
             within = tl.where(local[None, :] <= local[:, None], within, 0.0)
@@ -569,24 +585,28 @@ def estimate_kernel_unavailable_reason(q: torch.Tensor, head_dim: int) -> str | 
     return None
 
 
-def causal_kernel_encoding_triton(q, k, v, code, key_valid, projection, encoder, eps, kv_sum, k_sum):
+def causal_kernel_encoding_triton(q, k, v, code, key_valid, counts, projection, encoder, eps, kv_sum, k_sum, value_sum):
     """The causal part of `SeaAttention.kernel_encoding` as two Triton kernels, for inference: the encoding
-    (N, H, T, 2D) of [kernel attention of [code || v] || v] and the new sums (kv_sum, k_sum) after these rows.
+    (N, H, T, 2D) of [kernel attention of [code || v] || v], the new sums (kv_sum, k_sum, value_sum) after these
+    rows, and the running mean of the valid values (N, H_kv, G, T, D) for the G query heads of each key/value head.
 
-    q (N, H, T, D), k and v (N, H_kv, T, D) of the new rows, code (N, T, D), key_valid (N, T) and the sums before
-    them (N, H_kv, F, 2D), (N, H_kv, F). Rows are cut into segments: a first kernel sums phi(k) [code || v]^T per
-    segment, a prefix over segments gives each segment's starting sums, and a second kernel walks each segment in
-    chunks, carrying the sums in registers, and applies the encoder to every row as soon as it is estimated, so
-    neither the features nor the estimate ever reach memory."""
+    q (N, H, T, D), k and v (N, H_kv, T, D) of the new rows, code (N, T, D), key_valid (N, T), the visible-key
+    counts (N, T) and the sums before these rows (N, H_kv, F, 2D), (N, H_kv, F), (N, H_kv, D). Rows are cut into
+    segments: a first kernel sums phi(k) [code || v]^T, phi(k) and the valid v per segment, a prefix over segments
+    gives each segment's starting sums, and a second kernel walks each segment in chunks, carrying the sums in
+    registers, and encodes every row as soon as it is estimated, so neither the features nor the estimate ever
+    reach memory."""
     n, h, t, d = q.shape
     kv_heads, f = k.shape[1], projection.shape[0]
     block_f = max(16, triton.next_power_of_2(f))
     segments = max(1, min(triton.cdiv(t, ESTIMATE_CHUNK), triton.cdiv(ESTIMATE_PROGRAMS, n * h)))
     segment_rows = ESTIMATE_CHUNK * max(1, triton.cdiv(t, ESTIMATE_CHUNK * segments))
     segments = max(1, triton.cdiv(t, segment_rows))
-    q, k, v, code, key_valid, projection = (x.contiguous() for x in (q, k, v, code, key_valid, projection))
+    q, k, v, code, key_valid, counts, projection = (
+        x.contiguous() for x in (q, k, v, code, key_valid, counts, projection))
     sums = torch.empty(2, n * kv_heads, segments, block_f, d, dtype=torch.float32, device=q.device)
     sum_k = torch.empty(n * kv_heads, segments, block_f, dtype=torch.float32, device=q.device)
+    sum_v = torch.empty(n * kv_heads, segments, d, dtype=torch.float32, device=q.device)
     # float32 products of the kernel attention: three TF32 passes on the GPU's matrix units (float32 accuracy;
     # exact float32 runs on its scalar units, ~30x slower here), exact in the interpreter.
     precision = "tf32x3" if q.is_cuda else "ieee"
@@ -594,21 +614,26 @@ def causal_kernel_encoding_triton(q, k, v, code, key_valid, projection, encoder,
     sums_kernel, encoding_kernel = ((_estimate_sums_tuned, _estimate_encoding_tuned) if q.is_cuda
                                     else (_causal_kernel_sums, _causal_kernel_encoding))
     sums_kernel[(n * kv_heads, segments)](
-        k, v, code, key_valid, projection, sums[0], sums[1], sum_k, t, segment_rows, segments, f, kv_heads,
+        k, v, code, key_valid, projection, sums[0], sums[1], sum_k, sum_v, t, segment_rows, segments, f, kv_heads,
         d**-0.25, eps, **constants,
     )
     # Sums before each segment: the carried state, then the segments before it.
     initial = F.pad(kv_sum, (0, 0, 0, block_f - f)).reshape(n * kv_heads, block_f, 2, d).permute(2, 0, 1, 3)
     initial_k = F.pad(k_sum, (0, block_f - f)).reshape(n * kv_heads, 1, block_f)
+    initial_v = value_sum.reshape(n * kv_heads, 1, d)
     start = initial.unsqueeze(2) + sums.cumsum(2) - sums
     start_k = initial_k + sum_k.cumsum(1) - sum_k
+    start_v = initial_v + sum_v.cumsum(1) - sum_v
     encoding = torch.empty(n, h, t, 2 * d, dtype=v.dtype, device=q.device)
+    average = torch.empty(n, h, t, d, dtype=v.dtype, device=q.device)
     first, norm = encoder[0], encoder[1]
     encoding_kernel[(n * h, segments)](
-        q, k, v, code, key_valid, projection, start[0].contiguous(), start[1].contiguous(), start_k.contiguous(),
-        first.weight.contiguous(), first.bias, norm.weight, norm.bias, encoding, t, segment_rows, segments, f, h,
-        h // kv_heads, d**-0.25, eps, norm.eps, **constants, **_dot_arguments(v),
+        q, k, v, code, key_valid, counts, projection, start[0].contiguous(), start[1].contiguous(),
+        start_k.contiguous(), start_v.contiguous(), first.weight.contiguous(), first.bias, norm.weight, norm.bias,
+        encoding, average, t, segment_rows, segments, f, h, h // kv_heads, d**-0.25, eps, norm.eps, **constants,
+        **_dot_arguments(v),
     )
     total = (initial + sums.sum(2)).permute(1, 2, 0, 3).reshape(n, kv_heads, block_f, 2 * d)[:, :, :f]
     total_k = (initial_k.squeeze(1) + sum_k.sum(1)).reshape(n, kv_heads, block_f)[..., :f]
-    return encoding, (total, total_k)
+    total_v = (initial_v.squeeze(1) + sum_v.sum(1)).reshape(n, kv_heads, d)
+    return encoding, (total, total_k, total_v), average.unflatten(1, (kv_heads, -1))

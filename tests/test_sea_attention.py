@@ -64,7 +64,7 @@ def dense_reference(op, q, k, v, valid, selection, scaling, causal):
     probs = torch.softmax(scores.masked_fill(~chosen, float("-inf")), -1).nan_to_num(0.0)
     sparse = probs @ v
     state = op.initial_state(n, torch.float32, q.device) if causal else None
-    log_probs, encoding, _, _ = op.estimate(q.float(), k.float(), v.float(), valid, visible_key_counts(valid, causal, t), state)
+    log_probs, encoding, _, _, _ = op.estimate(q.float(), k.float(), v.float(), valid, visible_key_counts(valid, causal, t), state)
     gates = op.gates(encoding).double()
     scale, mix = 2 * torch.sigmoid(gates[..., :1]), torch.tanh(gates[..., 1:])
     seen = visibility(valid, causal).double()

@@ -93,7 +93,7 @@ def test_half_precision_within_one_percent_of_float32(dtype, rows_per_block):
 def test_causal_estimate_kernel_matches_the_pytorch_path(d, heads, kv_heads, dtype):
     """The fused kernel-attention + encoder kernels against `SeaAttention.kernel_encoding`'s PyTorch path: a padded
     batch continued from random carried sums, over more rows than one segment, the encoding and the new sums."""
-    from sea.sea_attention import SeaAttention, positional_code
+    from sea.sea_attention import SeaAttention, positional_code, visible_key_counts
 
     config = tiny_opt_config(sea_key_budget=8, sea_compressed_width=8)
     op = SeaAttention(config, heads, d, True, kv_heads)
@@ -110,21 +110,57 @@ def test_causal_estimate_kernel_matches_the_pytorch_path(d, heads, kv_heads, dty
     state = op.initial_state(n, dtype, DEVICE)
     state.kv_sum.uniform_(0, 5)
     state.k_sum.uniform_(0, 5)
+    state.value_sum.normal_(std=5)
     code = positional_code(valid, d, op.position_table, t).to(dtype)
+    # As after a cached prefix of 7 valid tokens: counts include the earlier keys.
+    counts = visible_key_counts(torch.cat([torch.ones(n, 7, dtype=torch.bool, device=DEVICE), valid], 1), True, t)
     with torch.no_grad():
         op.kernel = "torch"
-        want, want_sums, _ = op.kernel_encoding(q, k, v, code, valid, state)
+        want, want_sums, _, want_average = op.kernel_encoding(q, k, v, code, valid, counts, state)
         op.kernel = "triton"
-        got, got_sums, kernel_context = op.kernel_encoding(q, k, v, code, valid, state)
+        got, got_sums, kernel_context, got_average = op.kernel_encoding(q, k, v, code, valid, counts, state)
     assert kernel_context is None, "the fused kernels did not run"
     tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0, atol=0.05)
     torch.testing.assert_close(got, want, **tolerance)
+    # The kernel writes the running mean once per query head; the PyTorch path once per key/value head.
+    torch.testing.assert_close(got_average, want_average.expand_as(got_average), **tolerance)
     for a, b in zip(got_sums, want_sums):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
     if dtype == torch.bfloat16:
         assert (got.float() - want.float()).norm() / want.float().norm() < 1e-2
     # With gradients wanted, the differentiable PyTorch path serves.
-    assert op.kernel_encoding(q, k, v, code, valid, state)[2] is not None
+    assert op.kernel_encoding(q, k, v, code, valid, counts, state)[2] is not None
+
+
+def test_inference_forward_with_the_fused_estimate_equals_the_pytorch_path():
+    """A whole causal layer at inference, kernels against the PyTorch path: a padded, grouped-query batch in query
+    blocks, continued from an earlier call; the same keys, context and carried state."""
+    from sea.sea_attention import SeaAttention
+
+    torch.manual_seed(0)
+    config = tiny_opt_config(sea_key_budget=24, sea_compressed_width=8, sea_query_block_size=16)
+    op = SeaAttention(config, 4, 64, True, 2)
+    op.init_sea_weights()
+    with torch.no_grad():
+        op.gates.weight.normal_(std=0.5)
+    op = op.to(DEVICE)
+    n, first, t = 2, 37, 120
+    q = torch.randn(n, 4, t, 64, device=DEVICE)
+    k, v = (torch.randn(n, 2, t, 64, device=DEVICE) for _ in range(2))
+    valid = torch.ones(n, t, dtype=torch.bool, device=DEVICE)
+    valid[1, :9] = False
+    results = {}
+    for kernel in ("torch", "triton"):
+        op.kernel = kernel
+        with torch.no_grad():
+            head = op(q[:, :, :first], k[:, :, :first], v[:, :, :first], valid[:, :first], 0.125, need_probs=False)
+            results[kernel] = (head, op(q[:, :, first:], k, v, valid, 0.125, state=head.state, need_probs=False))
+    for want, got in zip(results["torch"], results["triton"]):
+        assert torch.equal(got.selection.starts, want.selection.starts)
+        assert torch.equal(got.selection.lengths, want.selection.lengths)
+        torch.testing.assert_close(got.context, want.context, rtol=1e-4, atol=1e-5)
+    for name, tensor in vars(results["torch"][1].state).items():
+        torch.testing.assert_close(getattr(results["triton"][1].state, name), tensor, rtol=1e-4, atol=1e-4)
 
 
 def test_estimate_kernel_on_an_unsupported_head_size_warns_once_and_uses_the_pytorch_path():
