@@ -511,11 +511,14 @@ class SeaAttention(nn.Module):
         if fused and (q.is_cuda or self.kernel == "triton") and not torch.is_grad_enabled():
             reason = estimate_kernel_unavailable_reason(q, d)
             if reason is None:
-                encoding, sums, average = causal_kernel_encoding_triton(
+                fused = causal_kernel_encoding_triton(
                     q, k_new, v_new, code, new_valid, counts, self.feature_projection, self.encoder,
                     FEATURE_EPS[True], state.kv_sum, state.k_sum, state.value_sum,
                 )
-                return encoding, sums, None, average
+                if fused is not None:
+                    encoding, sums, average = fused
+                    return encoding, sums, None, average
+                reason = "they need more shared memory than this GPU has"
             logger.warning_once(f"SEA: the fused estimate kernels cannot run ({reason}); the estimate uses the slower "
                                 "PyTorch path.")
         augmented = torch.cat([code.unsqueeze(1).expand(n, kv_heads, t, d), v_new], dim=-1).unsqueeze(2)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 try:
     import triton
     import triton.language as tl
+    from triton.runtime.errors import OutOfResources
 except ImportError:  # the PyTorch path serves; `kernel_unavailable_reason` says why no kernel runs
     triton = None
 
@@ -595,7 +596,7 @@ def causal_kernel_encoding_triton(q, k, v, code, key_valid, counts, projection, 
     segments: a first kernel sums phi(k) [code || v]^T, phi(k) and the valid v per segment, a prefix over segments
     gives each segment's starting sums, and a second kernel walks each segment in chunks, carrying the sums in
     registers, and encodes every row as soon as it is estimated, so neither the features nor the estimate ever
-    reach memory."""
+    reach memory. Returns None when the kernels need more shared memory than this GPU has."""
     n, h, t, d = q.shape
     kv_heads, f = k.shape[1], projection.shape[0]
     block_f = max(16, triton.next_power_of_2(f))
@@ -613,26 +614,29 @@ def causal_kernel_encoding_triton(q, k, v, code, key_valid, counts, projection, 
     constants = dict(HEAD_DIM=d, BLOCK_F=block_f, CHUNK=ESTIMATE_CHUNK, SUMS_PRECISION=precision)
     sums_kernel, encoding_kernel = ((_estimate_sums_tuned, _estimate_encoding_tuned) if q.is_cuda
                                     else (_causal_kernel_sums, _causal_kernel_encoding))
-    sums_kernel[(n * kv_heads, segments)](
-        k, v, code, key_valid, projection, sums[0], sums[1], sum_k, sum_v, t, segment_rows, segments, f, kv_heads,
-        d**-0.25, eps, **constants,
-    )
-    # Sums before each segment: the carried state, then the segments before it.
     initial = F.pad(kv_sum, (0, 0, 0, block_f - f)).reshape(n * kv_heads, block_f, 2, d).permute(2, 0, 1, 3)
     initial_k = F.pad(k_sum, (0, block_f - f)).reshape(n * kv_heads, 1, block_f)
     initial_v = value_sum.reshape(n * kv_heads, 1, d)
-    start = initial.unsqueeze(2) + sums.cumsum(2) - sums
-    start_k = initial_k + sum_k.cumsum(1) - sum_k
-    start_v = initial_v + sum_v.cumsum(1) - sum_v
     encoding = torch.empty(n, h, t, 2 * d, dtype=v.dtype, device=q.device)
     average = torch.empty(n, h, t, d, dtype=v.dtype, device=q.device)
     first, norm = encoder[0], encoder[1]
-    encoding_kernel[(n * h, segments)](
-        q, k, v, code, key_valid, counts, projection, start[0].contiguous(), start[1].contiguous(),
-        start_k.contiguous(), start_v.contiguous(), first.weight.contiguous(), first.bias, norm.weight, norm.bias,
-        encoding, average, t, segment_rows, segments, f, h, h // kv_heads, d**-0.25, eps, norm.eps, **constants,
-        **_dot_arguments(v),
-    )
+    try:
+        sums_kernel[(n * kv_heads, segments)](
+            k, v, code, key_valid, projection, sums[0], sums[1], sum_k, sum_v, t, segment_rows, segments, f, kv_heads,
+            d**-0.25, eps, **constants,
+        )
+        # Sums before each segment: the carried state, then the segments before it.
+        start = initial.unsqueeze(2) + sums.cumsum(2) - sums
+        start_k = initial_k + sum_k.cumsum(1) - sum_k
+        start_v = initial_v + sum_v.cumsum(1) - sum_v
+        encoding_kernel[(n * h, segments)](
+            q, k, v, code, key_valid, counts, projection, start[0].contiguous(), start[1].contiguous(),
+            start_k.contiguous(), start_v.contiguous(), first.weight.contiguous(), first.bias, norm.weight, norm.bias,
+            encoding, average, t, segment_rows, segments, f, h, h // kv_heads, d**-0.25, eps, norm.eps, **constants,
+            **_dot_arguments(v),
+        )
+    except OutOfResources:  # e.g. GPUs with ~100 KB of shared memory per block
+        return None
     total = (initial + sums.sum(2)).permute(1, 2, 0, 3).reshape(n, kv_heads, block_f, 2 * d)[:, :, :f]
     total_k = (initial_k.squeeze(1) + sum_k.sum(1)).reshape(n, kv_heads, block_f)[..., :f]
     total_v = (initial_v.squeeze(1) + sum_v.sum(1)).reshape(n, kv_heads, d)
