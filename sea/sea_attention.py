@@ -507,8 +507,8 @@ class SeaAttention(nn.Module):
         Triton kernels, which return no kernel attention: only the kernel-attention baseline reads it, and it takes
         this path."""
         n, kv_heads, t, d = v_new.shape
-        fused = self.causal and self.kernel != "torch" and self.baseline != "kernel_attention"
-        if fused and (q.is_cuda or self.kernel == "triton") and not torch.is_grad_enabled():
+        wants_kernels = self.causal and self.kernel != "torch" and self.baseline != "kernel_attention"
+        if wants_kernels and (q.is_cuda or self.kernel == "triton") and not torch.is_grad_enabled():
             reason = estimate_kernel_unavailable_reason(q, d)
             if reason is None:
                 fused = causal_kernel_encoding_triton(

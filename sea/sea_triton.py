@@ -9,8 +9,8 @@ many queries).
 
 `causal_kernel_encoding_triton` computes the causal half of `SeaAttention.kernel_encoding` for inference: kernel
 features, causal kernel attention from carried sums, the encoder and the running mean of the values, fused so that
-neither the features nor the estimate reach memory (the decoder, CNN and selection stay in PyTorch: at inference they run on a few rows per
-query block only).
+neither the features nor the estimate reach memory (the decoder, CNN and selection stay in PyTorch: at inference
+they run on a few rows per query block only).
 
 Triton is optional: on the CPU the PyTorch path runs (the kernels run there only under TRITON_INTERPRET=1, as the
 tests do).

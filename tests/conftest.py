@@ -31,6 +31,24 @@ def tiny_bert_config(dense: bool = False, **sea) -> BertConfig:
     return BertConfig(**TINY_BERT, num_labels=3) if dense else SeaBertConfig(**TINY_BERT, num_labels=3, **sea)
 
 
+@torch.no_grad()
+def layer_in_two_calls(op, q, k, v, key_valid, first: int, scaling: float, need_probs: bool):
+    """One causal SEA layer over the first `first` positions, then over the rest continued from its state (as a
+    cached generation does): the two outputs."""
+    head = op(q[:, :, :first], k[:, :, :first], v[:, :, :first], key_valid[:, :first], scaling, need_probs=need_probs)
+    return head, op(q[:, :, first:], k, v, key_valid, scaling, state=head.state, need_probs=need_probs)
+
+
+def assert_same_layer_outputs(got, want, context_tolerance: dict, state_tolerance: dict):
+    """Two runs of `layer_in_two_calls`: the same key ranges, close contexts and close final carried state."""
+    for a, b in zip(got, want):
+        assert torch.equal(a.selection.starts, b.selection.starts)
+        assert torch.equal(a.selection.lengths, b.selection.lengths)
+        torch.testing.assert_close(a.context, b.context, **context_tolerance)
+    for name, tensor in vars(want[1].state).items():
+        torch.testing.assert_close(getattr(got[1].state, name), tensor, **state_tolerance)
+
+
 def randomize_sea_gates(model):
     """Give every SEA gate non-neutral weights, so tests exercise the scale and the average context too."""
     with torch.no_grad():

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import assert_same_layer_outputs, layer_in_two_calls
 from sea.configuration_sea import SeaBertConfig, SeaOptConfig
 from sea.sea_attention import (
     SeaAttention,
@@ -174,20 +175,14 @@ def test_causal_blocks_without_probabilities_estimate_only_the_rows_that_choose_
     op = make_operator(True, 12, dtype=torch.float64, block=block)
     q, k, v = torch.randn(3, N, H, t, D, dtype=torch.float64).unbind(0)
     valid = random_padding(t)
-    outputs = {}
-    for need_probs in (True, False):
-        head = op(q[:, :, :first], k[:, :, :first], v[:, :, :first], valid[:, :first], D**-0.5, need_probs=need_probs)
-        rest = op(q[:, :, first:], k, v, valid, D**-0.5, state=head.state, need_probs=need_probs)
-        outputs[need_probs] = (head, rest)
-    for every, leading in zip(outputs[True], outputs[False]):
+    every_row = layer_in_two_calls(op, q, k, v, valid, first, D**-0.5, need_probs=True)
+    leading_rows = layer_in_two_calls(op, q, k, v, valid, first, D**-0.5, need_probs=False)
+    for every, leading in zip(every_row, leading_rows):
         rows = every.estimate_log_probs.shape[2]
         assert leading.estimate_log_probs.shape[2] == -(-rows // block)
         torch.testing.assert_close(leading.estimate_log_probs, every.estimate_log_probs[:, :, ::block], atol=1e-12, rtol=0)
-        assert torch.equal(leading.selection.starts, every.selection.starts)
-        assert torch.equal(leading.selection.lengths, every.selection.lengths)
-        torch.testing.assert_close(leading.context, every.context, atol=1e-12, rtol=0)
-    for name, tensor in vars(outputs[True][1].state).items():
-        torch.testing.assert_close(getattr(outputs[False][1].state, name), tensor, atol=1e-12, rtol=0)
+    exact = dict(atol=1e-12, rtol=0)
+    assert_same_layer_outputs(leading_rows, every_row, exact, exact)
 
 
 @pytest.mark.parametrize("causal", [True, False])

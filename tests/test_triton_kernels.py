@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import tiny_opt_config
+from conftest import assert_same_layer_outputs, layer_in_two_calls, tiny_opt_config
 from sea.configuration_sea import SeaLlamaConfig
 from sea.modeling_sea import SeaLlamaForCausalLM, SeaOptForCausalLM
 from sea.sea_attention import SeaSelection, sparse_attention
@@ -152,15 +152,8 @@ def test_inference_forward_with_the_fused_estimate_equals_the_pytorch_path():
     results = {}
     for kernel in ("torch", "triton"):
         op.kernel = kernel
-        with torch.no_grad():
-            head = op(q[:, :, :first], k[:, :, :first], v[:, :, :first], valid[:, :first], 0.125, need_probs=False)
-            results[kernel] = (head, op(q[:, :, first:], k, v, valid, 0.125, state=head.state, need_probs=False))
-    for want, got in zip(results["torch"], results["triton"]):
-        assert torch.equal(got.selection.starts, want.selection.starts)
-        assert torch.equal(got.selection.lengths, want.selection.lengths)
-        torch.testing.assert_close(got.context, want.context, rtol=1e-4, atol=1e-5)
-    for name, tensor in vars(results["torch"][1].state).items():
-        torch.testing.assert_close(getattr(results["triton"][1].state, name), tensor, rtol=1e-4, atol=1e-4)
+        results[kernel] = layer_in_two_calls(op, q, k, v, valid, first, 0.125, need_probs=False)
+    assert_same_layer_outputs(results["triton"], results["torch"], dict(rtol=1e-4, atol=1e-5), dict(rtol=1e-4, atol=1e-4))
 
 
 def test_estimate_kernel_on_an_unsupported_head_size_warns_once_and_uses_the_pytorch_path():
