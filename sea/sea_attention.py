@@ -29,6 +29,7 @@ from .configuration_sea import SEA_DECODER_WIDTH_DIVISOR
 from .sea_triton import (
     causal_kernel_encoding_triton,
     estimate_kernel_unavailable_reason,
+    gated_block_attention_triton,
     kernel_unavailable_reason,
     sparse_attention_triton,
 )
@@ -325,12 +326,15 @@ def causal_average_context(v_new, new_valid, counts, value_sum):
 def bidirectional_average_context(v, key_valid, estimate_log_probs, key_positions):
     """The mean value of every bin, weighted by the estimate averaged over the valid queries: one context vector
     per sequence and query head, (N, H_kv, G, 1, D) for the G query heads of each key/value head, that carries
-    information from every valid key."""
-    valid = key_valid[:, None, :, None].to(v.dtype)
+    information from every valid key. `key_positions` from `valid_key_positions`, None when every key is valid."""
     n, h, t, d = v.shape
-    ordered = v.gather(2, key_positions[:, None, :, None].expand(n, h, t, d)) * valid.gather(
-        2, key_positions[:, None, :, None]
-    )
+    if key_positions is None:
+        ordered = v
+    else:
+        valid = key_valid[:, None, :, None].to(v.dtype)
+        ordered = v.gather(2, key_positions[:, None, :, None].expand(n, h, t, d)) * valid.gather(
+            2, key_positions[:, None, :, None]
+        )
     prefix = F.pad(ordered.cumsum(2), (0, 0, 1, 0))  # (N, H, T + 1, D): sum of the first r valid values
     row_edges = bin_edges(key_valid.sum(-1, keepdim=True), estimate_log_probs.shape[-1])  # same for every row
     at_edges = prefix.gather(2, row_edges.reshape(n, 1, -1, 1).expand(n, h, -1, d))
@@ -391,8 +395,10 @@ class SeaRowCnn(nn.Module):
             padded = F.pad(x, (1, 1, self.row_dilation, self.row_dilation))
         return F.relu(conv(padded)) * row_valid
 
-    def forward(self, rows: torch.Tensor, row_valid: torch.Tensor, state: SeaCausalState | None = None):
-        """Logits (N, H, T, M) and, for causal models, the last input and hidden rows for the next call."""
+    def forward(self, rows: torch.Tensor, row_valid: torch.Tensor, state: SeaCausalState | None = None,
+                output_rows: torch.Tensor | None = None):
+        """Logits (N, H, T, M) (only at `output_rows`, when given) and, for causal models, the last input and
+        hidden rows for the next call."""
         x = self.input_norm(rows) * row_valid
         if not self.causal:
             hidden = self._conv(self.conv1, x, row_valid, None)
@@ -406,6 +412,8 @@ class SeaRowCnn(nn.Module):
                 torch.cat([state.cnn_input_rows, x], dim=2)[:, :, -keep:],
                 torch.cat([state.cnn_hidden_rows, hidden], dim=2)[:, :, -keep:],
             )
+        if output_rows is not None:
+            refined = refined[:, :, output_rows]
         refined = refined.repeat_interleave(self.upsample, dim=-1)
         return self.output_norm(self.to_heads(refined)), memory
 
@@ -473,51 +481,55 @@ class SeaAttention(nn.Module):
 
     def estimate(self, q, k_new, v_new, key_valid, counts, state, leading_rows_only=False):
         """Estimated attention log-probabilities over bins (N, H, T, M) of the new queries (causal
-        `leading_rows_only`: of the first row of every query block, (N, H, R, M)), their encoding (N, H, T, 2D), the
-        causal state after them, the kernel attention of the values (N, H, T, D; None from the fused kernels) and
-        (causal) the running mean of the valid values (see `kernel_encoding`). `k_new`, `v_new` are the keys and
-        values of the new positions (the last T of `key_valid`)."""
+        `leading_rows_only`: of the first row of every query block, (N, H, R, M)), the encoding of the rows it
+        decoded (N, H, T, 2D; with `leading_rows_only`, of the rows the CNN needs), the causal state after them, the
+        kernel attention of the values (N, H, T, D; None from the fused kernels) and (causal, with gates) the output
+        gate (see `kernel_encoding`). `k_new`, `v_new` are the keys and values of the new positions (the last T of
+        `key_valid`)."""
         n, _, t, d = v_new.shape
         h = self.num_heads
         new_valid = key_valid[:, -t:]
         code = positional_code(key_valid, d, self.position_table, t).to(v_new.dtype)
-        encoding, new_sums, kernel_context, average = self.kernel_encoding(q, k_new, v_new, code, new_valid, counts, state)
-        decoded, row_valid = encoding, new_valid
+        needed = leading = None
         if leading_rows_only:  # decode and refine only the rows the CNN needs for the blocks' first rows
             needed, leading = self.cnn.rows_needed(self.query_block_size, t, q.device)
-            decoded, row_valid = encoding[:, :, needed], new_valid[:, needed]
-        r = decoded.shape[2]
-        rows = self.row_decoder(decoded).view(n, h, r, DECODER_CHANNELS[self.causal], -1)
+        encoding, new_sums, kernel_context, gate = self.kernel_encoding(
+            q, k_new, v_new, code, new_valid, counts, state, needed
+        )
+        row_valid = new_valid if needed is None else new_valid[:, needed]
+        r = encoding.shape[2]
+        rows = self.row_decoder(encoding).view(n, h, r, DECODER_CHANNELS[self.causal], -1)
         rows = rows.permute(0, 1, 3, 2, 4).reshape(n, -1, r, rows.shape[-1])
-        logits, cnn_rows = self.cnn(rows, row_valid[:, None, :, None].to(rows.dtype), state)
+        logits, cnn_rows = self.cnn(rows, row_valid[:, None, :, None].to(rows.dtype), state, leading)
         logits = at_least_float32(logits)
         if leading_rows_only:
-            logits, counts = logits[:, :, leading], counts[:, :: self.query_block_size]
+            counts = counts[:, :: self.query_block_size]
         empty = (bin_edges(counts, self.width).diff(dim=-1) == 0).unsqueeze(1)
         logits = logits.masked_fill(empty, torch.finfo(logits.dtype).min)
         if self.causal:
             state = SeaCausalState(*new_sums, *cnn_rows)
-        return torch.log_softmax(logits, dim=-1), encoding, state, kernel_context, average
+        return torch.log_softmax(logits, dim=-1), encoding, state, kernel_context, gate
 
-    def kernel_encoding(self, q, k_new, v_new, code, new_valid, counts, state):
+    def kernel_encoding(self, q, k_new, v_new, code, new_valid, counts, state, rows=None):
         """Kernel attention of [code || v] for the new queries (causal: continuing `state`'s sums), encoded with v:
-        the encoding (N, H, T, 2D), the sums after these rows (causal: kv_sum, k_sum, value_sum; else None), the
-        kernel attention of the values (N, H, T, D) and (causal; else None) the running mean of the valid values
-        (`causal_average_context`). Causal layers serving inference (no gradient wanted) on CUDA run the fused
-        Triton kernels, which return no kernel attention: only the kernel-attention baseline reads it, and it takes
-        this path."""
+        the encoding (N, H, R, 2D) of `rows` (R of the T rows; None: all), the sums after these rows (causal:
+        kv_sum, k_sum, value_sum; else None), the kernel attention of the values (N, H, T, D) and (causal, with
+        gates; else None) the output gate of every row from its encoding and the running mean of the valid values
+        (`output_gate`, `causal_average_context`). Causal layers serving inference (no gradient wanted) on CUDA run
+        the fused Triton kernels, which return no kernel attention: only the kernel-attention baseline reads it,
+        and it takes this path."""
         n, kv_heads, t, d = v_new.shape
         wants_kernels = self.causal and self.kernel != "torch" and self.baseline != "kernel_attention"
         if wants_kernels and (q.is_cuda or self.kernel == "triton") and not torch.is_grad_enabled():
             reason = estimate_kernel_unavailable_reason(q, d)
             if reason is None:
                 fused = causal_kernel_encoding_triton(
-                    q, k_new, v_new, code, new_valid, counts, self.feature_projection, self.encoder,
-                    FEATURE_EPS[True], state.kv_sum, state.k_sum, state.value_sum,
+                    q, k_new, v_new, code, new_valid, counts, self.feature_projection, self.encoder, self.gates,
+                    FEATURE_EPS[True], state.kv_sum, state.k_sum, state.value_sum, rows,
                 )
                 if fused is not None:
-                    encoding, sums, average = fused
-                    return encoding, sums, None, average
+                    encoding, sums, gate = fused
+                    return encoding, sums, None, gate
                 reason = "they need more shared memory than this GPU has"
             logger.warning_once(f"SEA: the fused estimate kernels cannot run ({reason}); the estimate uses the slower "
                                 "PyTorch path.")
@@ -532,7 +544,18 @@ class SeaAttention(nn.Module):
         if not self.causal:
             return encoding, None, kernel_context, None
         average, value_sum = causal_average_context(v_new, new_valid, counts, state.value_sum)
-        return encoding, (*(x.squeeze(2) for x in new_sums), value_sum), kernel_context, average
+        gate = self.output_gate(encoding, average) if self.gates is not None else None
+        if rows is not None:
+            encoding = encoding[:, :, rows]
+        return encoding, (*(x.squeeze(2) for x in new_sums), value_sum), kernel_context, gate
+
+    def output_gate(self, encoding: torch.Tensor, average: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the gates make of the sparse attention: output = scale x attention + offset, with scale
+        2 sigmoid(g_0) (N, H, T, 1) and offset tanh(g_1) x average (N, H, T, D), g = gates(encoding). `average` is
+        per key/value head, (N, H_kv, 1 or G, T or 1, D): the causal running mean or the bidirectional context."""
+        gate_logits = self.gates(encoding)
+        mix = torch.tanh(gate_logits[..., 1:]).unflatten(1, (self.num_key_value_heads, -1))
+        return 2 * torch.sigmoid(gate_logits[..., :1]), (mix * average).flatten(1, 2)
 
     def encode(self, estimate: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:
         """`self.encoder` applied to [estimate || v] per query head, with the value half of its first linear
@@ -623,32 +646,35 @@ class SeaAttention(nn.Module):
         if self.causal and state is None:
             state = self.initial_state(n, v.dtype, v.device)
         counts = visible_key_counts(key_valid, self.causal, t)
-        positions = valid_key_positions(key_valid)
         # No padding: a key's rank is its position. (A mask of all ones is checked, which waits for the GPU.)
-        selected_positions = None if unpadded or key_valid.all() else positions
+        positions = None if unpadded or key_valid.all() else valid_key_positions(key_valid)
         v_new = v[:, :, -t:]
         leading_rows_only = self.causal and self.query_block_size > 1 and not need_probs
-        estimate_log_probs, encoding, state, kernel_context, average = self.estimate(
+        estimate_log_probs, encoding, state, kernel_context, gate = self.estimate(
             q, k[:, :, -t:], v_new, key_valid, counts, state, leading_rows_only
         )
         if self.baseline == "kernel_attention":  # the linear-attention baseline: no selection, no sparse attention
             nothing = torch.zeros(n, q.shape[1], t, 0, dtype=torch.long, device=q.device)
-            selection = SeaSelection(nothing, nothing, selected_positions, counts, 1)
+            selection = SeaSelection(nothing, nothing, positions, counts, 1)
             return SeaAttentionOutput(kernel_context, nothing.to(q.dtype), selection, estimate_log_probs, state)
         if selection is None:
             with torch.no_grad():
-                selection = self.select(estimate_log_probs, counts, selected_positions, leading_rows_only)
-        implementation = sparse_attention_implementation(q, self.kernel)
-        probs, context = implementation(q, k, v, selection, scaling, need_probs)
+                selection = self.select(estimate_log_probs, counts, positions, leading_rows_only)
         if not self.causal and self.gates is not None:
-            average = bidirectional_average_context(v, key_valid, estimate_log_probs, positions)
-        if self.gates is not None:
-            gate_logits = self.gates(encoding)
-            scale = 2 * torch.sigmoid(gate_logits[..., :1])
-            mix = torch.tanh(gate_logits[..., 1:])
-            kv_heads = self.num_key_value_heads
-            mixed = context.unflatten(1, (kv_heads, -1)) * scale.unflatten(1, (kv_heads, -1))
-            context = (mixed + mix.unflatten(1, (kv_heads, -1)) * average).flatten(1, 2)
+            gate = self.output_gate(encoding, bidirectional_average_context(v, key_valid, estimate_log_probs, positions))
+        implementation = sparse_attention_implementation(q, self.kernel)
+        if (gate is not None and implementation is sparse_attention_triton and selection.rows_per_block > 1
+                and not need_probs and not torch.is_grad_enabled()):
+            # Inference: the kernel applies the gate as it writes, into the offset's memory (no other buffer of
+            # the output's size).
+            scale, offset = gate
+            context = gated_block_attention_triton(q, k, v, selection, scaling, scale.float().contiguous(),
+                                                   offset.to(q.dtype).contiguous())
+            return SeaAttentionOutput(context, None, selection, estimate_log_probs, state)
+        probs, context = implementation(q, k, v, selection, scaling, need_probs)
+        if gate is not None:
+            scale, offset = gate
+            context = context * scale + offset
             probs = probs * scale if probs is not None else None
         return SeaAttentionOutput(context, probs, selection, estimate_log_probs, state)
 

@@ -176,11 +176,13 @@ if triton is not None:
 
     @triton.jit
     def _block_sparse_forward(
-        Q, K, V, STARTS, LENGTHS, POSITIONS, COUNTS, OUT, LSE, PROBS,
+        Q, K, V, STARTS, LENGTHS, POSITIONS, COUNTS, OUT, LSE, PROBS, GATE_SCALE,
         num_queries, num_keys, num_ranges, slots, scaling, num_heads, group,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         NEED_PROBS: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, GATHER: tl.constexpr,
+        GATED: tl.constexpr,
     ):
+        """GATED: OUT holds the output gate's offset, and the program writes GATE_SCALE x attention + offset."""
         batch, row_ok, dims, dim_ok, q_rows, count, kv_base, range_base = _query_block(
             COUNTS, num_queries, num_keys, num_ranges, num_heads, group, HEAD_DIM, BLOCK_M, BLOCK_D)
         q = tl.load(Q + q_rows[:, None] * HEAD_DIM + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :],
@@ -208,8 +210,12 @@ if triton is not None:
         lse = tl.where(has_keys, running_max + tl.log(tl.where(has_keys, normaliser, 1.0)), _EMPTY)
         tl.store(LSE + q_rows, lse, mask=row_ok)
         context = context / tl.where(has_keys, normaliser, 1.0)[:, None]
-        tl.store(OUT + q_rows[:, None] * HEAD_DIM + dims[None, :], context.to(OUT.dtype.element_ty),
-                 mask=row_ok[:, None] & dim_ok[None, :])
+        out_tile = q_rows[:, None] * HEAD_DIM + dims[None, :]
+        out_ok = row_ok[:, None] & dim_ok[None, :]
+        if GATED:
+            gate_scale = tl.load(GATE_SCALE + q_rows, mask=row_ok, other=0.0)
+            context = context * gate_scale[:, None] + tl.load(OUT + out_tile, mask=out_ok, other=0.0).to(tl.float32)
+        tl.store(OUT + out_tile, context.to(OUT.dtype.element_ty), mask=out_ok)
         if NEED_PROBS:  # a second walk writes each slot's probability, now that the normaliser is known
             slot = 0
             for r in range(0, num_ranges):
@@ -271,7 +277,8 @@ if triton is not None:
     # gradients are accumulated atomically, so the backward's trial runs start from zeroed buffers).
     BLOCK_CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
                      for n in (32, 64, 128) for w in (4, 8) for s in (2, 3)]
-    _block_forward_tuned = triton.autotune(BLOCK_CONFIGS, key=["HEAD_DIM", "BLOCK_M", "NEED_PROBS", "GATHER"])(
+    _block_forward_tuned = triton.autotune(BLOCK_CONFIGS, key=["HEAD_DIM", "BLOCK_M", "NEED_PROBS", "GATHER", "GATED"],
+                                           restore_value=["OUT"])(
         _block_sparse_forward)
     _block_backward_tuned = triton.autotune(BLOCK_CONFIGS, key=["HEAD_DIM", "BLOCK_M", "HAS_GRAD_PROBS", "GATHER"],
                                             reset_to_zero=["GRAD_K", "GRAD_V"])(_block_sparse_backward)
@@ -349,15 +356,35 @@ if triton is not None:
         return tl.load(W + outputs[None, :] * (3 * HEAD_DIM) + column + dims[:, None])
 
     @triton.jit
+    def _store_output_gate(GATE_W, GATE_B, GATE_SCALE, GATE_OFFSET, COUNTS, encoded, value, valid, sum_v, out_rows,
+                           count_rows, row_ok, HEAD_DIM: tl.constexpr):
+        """`SeaAttention.output_gate` of a chunk of rows: the scale 2 sigmoid(g_0) and the offset tanh(g_1) times
+        the running mean of the valid values (`causal_average_context`; `sum_v` sums those before the chunk)."""
+        dims = tl.arange(0, HEAD_DIM)
+        outputs = tl.arange(0, 2 * HEAD_DIM)
+        logit_scale = tl.sum(encoded * tl.load(GATE_W + outputs).to(tl.float32)[None, :], axis=1) + tl.load(GATE_B)
+        logit_mix = (tl.sum(encoded * tl.load(GATE_W + 2 * HEAD_DIM + outputs).to(tl.float32)[None, :], axis=1)
+                     + tl.load(GATE_B + 1))
+        through = sum_v[None, :] + tl.cumsum(tl.where(valid[:, None], value, 0.0), axis=0)
+        count = tl.load(COUNTS + count_rows, mask=row_ok, other=1).to(tl.float32)
+        average = (through / tl.maximum(count, 1.0)[:, None]).to(GATE_OFFSET.dtype.element_ty).to(tl.float32)
+        mix = 2.0 * tl.sigmoid(2.0 * logit_mix) - 1.0  # tanh
+        tl.store(GATE_SCALE + out_rows, 2.0 * tl.sigmoid(logit_scale), mask=row_ok)
+        tl.store(GATE_OFFSET + out_rows[:, None] * HEAD_DIM + dims[None, :],
+                 (mix[:, None] * average).to(GATE_OFFSET.dtype.element_ty), mask=row_ok[:, None])
+
+    @triton.jit
     def _causal_kernel_encoding(
         Q, K, V, CODE, VALID, COUNTS, PROJECTION, START_CODE, START_VALUE, START_K, START_V, W, BIAS, NORM_W, NORM_B,
-        ENCODING, AVERAGE, num_rows, segment_rows, num_segments, num_features, num_heads, group, scale, eps, norm_eps,
+        GATE_W, GATE_B, ROW_SLOT, ENCODING, GATE_SCALE, GATE_OFFSET, num_rows, num_slots, segment_rows, num_segments,
+        num_features, num_heads, group, scale, eps, norm_eps,
         HEAD_DIM: tl.constexpr, BLOCK_F: tl.constexpr, CHUNK: tl.constexpr, SUMS_PRECISION: tl.constexpr,
-        DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+        DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, HAS_GATES: tl.constexpr,
     ):
         """Per (batch x query head, segment): causal kernel attention of [code || v] from the segment's starting
-        sums, then the encoder (linear, layer norm, GELU) of [estimate || v], written as ENCODING (rows, 2D); and the
-        running mean of the valid values, written as AVERAGE (rows, D)."""
+        sums, then the encoder (linear, layer norm, GELU) of [estimate || v], written as ENCODING (slots, 2D) for
+        the rows that have a slot in ROW_SLOT; with gates, also the output gate of every row: GATE_SCALE (rows)
+        and GATE_OFFSET (rows, D), the mix gate times the running mean of the valid values."""
         head = tl.program_id(0)
         segment = tl.program_id(1)
         batch = head // num_heads
@@ -385,14 +412,6 @@ if triton is not None:
             code = _matrix_rows(CODE, batch * num_rows, rows, row_ok, HEAD_DIM).to(tl.float32)
             value_in = _matrix_rows(V, kv_head * num_rows, rows, row_ok, HEAD_DIM)
             value = value_in.to(tl.float32)
-            # The running mean of the valid values up to each row (`causal_average_context`).
-            valid_values = tl.where(valid[:, None], value, 0.0)
-            through = sum_v[None, :] + tl.cumsum(valid_values, axis=0)
-            sum_v += tl.sum(valid_values, axis=0)
-            count = tl.load(COUNTS + batch * num_rows + rows, mask=row_ok, other=1).to(tl.float32)
-            average = through / tl.maximum(count, 1.0)[:, None]
-            tl.store(AVERAGE + (head * num_rows + rows)[:, None] * HEAD_DIM + dims[None, :],
-                     average.to(AVERAGE.dtype.element_ty), mask=row_ok[:, None])
             local = tl.arange(0, CHUNK)
             within = tl.dot(phi_q, tl.trans(phi_k), input_precision=SUMS_PRECISION)
             within = tl.where(local[None, :] <= local[:, None], within, 0.0)
@@ -418,15 +437,20 @@ if triton is not None:
             centred = hidden - mean
             variance = tl.sum(centred * centred, axis=1)[:, None] / (2 * HEAD_DIM)
             normed = centred / tl.sqrt(variance + norm_eps) * norm_w[None, :] + norm_b[None, :]
-            encoded = 0.5 * normed * (1.0 + tl.erf(normed * 0.7071067811865476))
-            tl.store(ENCODING + (head * num_rows + rows)[:, None] * (2 * HEAD_DIM) + outputs[None, :],
-                     encoded.to(ENCODING.dtype.element_ty), mask=row_ok[:, None])
-
+            encoded = (0.5 * normed * (1.0 + tl.erf(normed * 0.7071067811865476))).to(ENCODING.dtype.element_ty)
+            slot = tl.load(ROW_SLOT + rows, mask=row_ok, other=-1)
+            tl.store(ENCODING + (head * num_slots + slot)[:, None] * (2 * HEAD_DIM) + outputs[None, :], encoded,
+                     mask=(slot >= 0)[:, None])
+            if HAS_GATES:
+                _store_output_gate(GATE_W, GATE_B, GATE_SCALE, GATE_OFFSET, COUNTS, encoded.to(tl.float32), value,
+                                   valid, sum_v, head * num_rows + rows, batch * num_rows + rows, row_ok, HEAD_DIM)
+                sum_v += tl.sum(tl.where(valid[:, None], value, 0.0), axis=0)
 
     # Launch shape of the estimate kernels, measured once per head size on the GPU (the interpreter ignores it).
     ESTIMATE_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2)]
-    _estimate_sums_tuned = triton.autotune(ESTIMATE_CONFIGS, key=["HEAD_DIM", "BLOCK_F"])(_causal_kernel_sums)
-    _estimate_encoding_tuned = triton.autotune(ESTIMATE_CONFIGS, key=["HEAD_DIM", "BLOCK_F", "DOT_DTYPE"])(
+    _estimate_sums_tuned = triton.autotune(ESTIMATE_CONFIGS, key=["HEAD_DIM", "BLOCK_F", "SUMS_PRECISION"])(_causal_kernel_sums)
+    _estimate_encoding_tuned = triton.autotune(
+        ESTIMATE_CONFIGS, key=["HEAD_DIM", "BLOCK_F", "DOT_DTYPE", "SUMS_PRECISION", "HAS_GATES"])(
         _causal_kernel_encoding)
 
 
@@ -508,6 +532,30 @@ class _SparseAttention(torch.autograd.Function):
         return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None
 
 
+def _block_forward(q, k, v, starts, lengths, positions, counts, rows_per_block, slots, scaling, need_probs, out,
+                   gate_scale=None):
+    """Launches `_block_sparse_forward`, writing `out` (with `gate_scale`: reading the gate's offset from `out`).
+    Returns the kernel's arguments (for the backward), the int32 ranges and positions, the log-sum-exp and the
+    probabilities (empty when not `need_probs`)."""
+    gather = positions is not None
+    # int32 ranks keep the kernel's loop counters in one type (and halve the index traffic).
+    starts, lengths, counts = (x.to(torch.int32).contiguous() for x in (starts, lengths, counts))
+    positions = positions.to(torch.int32).contiguous() if gather else counts
+    n, h, t, d = q.shape
+    lse = torch.empty(n, h, t, dtype=torch.float32, device=q.device)
+    probs = torch.zeros(n, h, t, slots if need_probs else 0, dtype=v.dtype, device=q.device)
+    arguments = dict(HEAD_DIM=d, BLOCK_M=rows_per_block, BLOCK_D=max(16, triton.next_power_of_2(d)),
+                     GATHER=gather, **_dot_arguments(q))
+    if t > 0:
+        kernel, launch = _block_kernel(_block_sparse_forward, _block_forward_tuned, q.is_cuda, arguments)
+        kernel[(triton.cdiv(t, rows_per_block), n * h)](
+            q, k, v, starts, lengths, positions, counts, out, lse, probs, gate_scale if gate_scale is not None else lse,
+            t, k.shape[2], starts.shape[-1], slots, scaling, h, h // k.shape[1], NEED_PROBS=need_probs,
+            GATED=gate_scale is not None, **launch,
+        )
+    return arguments, (starts, lengths, positions, counts), lse, probs
+
+
 class _BlockSparseAttention(torch.autograd.Function):
     """A block of queries sharing its key ranges per program: tiles of keys go through matrix products
     (sea_query_block_size > 1)."""
@@ -515,23 +563,10 @@ class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, starts, lengths, positions, counts, rows_per_block, slots, scaling, need_probs):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        gather = positions is not None
-        # int32 ranks keep the kernel's loop counters in one type (and halve the index traffic).
-        starts, lengths, counts = (x.to(torch.int32).contiguous() for x in (starts, lengths, counts))
-        positions = positions.to(torch.int32).contiguous() if gather else counts
-        n, h, t, d = q.shape
         out = torch.empty_like(q)
-        lse = torch.empty(n, h, t, dtype=torch.float32, device=q.device)
-        probs = torch.zeros(n, h, t, slots if need_probs else 0, dtype=v.dtype, device=q.device)
-        arguments = dict(HEAD_DIM=d, BLOCK_M=rows_per_block, BLOCK_D=max(16, triton.next_power_of_2(d)),
-                         GATHER=gather, **_dot_arguments(q))
-        if t > 0:
-            kernel, launch = _block_kernel(_block_sparse_forward, _block_forward_tuned, q.is_cuda, arguments)
-            kernel[(triton.cdiv(t, rows_per_block), n * h)](
-                q, k, v, starts, lengths, positions, counts, out, lse, probs,
-                t, k.shape[2], starts.shape[-1], slots, scaling, h, h // k.shape[1], NEED_PROBS=need_probs, **launch,
-            )
-        ctx.save_for_backward(q, k, v, starts, lengths, positions, counts, out, probs, lse)
+        arguments, ranges, lse, probs = _block_forward(q, k, v, starts, lengths, positions, counts, rows_per_block,
+                                                       slots, scaling, need_probs, out)
+        ctx.save_for_backward(q, k, v, *ranges, out, probs, lse)
         ctx.setup = (slots, scaling, arguments)
         return (probs if need_probs else None), out
 
@@ -553,6 +588,16 @@ class _BlockSparseAttention(torch.autograd.Function):
                 HAS_GRAD_PROBS=grad_probs is not None, **launch,
             )
         return (grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype)) + (None,) * 8
+
+
+def gated_block_attention_triton(q, k, v, selection, scaling: float, scale: torch.Tensor, offset: torch.Tensor):
+    """For inference with query blocks and no probabilities: scale x `sparse_attention_triton`'s context + offset
+    (the output gate), written by the kernel into `offset`'s memory, which the caller gives up: no other buffer of
+    the output's size is allocated. scale (N, H, T, 1) float32, offset (N, H, T, D) contiguous, in q's dtype."""
+    _block_forward(q.contiguous(), k.contiguous(), v.contiguous(), selection.starts, selection.lengths,
+                   selection.key_positions, selection.row_counts, selection.rows_per_block, 0, scaling, False, offset,
+                   scale)
+    return offset
 
 
 def sparse_attention_triton(q, k, v, selection, scaling: float, need_probs: bool = True):
@@ -586,17 +631,31 @@ def estimate_kernel_unavailable_reason(q: torch.Tensor, head_dim: int) -> str | 
     return None
 
 
-def causal_kernel_encoding_triton(q, k, v, code, key_valid, counts, projection, encoder, eps, kv_sum, k_sum, value_sum):
+def _sums_precision(x: torch.Tensor) -> str:
+    """Precision of the kernel attention's float32 products. On the GPU's matrix units: one TF32 pass for
+    half-precision inputs (TF32 keeps more of each operand than the inputs had; measured on an H100 at 128k tokens:
+    the estimate kernel 3x faster, 1.3% of the selected bins change, as many as float32 vs three passes change
+    against the float32 PyTorch path), three passes (float32 accuracy) for float32 inputs. Exact in the
+    interpreter."""
+    if not x.is_cuda:
+        return "ieee"
+    return "tf32x3" if x.dtype == torch.float32 else "tf32"
+
+
+def causal_kernel_encoding_triton(q, k, v, code, key_valid, counts, projection, encoder, gates, eps, kv_sum, k_sum,
+                                  value_sum, rows=None):
     """The causal part of `SeaAttention.kernel_encoding` as two Triton kernels, for inference: the encoding
-    (N, H, T, 2D) of [kernel attention of [code || v] || v], the new sums (kv_sum, k_sum, value_sum) after these
-    rows, and the running mean of the valid values (N, H_kv, G, T, D) for the G query heads of each key/value head.
+    (N, H, R, 2D) of [kernel attention of [code || v] || v] at `rows` (R of the T rows; None: all), the new sums
+    (kv_sum, k_sum, value_sum) after these rows, and with `gates` (the gate layer, or None) the output gate of
+    every row (`SeaAttention.output_gate`): scale (N, H, T, 1) and offset (N, H, T, D).
 
     q (N, H, T, D), k and v (N, H_kv, T, D) of the new rows, code (N, T, D), key_valid (N, T), the visible-key
     counts (N, T) and the sums before these rows (N, H_kv, F, 2D), (N, H_kv, F), (N, H_kv, D). Rows are cut into
     segments: a first kernel sums phi(k) [code || v]^T, phi(k) and the valid v per segment, a prefix over segments
     gives each segment's starting sums, and a second kernel walks each segment in chunks, carrying the sums in
-    registers, and encodes every row as soon as it is estimated, so neither the features nor the estimate ever
-    reach memory. Returns None when the kernels need more shared memory than this GPU has."""
+    registers, and encodes and gates every row as soon as it is estimated, so neither the features, the estimate
+    nor the encoding of other rows ever reach memory. Returns None when the kernels need more shared memory than
+    this GPU has."""
     n, h, t, d = q.shape
     kv_heads, f = k.shape[1], projection.shape[0]
     block_f = max(16, triton.next_power_of_2(f))
@@ -608,17 +667,25 @@ def causal_kernel_encoding_triton(q, k, v, code, key_valid, counts, projection, 
     sums = torch.empty(2, n * kv_heads, segments, block_f, d, dtype=torch.float32, device=q.device)
     sum_k = torch.empty(n * kv_heads, segments, block_f, dtype=torch.float32, device=q.device)
     sum_v = torch.empty(n * kv_heads, segments, d, dtype=torch.float32, device=q.device)
-    # float32 products of the kernel attention: three TF32 passes on the GPU's matrix units (float32 accuracy;
-    # exact float32 runs on its scalar units, ~30x slower here), exact in the interpreter.
-    precision = "tf32x3" if q.is_cuda else "ieee"
-    constants = dict(HEAD_DIM=d, BLOCK_F=block_f, CHUNK=ESTIMATE_CHUNK, SUMS_PRECISION=precision)
+    constants = dict(HEAD_DIM=d, BLOCK_F=block_f, CHUNK=ESTIMATE_CHUNK, SUMS_PRECISION=_sums_precision(q))
     sums_kernel, encoding_kernel = ((_estimate_sums_tuned, _estimate_encoding_tuned) if q.is_cuda
                                     else (_causal_kernel_sums, _causal_kernel_encoding))
     initial = F.pad(kv_sum, (0, 0, 0, block_f - f)).reshape(n * kv_heads, block_f, 2, d).permute(2, 0, 1, 3)
     initial_k = F.pad(k_sum, (0, block_f - f)).reshape(n * kv_heads, 1, block_f)
     initial_v = value_sum.reshape(n * kv_heads, 1, d)
-    encoding = torch.empty(n, h, t, 2 * d, dtype=v.dtype, device=q.device)
-    average = torch.empty(n, h, t, d, dtype=v.dtype, device=q.device)
+    # Where each row's encoding goes: its index among `rows`, or -1 when it is not wanted.
+    if rows is None:
+        row_slot = torch.arange(t, dtype=torch.int32, device=q.device)
+    else:
+        row_slot = torch.full((t,), -1, dtype=torch.int32, device=q.device)
+        row_slot[rows] = torch.arange(rows.shape[0], dtype=torch.int32, device=q.device)
+    encoding = torch.empty(n, h, t if rows is None else rows.shape[0], 2 * d, dtype=v.dtype, device=q.device)
+    if gates is not None:
+        scale = torch.empty(n, h, t, 1, dtype=torch.float32, device=q.device)
+        offset = torch.empty(n, h, t, d, dtype=v.dtype, device=q.device)
+        gate_weight, gate_bias = gates.weight.contiguous(), gates.bias
+    else:  # never read: the kernel writes no gate
+        scale = offset = gate_weight = gate_bias = encoding
     first, norm = encoder[0], encoder[1]
     try:
         sums_kernel[(n * kv_heads, segments)](
@@ -632,12 +699,12 @@ def causal_kernel_encoding_triton(q, k, v, code, key_valid, counts, projection, 
         encoding_kernel[(n * h, segments)](
             q, k, v, code, key_valid, counts, projection, start[0].contiguous(), start[1].contiguous(),
             start_k.contiguous(), start_v.contiguous(), first.weight.contiguous(), first.bias, norm.weight, norm.bias,
-            encoding, average, t, segment_rows, segments, f, h, h // kv_heads, d**-0.25, eps, norm.eps, **constants,
-            **_dot_arguments(v),
+            gate_weight, gate_bias, row_slot, encoding, scale, offset, t, encoding.shape[2], segment_rows, segments, f,
+            h, h // kv_heads, d**-0.25, eps, norm.eps, HAS_GATES=gates is not None, **constants, **_dot_arguments(v),
         )
     except OutOfResources:  # e.g. GPUs with ~100 KB of shared memory per block
         return None
     total = (initial + sums.sum(2)).permute(1, 2, 0, 3).reshape(n, kv_heads, block_f, 2 * d)[:, :, :f]
     total_k = (initial_k.squeeze(1) + sum_k.sum(1)).reshape(n, kv_heads, block_f)[..., :f]
     total_v = (initial_v.squeeze(1) + sum_v.sum(1)).reshape(n, kv_heads, d)
-    return encoding, (total, total_k, total_v), average.unflatten(1, (kv_heads, -1))
+    return encoding, (total, total_k, total_v), ((scale, offset) if gates is not None else None)

@@ -91,15 +91,16 @@ def test_half_precision_within_one_percent_of_float32(dtype, rows_per_block):
 @pytest.mark.parametrize("d, heads, kv_heads", [(64, 3, 3), (64, 4, 2)], ids=["multi-head", "grouped-query"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_causal_estimate_kernel_matches_the_pytorch_path(d, heads, kv_heads, dtype):
-    """The fused kernel-attention + encoder kernels against `SeaAttention.kernel_encoding`'s PyTorch path: a padded
-    batch continued from random carried sums, over more rows than one segment, the encoding and the new sums."""
+    """The fused kernel-attention + encoder + gate kernels against `SeaAttention.kernel_encoding`'s PyTorch path: a
+    padded batch continued from random carried sums, over more rows than one segment; the encoding of a random
+    subset of rows, the output gate of every row and the new sums."""
     from sea.sea_attention import SeaAttention, positional_code, visible_key_counts
 
     config = tiny_opt_config(sea_key_budget=8, sea_compressed_width=8)
     op = SeaAttention(config, heads, d, True, kv_heads)
     op.init_sea_weights()
     with torch.no_grad():
-        for param in op.encoder.parameters():
+        for param in (*op.encoder.parameters(), *op.gates.parameters()):
             param.normal_(std=0.3)
     op = op.to(DEVICE, dtype)
     n, t = 2, 150
@@ -114,16 +115,18 @@ def test_causal_estimate_kernel_matches_the_pytorch_path(d, heads, kv_heads, dty
     code = positional_code(valid, d, op.position_table, t).to(dtype)
     # As after a cached prefix of 7 valid tokens: counts include the earlier keys.
     counts = visible_key_counts(torch.cat([torch.ones(n, 7, dtype=torch.bool, device=DEVICE), valid], 1), True, t)
+    rows = torch.randperm(t, device=DEVICE)[:40].sort().values
     with torch.no_grad():
         op.kernel = "torch"
-        want, want_sums, _, want_average = op.kernel_encoding(q, k, v, code, valid, counts, state)
+        want, want_sums, _, want_gate = op.kernel_encoding(q, k, v, code, valid, counts, state, rows)
         op.kernel = "triton"
-        got, got_sums, kernel_context, got_average = op.kernel_encoding(q, k, v, code, valid, counts, state)
+        got, got_sums, kernel_context, got_gate = op.kernel_encoding(q, k, v, code, valid, counts, state, rows)
     assert kernel_context is None, "the fused kernels did not run"
+    assert got.shape == (n, heads, 40, 2 * d)
     tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0, atol=0.05)
     torch.testing.assert_close(got, want, **tolerance)
-    # The kernel writes the running mean once per query head; the PyTorch path once per key/value head.
-    torch.testing.assert_close(got_average, want_average.expand_as(got_average), **tolerance)
+    for a, b in zip(got_gate, want_gate):  # scale, offset
+        torch.testing.assert_close(a, b.to(a.dtype), **tolerance)
     for a, b in zip(got_sums, want_sums):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
     if dtype == torch.bfloat16:
@@ -132,17 +135,21 @@ def test_causal_estimate_kernel_matches_the_pytorch_path(d, heads, kv_heads, dty
     assert op.kernel_encoding(q, k, v, code, valid, counts, state)[2] is not None
 
 
-def test_inference_forward_with_the_fused_estimate_equals_the_pytorch_path():
-    """A whole causal layer at inference, kernels against the PyTorch path: a padded, grouped-query batch in query
-    blocks, continued from an earlier call; the same keys, context and carried state."""
+@pytest.mark.parametrize("gates", [True, False], ids=["gates", "no-gates"])
+def test_inference_forward_with_the_fused_estimate_equals_the_pytorch_path(gates):
+    """A whole causal layer at inference, kernels (fused estimate and gates) against the PyTorch path: a padded,
+    grouped-query batch in query blocks, continued from an earlier call; the same keys, context and carried state."""
     from sea.sea_attention import SeaAttention
 
     torch.manual_seed(0)
-    config = tiny_opt_config(sea_key_budget=24, sea_compressed_width=8, sea_query_block_size=16)
+    config = tiny_opt_config(sea_key_budget=24, sea_compressed_width=8, sea_query_block_size=16,
+                             sea_output_gates=gates)
     op = SeaAttention(config, 4, 64, True, 2)
     op.init_sea_weights()
-    with torch.no_grad():
-        op.gates.weight.normal_(std=0.5)
+    if gates:
+        with torch.no_grad():
+            for param in op.gates.parameters():
+                param.normal_(std=0.5)
     op = op.to(DEVICE)
     n, first, t = 2, 37, 120
     q = torch.randn(n, 4, t, 64, device=DEVICE)
