@@ -345,6 +345,19 @@ def bidirectional_average_context(v, key_valid, estimate_log_probs, key_position
     return grouped @ bin_means.unsqueeze(2)
 
 
+@functools.lru_cache(maxsize=32)
+def _causal_cnn_rows(block: int, reach: int, num_rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`SeaRowCnn.rows_needed` for a CNN that reads `reach` rows above each row."""
+    if block <= reach:
+        raise ValueError(f"query blocks of {block} rows are shorter than the CNN's reach of {reach} rows")
+    window = torch.arange(-reach, 1, device=device)
+    windows = (torch.arange(block, num_rows, block, device=device)[:, None] + window).flatten()
+    last_first = (num_rows - 1) // block * block
+    tail = torch.arange(max(num_rows - 1 - reach, last_first + 1), num_rows, device=device)
+    rows = torch.cat([torch.zeros(1, dtype=torch.long, device=device), windows, tail])
+    return rows, torch.arange(0, last_first + 1, block, device=device) // block * (reach + 1)
+
+
 class SeaRowCnn(nn.Module):
     """Refines the decoded rows (N, H * c, T, M / s) into estimated attention logits (N, H, T, M).
 
@@ -374,16 +387,8 @@ class SeaRowCnn(nn.Module):
         every `block` rows and for its memory of the last rows, and where those first rows are among them. Run on
         just these rows (with the same state), the CNN gives the same output there and the same memory: each first
         row comes with the `reach` rows its two convolutions read above it (row 0 reads the state), and so does the
-        last row. Built from host integers, so no step waits for the GPU."""
-        reach = 2 * self.rows_above
-        if block <= reach:
-            raise ValueError(f"query blocks of {block} rows are shorter than the CNN's reach of {reach} rows")
-        window = torch.arange(-reach, 1, device=device)
-        windows = (torch.arange(block, num_rows, block, device=device)[:, None] + window).flatten()
-        last_first = (num_rows - 1) // block * block
-        tail = torch.arange(max(num_rows - 1 - reach, last_first + 1), num_rows, device=device)
-        rows = torch.cat([torch.zeros(1, dtype=torch.long, device=device), windows, tail])
-        return rows, torch.arange(0, last_first + 1, block, device=device) // block * (reach + 1)
+        last row. Built from host integers, so no step waits for the GPU, and kept per length (read-only)."""
+        return _causal_cnn_rows(block, 2 * self.rows_above, num_rows, device)
 
     def _conv(self, conv: nn.Conv2d, x: torch.Tensor, row_valid: torch.Tensor, above: torch.Tensor | None):
         """Causal: `above` holds the rows before `x` (zeros at the start of a sequence). Bidirectional: zero

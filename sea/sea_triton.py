@@ -313,20 +313,29 @@ if triton is not None:
         return rows, row_ok, valid
 
     @triton.jit
+    def _packed_sums(SUMS, index, HEAD_DIM: tl.constexpr, BLOCK_F: tl.constexpr):
+        """Pointers into record `index` of packed sums (see `_pack_sums`): phi(k) code^T and phi(k) v^T (the
+        halves of the (BLOCK_F, 2D) rows of phi(k) [code || v]^T), phi(k) (BLOCK_F) and the valid values (D)."""
+        base = index * (2 * BLOCK_F * HEAD_DIM + BLOCK_F + HEAD_DIM)
+        features = tl.arange(0, BLOCK_F)
+        dims = tl.arange(0, HEAD_DIM)
+        code = base + features[:, None] * (2 * HEAD_DIM) + dims[None, :]
+        k = base + 2 * BLOCK_F * HEAD_DIM + features
+        return SUMS + code, SUMS + code + HEAD_DIM, SUMS + k, SUMS + base + 2 * BLOCK_F * HEAD_DIM + BLOCK_F + dims
+
+    @triton.jit
     def _causal_kernel_sums(
-        K, V, CODE, VALID, PROJECTION, SUM_CODE, SUM_VALUE, SUM_K, SUM_V,
+        K, V, CODE, VALID, PROJECTION, SUMS,
         num_rows, segment_rows, num_segments, num_features, num_kv_heads, scale, eps,
         HEAD_DIM: tl.constexpr, BLOCK_F: tl.constexpr, CHUNK: tl.constexpr, SUMS_PRECISION: tl.constexpr,
     ):
         """Per (batch x key/value head, segment of rows): sums of phi(k_j) code_j^T, phi(k_j) v_j^T, phi(k_j) and
-        of the valid v_j."""
+        of the valid v_j, as one packed record."""
         head = tl.program_id(0)
         segment = tl.program_id(1)
         batch = head // num_kv_heads
         first = segment * segment_rows
         last = tl.minimum(first + segment_rows, num_rows)
-        dims = tl.arange(0, HEAD_DIM)
-        features = tl.arange(0, BLOCK_F)
         sum_code = tl.zeros([BLOCK_F, HEAD_DIM], tl.float32)
         sum_value = tl.zeros([BLOCK_F, HEAD_DIM], tl.float32)
         sum_k = tl.zeros([BLOCK_F], tl.float32)
@@ -341,12 +350,11 @@ if triton is not None:
             sum_value += tl.dot(tl.trans(phi_k), value, input_precision=SUMS_PRECISION)
             sum_k += tl.sum(phi_k, axis=0)
             sum_v += tl.sum(tl.where(valid[:, None], value, 0.0), axis=0)
-        out = head * num_segments + segment
-        tile = (out * BLOCK_F + features)[:, None] * HEAD_DIM + dims[None, :]
-        tl.store(SUM_CODE + tile, sum_code)
-        tl.store(SUM_VALUE + tile, sum_value)
-        tl.store(SUM_K + out * BLOCK_F + features, sum_k)
-        tl.store(SUM_V + out * HEAD_DIM + dims, sum_v)
+        to_code, to_value, to_k, to_v = _packed_sums(SUMS, head * num_segments + segment, HEAD_DIM, BLOCK_F)
+        tl.store(to_code, sum_code)
+        tl.store(to_value, sum_value)
+        tl.store(to_k, sum_k)
+        tl.store(to_v, sum_v)
 
     @triton.jit
     def _encoder_weight_t(W, column, HEAD_DIM: tl.constexpr):
@@ -375,7 +383,7 @@ if triton is not None:
 
     @triton.jit
     def _causal_kernel_encoding(
-        Q, K, V, CODE, VALID, COUNTS, PROJECTION, START_CODE, START_VALUE, START_K, START_V, W, BIAS, NORM_W, NORM_B,
+        Q, K, V, CODE, VALID, COUNTS, PROJECTION, START, W, BIAS, NORM_W, NORM_B,
         GATE_W, GATE_B, ROW_SLOT, ENCODING, GATE_SCALE, GATE_OFFSET, num_rows, num_slots, segment_rows, num_segments,
         num_features, num_heads, group, scale, eps, norm_eps,
         HEAD_DIM: tl.constexpr, BLOCK_F: tl.constexpr, CHUNK: tl.constexpr, SUMS_PRECISION: tl.constexpr,
@@ -391,15 +399,13 @@ if triton is not None:
         kv_head = _key_value_head(head, num_heads, group)
         first = segment * segment_rows
         last = tl.minimum(first + segment_rows, num_rows)
-        dims = tl.arange(0, HEAD_DIM)
-        features = tl.arange(0, BLOCK_F)
         outputs = tl.arange(0, 2 * HEAD_DIM)
-        start = kv_head * num_segments + segment
-        tile = (start * BLOCK_F + features)[:, None] * HEAD_DIM + dims[None, :]
-        sum_code = tl.load(START_CODE + tile)
-        sum_value = tl.load(START_VALUE + tile)
-        sum_k = tl.load(START_K + start * BLOCK_F + features)
-        sum_v = tl.load(START_V + start * HEAD_DIM + dims)
+        from_code, from_value, from_k, from_v = _packed_sums(START, kv_head * num_segments + segment, HEAD_DIM,
+                                                             BLOCK_F)
+        sum_code = tl.load(from_code)
+        sum_value = tl.load(from_value)
+        sum_k = tl.load(from_k)
+        sum_v = tl.load(from_v)
         bias = tl.load(BIAS + outputs).to(tl.float32)
         norm_w = tl.load(NORM_W + outputs).to(tl.float32)
         norm_b = tl.load(NORM_B + outputs).to(tl.float32)
@@ -642,6 +648,14 @@ def _sums_precision(x: torch.Tensor) -> str:
     return "tf32x3" if x.dtype == torch.float32 else "tf32"
 
 
+def _pack_sums(kv_sum, k_sum, value_sum, block_f: int) -> torch.Tensor:
+    """The carried sums (N, H_kv, F, 2D), (N, H_kv, F), (N, H_kv, D) as one float32 record per (batch, key/value
+    head), features padded to `block_f`, the layout the estimate kernels read and write (`_packed_sums`)."""
+    pad = block_f - kv_sum.shape[-2]
+    parts = (F.pad(kv_sum, (0, 0, 0, pad)).flatten(-2), F.pad(k_sum, (0, pad)), value_sum)
+    return torch.cat(parts, dim=-1).flatten(0, 1).float()
+
+
 def causal_kernel_encoding_triton(q, k, v, code, key_valid, counts, projection, encoder, gates, eps, kv_sum, k_sum,
                                   value_sum, rows=None):
     """The causal part of `SeaAttention.kernel_encoding` as two Triton kernels, for inference: the encoding
@@ -664,15 +678,11 @@ def causal_kernel_encoding_triton(q, k, v, code, key_valid, counts, projection, 
     segments = max(1, triton.cdiv(t, segment_rows))
     q, k, v, code, key_valid, counts, projection = (
         x.contiguous() for x in (q, k, v, code, key_valid, counts, projection))
-    sums = torch.empty(2, n * kv_heads, segments, block_f, d, dtype=torch.float32, device=q.device)
-    sum_k = torch.empty(n * kv_heads, segments, block_f, dtype=torch.float32, device=q.device)
-    sum_v = torch.empty(n * kv_heads, segments, d, dtype=torch.float32, device=q.device)
     constants = dict(HEAD_DIM=d, BLOCK_F=block_f, CHUNK=ESTIMATE_CHUNK, SUMS_PRECISION=_sums_precision(q))
     sums_kernel, encoding_kernel = ((_estimate_sums_tuned, _estimate_encoding_tuned) if q.is_cuda
                                     else (_causal_kernel_sums, _causal_kernel_encoding))
-    initial = F.pad(kv_sum, (0, 0, 0, block_f - f)).reshape(n * kv_heads, block_f, 2, d).permute(2, 0, 1, 3)
-    initial_k = F.pad(k_sum, (0, block_f - f)).reshape(n * kv_heads, 1, block_f)
-    initial_v = value_sum.reshape(n * kv_heads, 1, d)
+    initial = _pack_sums(kv_sum, k_sum, value_sum, block_f).unsqueeze(1)  # (N x H_kv, 1, record)
+    segment_sums = initial.new_empty(n * kv_heads, segments, initial.shape[-1])
     # Where each row's encoding goes: its index among `rows`, or -1 when it is not wanted.
     if rows is None:
         row_slot = torch.arange(t, dtype=torch.int32, device=q.device)
@@ -689,22 +699,20 @@ def causal_kernel_encoding_triton(q, k, v, code, key_valid, counts, projection, 
     first, norm = encoder[0], encoder[1]
     try:
         sums_kernel[(n * kv_heads, segments)](
-            k, v, code, key_valid, projection, sums[0], sums[1], sum_k, sum_v, t, segment_rows, segments, f, kv_heads,
-            d**-0.25, eps, **constants,
+            k, v, code, key_valid, projection, segment_sums, t, segment_rows, segments, f, kv_heads, d**-0.25, eps,
+            **constants,
         )
         # Sums before each segment: the carried state, then the segments before it.
-        start = initial.unsqueeze(2) + sums.cumsum(2) - sums
-        start_k = initial_k + sum_k.cumsum(1) - sum_k
-        start_v = initial_v + sum_v.cumsum(1) - sum_v
+        start = initial + segment_sums.cumsum(1) - segment_sums
         encoding_kernel[(n * h, segments)](
-            q, k, v, code, key_valid, counts, projection, start[0].contiguous(), start[1].contiguous(),
-            start_k.contiguous(), start_v.contiguous(), first.weight.contiguous(), first.bias, norm.weight, norm.bias,
-            gate_weight, gate_bias, row_slot, encoding, scale, offset, t, encoding.shape[2], segment_rows, segments, f,
-            h, h // kv_heads, d**-0.25, eps, norm.eps, HAS_GATES=gates is not None, **constants, **_dot_arguments(v),
+            q, k, v, code, key_valid, counts, projection, start, first.weight.contiguous(), first.bias, norm.weight,
+            norm.bias, gate_weight, gate_bias, row_slot, encoding, scale, offset, t, encoding.shape[2], segment_rows,
+            segments, f, h, h // kv_heads, d**-0.25, eps, norm.eps, HAS_GATES=gates is not None, **constants,
+            **_dot_arguments(v),
         )
     except OutOfResources:  # e.g. GPUs with ~100 KB of shared memory per block
         return None
-    total = (initial + sums.sum(2)).permute(1, 2, 0, 3).reshape(n, kv_heads, block_f, 2 * d)[:, :, :f]
-    total_k = (initial_k.squeeze(1) + sum_k.sum(1)).reshape(n, kv_heads, block_f)[..., :f]
-    total_v = (initial_v.squeeze(1) + sum_v.sum(1)).reshape(n, kv_heads, d)
-    return encoding, (total, total_k, total_v), ((scale, offset) if gates is not None else None)
+    total = (initial.squeeze(1) + segment_sums.sum(1)).view(n, kv_heads, -1)
+    kv_part, k_part, v_part = total.split([2 * block_f * d, block_f, d], dim=-1)
+    sums = (kv_part.unflatten(-1, (block_f, 2 * d))[:, :, :f], k_part[..., :f], v_part)
+    return encoding, sums, ((scale, offset) if gates is not None else None)
