@@ -351,7 +351,7 @@ def _causal_cnn_rows(block: int, reach: int, num_rows: int, device: torch.device
     if block <= reach:
         raise ValueError(f"query blocks of {block} rows are shorter than the CNN's reach of {reach} rows")
     window = torch.arange(-reach, 1, device=device)
-    windows = (torch.arange(block, num_rows, block, device=device)[:, None] + window).flatten()
+    windows = (torch.arange(block, max(block, num_rows), block, device=device)[:, None] + window).flatten()
     last_first = (num_rows - 1) // block * block
     tail = torch.arange(max(num_rows - 1 - reach, last_first + 1), num_rows, device=device)
     rows = torch.cat([torch.zeros(1, dtype=torch.long, device=device), windows, tail])
@@ -678,7 +678,7 @@ class SeaAttention(nn.Module):
             return SeaAttentionOutput(context, None, selection, estimate_log_probs, state)
         probs, context = implementation(q, k, v, selection, scaling, need_probs)
         if gate is not None:
-            scale, offset = gate
+            scale, offset = gate[0].to(context.dtype), gate[1]
             context = context * scale + offset
             probs = probs * scale if probs is not None else None
         return SeaAttentionOutput(context, probs, selection, estimate_log_probs, state)

@@ -74,6 +74,23 @@ def test_cached_decoding_equals_full_forward(prompt_length):
     assert (cached[:first_flip] - expected[:first_flip]).abs().max() <= 1e-4
 
 
+def test_generation_with_query_blocks_decodes_steps_shorter_than_a_block():
+    """With sea_query_block_size > 1 every decode step is one new query, fewer than a block. With every key within
+    the budget and the converted model's neutral gates, SEA attention is exact: cached greedy generation gives the
+    dense model's tokens and logits."""
+    dense = OPTForCausalLM(OPTConfig(**LONG_OPT)).eval()
+    model = convert_to_sea(dense, sea_key_budget=64, sea_compressed_width=16, sea_query_block_size=16)
+    prompt = torch.randint(3, 120, (2, 21))
+    generated = {}
+    with torch.no_grad():
+        for name, m in (("sea", model), ("dense", dense)):
+            generated[name] = m.generate(prompt, max_new_tokens=20, min_new_tokens=20, do_sample=False,
+                                         output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(generated["sea"].sequences, generated["dense"].sequences)
+    torch.testing.assert_close(torch.stack(generated["sea"].logits), torch.stack(generated["dense"].logits),
+                               rtol=1e-4, atol=1e-4)
+
+
 def test_chunked_prefill_equals_one_prefill():
     model = sea_model()
     ids = torch.randint(3, 120, (2, 203))

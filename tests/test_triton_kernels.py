@@ -163,6 +163,30 @@ def test_inference_forward_with_the_fused_estimate_equals_the_pytorch_path(gates
     assert_same_layer_outputs(results["triton"], results["torch"], dict(rtol=1e-4, atol=1e-5), dict(rtol=1e-4, atol=1e-4))
 
 
+@pytest.mark.parametrize("block", [1, 16], ids=["per-query", "blocks"])
+def test_half_precision_inference_with_the_fused_estimate_keeps_the_dtype(block):
+    """bfloat16 at inference, fused estimate and gates (the kernel's float32 gate scale must not promote the
+    output), close to the PyTorch path in bfloat16 and one new token continued from the state."""
+    from sea.sea_attention import SeaAttention
+
+    torch.manual_seed(0)
+    config = tiny_opt_config(sea_key_budget=24, sea_compressed_width=8, sea_query_block_size=block)
+    op = SeaAttention(config, 2, 64, True)
+    op.init_sea_weights()
+    with torch.no_grad():
+        op.gates.weight.normal_(std=0.5)
+    op = op.to(DEVICE, torch.bfloat16)
+    q, k, v = (torch.randn(1, 2, 50, 64, device=DEVICE, dtype=torch.bfloat16) for _ in range(3))
+    valid = torch.ones(1, 50, dtype=torch.bool, device=DEVICE)
+    results = {}
+    for kernel in ("torch", "triton"):
+        op.kernel = kernel
+        results[kernel] = layer_in_two_calls(op, q, k, v, valid, 49, 0.125, need_probs=False)
+    for got, want in zip(results["triton"], results["torch"]):
+        assert got.context.dtype == torch.bfloat16
+        assert (got.context.float() - want.context.float()).norm() / want.context.float().norm() < 2e-2
+
+
 def test_estimate_kernel_on_an_unsupported_head_size_warns_once_and_uses_the_pytorch_path():
     from transformers.testing_utils import CaptureLogger
 
