@@ -637,15 +637,15 @@ def estimate_kernel_unavailable_reason(q: torch.Tensor, head_dim: int) -> str | 
     return None
 
 
-def _sums_precision(x: torch.Tensor) -> str:
-    """Precision of the kernel attention's float32 products. On the GPU's matrix units: one TF32 pass for
-    half-precision inputs (TF32 keeps more of each operand than the inputs had; measured on an H100 at 128k tokens:
-    the estimate kernel 3x faster, 1.3% of the selected bins change, as many as float32 vs three passes change
-    against the float32 PyTorch path), three passes (float32 accuracy) for float32 inputs. Exact in the
-    interpreter."""
+def _sums_precision(x: torch.Tensor, carried: bool) -> str:
+    """Precision of the kernel attention's float32 products: exact in the interpreter; on the GPU's matrix units,
+    three TF32 passes (float32 accuracy) for the sums a layer carries to its next call and for float32 inputs, and
+    one pass for the estimate of half-precision inputs (TF32 keeps more of each operand than the inputs had;
+    measured on an H100 at 128k tokens: the estimate kernel 3x faster, 1.3% of the selected bins change, as many as
+    three passes change against the float32 PyTorch path)."""
     if not x.is_cuda:
         return "ieee"
-    return "tf32x3" if x.dtype == torch.float32 else "tf32"
+    return "tf32x3" if carried or x.dtype == torch.float32 else "tf32"
 
 
 def _pack_sums(kv_sum, k_sum, value_sum, block_f: int) -> torch.Tensor:
@@ -678,7 +678,7 @@ def causal_kernel_encoding_triton(q, k, v, code, key_valid, counts, projection, 
     segments = max(1, triton.cdiv(t, segment_rows))
     q, k, v, code, key_valid, counts, projection = (
         x.contiguous() for x in (q, k, v, code, key_valid, counts, projection))
-    constants = dict(HEAD_DIM=d, BLOCK_F=block_f, CHUNK=ESTIMATE_CHUNK, SUMS_PRECISION=_sums_precision(q))
+    constants = dict(HEAD_DIM=d, BLOCK_F=block_f, CHUNK=ESTIMATE_CHUNK)
     sums_kernel, encoding_kernel = ((_estimate_sums_tuned, _estimate_encoding_tuned) if q.is_cuda
                                     else (_causal_kernel_sums, _causal_kernel_encoding))
     initial = _pack_sums(kv_sum, k_sum, value_sum, block_f).unsqueeze(1)  # (N x H_kv, 1, record)
@@ -700,15 +700,15 @@ def causal_kernel_encoding_triton(q, k, v, code, key_valid, counts, projection, 
     try:
         sums_kernel[(n * kv_heads, segments)](
             k, v, code, key_valid, projection, segment_sums, t, segment_rows, segments, f, kv_heads, d**-0.25, eps,
-            **constants,
+            SUMS_PRECISION=_sums_precision(q, carried=True), **constants,
         )
         # Sums before each segment: the carried state, then the segments before it.
         start = initial + segment_sums.cumsum(1) - segment_sums
         encoding_kernel[(n * h, segments)](
             q, k, v, code, key_valid, counts, projection, start, first.weight.contiguous(), first.bias, norm.weight,
             norm.bias, gate_weight, gate_bias, row_slot, encoding, scale, offset, t, encoding.shape[2], segment_rows,
-            segments, f, h, h // kv_heads, d**-0.25, eps, norm.eps, HAS_GATES=gates is not None, **constants,
-            **_dot_arguments(v),
+            segments, f, h, h // kv_heads, d**-0.25, eps, norm.eps, HAS_GATES=gates is not None,
+            SUMS_PRECISION=_sums_precision(q, carried=False), **constants, **_dot_arguments(v),
         )
     except OutOfResources:  # e.g. GPUs with ~100 KB of shared memory per block
         return None
