@@ -8,9 +8,10 @@ probabilities from the saved log-sum-exp and scatters key/value gradients with a
 many queries).
 
 `causal_kernel_encoding_triton` computes the causal half of `SeaAttention.kernel_encoding` for inference: kernel
-features, causal kernel attention from carried sums, the encoder and the running mean of the values, fused so that
-neither the features nor the estimate reach memory (the decoder, CNN and selection stay in PyTorch: at inference
-they run on a few rows per query block only).
+features, causal kernel attention from carried sums, the encoder, and the output gate (`SeaAttention.output_gate`,
+with the running mean of the values), fused so that neither the features, the estimate nor the encoding of rows
+the CNN does not read reach memory (the decoder, CNN and selection stay in PyTorch: at inference they run on a few
+rows per query block only). `gated_block_attention_triton` then applies the gate as the sparse kernel writes.
 
 Triton is optional: on the CPU the PyTorch path runs (the kernels run there only under TRITON_INTERPRET=1, as the
 tests do).
