@@ -347,15 +347,17 @@ def bidirectional_average_context(v, key_valid, estimate_log_probs, key_position
 
 @functools.lru_cache(maxsize=32)
 def _causal_cnn_rows(block: int, reach: int, num_rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """`SeaRowCnn.rows_needed` for a CNN that reads `reach` rows above each row."""
+    """`SeaRowCnn.rows_needed` for a CNN that reads `reach` rows above each row. Built outside inference mode: the
+    kept tensors also index forwards that train."""
     if block <= reach:
         raise ValueError(f"query blocks of {block} rows are shorter than the CNN's reach of {reach} rows")
-    window = torch.arange(-reach, 1, device=device)
-    windows = (torch.arange(block, max(block, num_rows), block, device=device)[:, None] + window).flatten()
-    last_first = (num_rows - 1) // block * block
-    tail = torch.arange(max(num_rows - 1 - reach, last_first + 1), num_rows, device=device)
-    rows = torch.cat([torch.zeros(1, dtype=torch.long, device=device), windows, tail])
-    return rows, torch.arange(0, last_first + 1, block, device=device) // block * (reach + 1)
+    with torch.inference_mode(False):
+        window = torch.arange(-reach, 1, device=device)
+        windows = (torch.arange(block, max(block, num_rows), block, device=device)[:, None] + window).flatten()
+        last_first = (num_rows - 1) // block * block
+        tail = torch.arange(max(num_rows - 1 - reach, last_first + 1), num_rows, device=device)
+        rows = torch.cat([torch.zeros(1, dtype=torch.long, device=device), windows, tail])
+        return rows, torch.arange(0, last_first + 1, block, device=device) // block * (reach + 1)
 
 
 class SeaRowCnn(nn.Module):

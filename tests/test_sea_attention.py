@@ -269,3 +269,15 @@ def test_selection_rules_read_the_documented_keys(baseline, anchors):
             if baseline == "local_window" and row + 1 in (8, 16, 32, 64):
                 first = bin_size if anchors and bin_size < 8 else 0
                 assert keys == set(range(first)) | set(range(row + 1 - (8 - first), row + 1))
+
+
+def test_training_after_inference_mode_with_query_blocks():
+    """A causal layer with query blocks run first under torch.inference_mode (as pipelines do), then trained
+    without probabilities: the second forward's backward (context and estimate, as distillation does) works."""
+    op = make_operator(True, 8, block=16)
+    q, k, v = torch.randn(3, 1, H, 40, D).unbind(0)
+    with torch.inference_mode():
+        op(q, k, v, None, D**-0.5, need_probs=False)
+    out = op(q, k, v.requires_grad_(), None, D**-0.5, need_probs=False)
+    (out.context.square().sum() + out.estimate_log_probs.sum()).backward()
+    assert v.grad is not None and op.gates.weight.grad is not None and op.row_decoder.weight.grad is not None
