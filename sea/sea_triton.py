@@ -365,16 +365,17 @@ if triton is not None:
         return tl.load(W + outputs[None, :] * (3 * HEAD_DIM) + column + dims[:, None])
 
     @triton.jit
-    def _store_output_gate(GATE_W, GATE_B, GATE_SCALE, GATE_OFFSET, COUNTS, encoded, value, valid, sum_v, out_rows,
+    def _store_output_gate(GATE_W, GATE_B, GATE_SCALE, GATE_OFFSET, COUNTS, encoded, valid_values, sum_v, out_rows,
                            count_rows, row_ok, HEAD_DIM: tl.constexpr):
         """`SeaAttention.output_gate` of a chunk of rows: the scale 2 sigmoid(g_0) and the offset tanh(g_1) times
-        the running mean of the valid values (`causal_average_context`; `sum_v` sums those before the chunk)."""
+        the running mean of the valid values (`causal_average_context`; `valid_values` are the chunk's values, zero
+        at padding, and `sum_v` sums those before the chunk)."""
         dims = tl.arange(0, HEAD_DIM)
         outputs = tl.arange(0, 2 * HEAD_DIM)
         logit_scale = tl.sum(encoded * tl.load(GATE_W + outputs).to(tl.float32)[None, :], axis=1) + tl.load(GATE_B)
         logit_mix = (tl.sum(encoded * tl.load(GATE_W + 2 * HEAD_DIM + outputs).to(tl.float32)[None, :], axis=1)
                      + tl.load(GATE_B + 1))
-        through = sum_v[None, :] + tl.cumsum(tl.where(valid[:, None], value, 0.0), axis=0)
+        through = sum_v[None, :] + tl.cumsum(valid_values, axis=0)
         count = tl.load(COUNTS + count_rows, mask=row_ok, other=1).to(tl.float32)
         average = (through / tl.maximum(count, 1.0)[:, None]).to(GATE_OFFSET.dtype.element_ty).to(tl.float32)
         mix = 2.0 * tl.sigmoid(2.0 * logit_mix) - 1.0  # tanh
@@ -449,9 +450,11 @@ if triton is not None:
             tl.store(ENCODING + (head * num_slots + slot)[:, None] * (2 * HEAD_DIM) + outputs[None, :], encoded,
                      mask=(slot >= 0)[:, None])
             if HAS_GATES:
-                _store_output_gate(GATE_W, GATE_B, GATE_SCALE, GATE_OFFSET, COUNTS, encoded.to(tl.float32), value,
-                                   valid, sum_v, head * num_rows + rows, batch * num_rows + rows, row_ok, HEAD_DIM)
-                sum_v += tl.sum(tl.where(valid[:, None], value, 0.0), axis=0)
+                valid_values = tl.where(valid[:, None], value, 0.0)
+                _store_output_gate(GATE_W, GATE_B, GATE_SCALE, GATE_OFFSET, COUNTS, encoded.to(tl.float32),
+                                   valid_values, sum_v, head * num_rows + rows, batch * num_rows + rows, row_ok,
+                                   HEAD_DIM)
+                sum_v += tl.sum(valid_values, axis=0)
 
     # Launch shape of the estimate kernels, measured once per head size on the GPU (the interpreter ignores it).
     ESTIMATE_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2)]
@@ -465,11 +468,12 @@ BLOCK_M = 32  # query rows per program of the per-query kernel
 INTERPRETER_BLOCK_N = 64  # keys per tile of the block kernels in Triton's interpreter, which cannot time configs
 
 
-def _block_kernel(kernel, tuned, on_gpu: bool, arguments: dict):
-    """The autotuned kernel on a GPU; under the interpreter the plain one with a fixed key tile."""
+def _kernel_for_device(kernel, tuned, on_gpu: bool, arguments: dict, **interpreter_arguments):
+    """The autotuned kernel and `arguments` on a GPU; under the interpreter, which cannot time configs, the plain
+    kernel with `interpreter_arguments` fixing what the autotuner would choose."""
     if on_gpu:
         return tuned, arguments
-    return kernel, {**arguments, "BLOCK_N": INTERPRETER_BLOCK_N}
+    return kernel, {**arguments, **interpreter_arguments}
 
 
 def _dot_arguments(x: torch.Tensor) -> dict:
@@ -554,7 +558,8 @@ def _block_forward(q, k, v, starts, lengths, positions, counts, rows_per_block, 
     arguments = dict(HEAD_DIM=d, BLOCK_M=rows_per_block, BLOCK_D=max(16, triton.next_power_of_2(d)),
                      GATHER=gather, **_dot_arguments(q))
     if t > 0:
-        kernel, launch = _block_kernel(_block_sparse_forward, _block_forward_tuned, q.is_cuda, arguments)
+        kernel, launch = _kernel_for_device(_block_sparse_forward, _block_forward_tuned, q.is_cuda, arguments,
+                                            BLOCK_N=INTERPRETER_BLOCK_N)
         kernel[(triton.cdiv(t, rows_per_block), n * h)](
             q, k, v, starts, lengths, positions, counts, out, lse, probs, gate_scale if gate_scale is not None else lse,
             t, k.shape[2], starts.shape[-1], slots, scaling, h, h // k.shape[1], NEED_PROBS=need_probs,
@@ -587,7 +592,8 @@ class _BlockSparseAttention(torch.autograd.Function):
         grad_k = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
         grad_v = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
         if t > 0:
-            kernel, launch = _block_kernel(_block_sparse_backward, _block_backward_tuned, q.is_cuda, arguments)
+            kernel, launch = _kernel_for_device(_block_sparse_backward, _block_backward_tuned, q.is_cuda, arguments,
+                                                BLOCK_N=INTERPRETER_BLOCK_N)
             kernel[(triton.cdiv(t, arguments["BLOCK_M"]), n * h)](
                 q, k, v, starts, lengths, positions, counts, lse, delta, grad_out,
                 grad_probs if grad_probs is not None else grad_out, grad_q, grad_k, grad_v,
@@ -680,8 +686,13 @@ def causal_kernel_encoding_triton(q, k, v, code, key_valid, counts, projection, 
     q, k, v, code, key_valid, counts, projection = (
         x.contiguous() for x in (q, k, v, code, key_valid, counts, projection))
     constants = dict(HEAD_DIM=d, BLOCK_F=block_f, CHUNK=ESTIMATE_CHUNK)
-    sums_kernel, encoding_kernel = ((_estimate_sums_tuned, _estimate_encoding_tuned) if q.is_cuda
-                                    else (_causal_kernel_sums, _causal_kernel_encoding))
+    sums_kernel, sums_arguments = _kernel_for_device(
+        _causal_kernel_sums, _estimate_sums_tuned, q.is_cuda,
+        dict(constants, SUMS_PRECISION=_sums_precision(q, carried=True)))
+    encoding_kernel, encoding_arguments = _kernel_for_device(
+        _causal_kernel_encoding, _estimate_encoding_tuned, q.is_cuda,
+        dict(constants, HAS_GATES=gates is not None, SUMS_PRECISION=_sums_precision(q, carried=False),
+             **_dot_arguments(v)))
     initial = _pack_sums(kv_sum, k_sum, value_sum, block_f).unsqueeze(1)  # (N x H_kv, 1, record)
     segment_sums = initial.new_empty(n * kv_heads, segments, initial.shape[-1])
     # Where each row's encoding goes: its index among `rows`, or -1 when it is not wanted.
@@ -701,15 +712,14 @@ def causal_kernel_encoding_triton(q, k, v, code, key_valid, counts, projection, 
     try:
         sums_kernel[(n * kv_heads, segments)](
             k, v, code, key_valid, projection, segment_sums, t, segment_rows, segments, f, kv_heads, d**-0.25, eps,
-            SUMS_PRECISION=_sums_precision(q, carried=True), **constants,
+            **sums_arguments,
         )
         # Sums before each segment: the carried state, then the segments before it.
         start = initial + segment_sums.cumsum(1) - segment_sums
         encoding_kernel[(n * h, segments)](
             q, k, v, code, key_valid, counts, projection, start, first.weight.contiguous(), first.bias, norm.weight,
             norm.bias, gate_weight, gate_bias, row_slot, encoding, scale, offset, t, encoding.shape[2], segment_rows,
-            segments, f, h, h // kv_heads, d**-0.25, eps, norm.eps, HAS_GATES=gates is not None,
-            SUMS_PRECISION=_sums_precision(q, carried=False), **constants, **_dot_arguments(v),
+            segments, f, h, h // kv_heads, d**-0.25, eps, norm.eps, **encoding_arguments,
         )
     except OutOfResources:  # e.g. GPUs with ~100 KB of shared memory per block
         return None
