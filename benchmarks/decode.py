@@ -1,4 +1,5 @@
-"""Time per generated token and cache bytes per token: SeaOptForCausalLM vs dense OPT (SDPA), same shapes.
+"""Time per generated token and cache bytes per token: SeaOptForCausalLM (SeaCache) vs dense OPT (SDPA) with
+transformers' default DynamicCache and with its preallocated StaticCache, same shapes.
 
 The caches are filled to each context length directly (random keys, values and SEA state: the cost of a decode
 step does not depend on their values), then `--steps` single-token forwards are timed and the median reported.
@@ -11,7 +12,7 @@ import json
 import time
 
 import torch
-from transformers import DynamicCache, OPTConfig, OPTForCausalLM
+from transformers import DynamicCache, OPTConfig, OPTForCausalLM, StaticCache
 
 from conversion.convert import convert_to_sea
 from sea.sea_cache import SeaCache
@@ -25,12 +26,18 @@ def build_models(layers: int, max_positions: int, device: str, dtype: torch.dtyp
     return dense.to(device, dtype), sea.to(device, dtype)
 
 
-def filled_cache(model, context: int, device: str, dtype: torch.dtype):
-    """A cache holding `context` tokens for every layer of `model`."""
+def filled_cache(model, context: int, device: str, dtype: torch.dtype, static_room: int | None = None):
+    """A cache holding `context` tokens for every layer of `model`: a SeaCache for SEA models, else a DynamicCache,
+    or a StaticCache with room for `static_room` more tokens."""
     config = model.config
     heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
     is_sea = config.model_type == "sea_opt"
-    cache = SeaCache(config) if is_sea else DynamicCache()
+    if is_sea:
+        cache = SeaCache(config)
+    elif static_room is not None:
+        cache = StaticCache(config=config, max_cache_len=context + static_room)
+    else:
+        cache = DynamicCache()
     for index, layer in enumerate(model.model.decoder.layers):
         keys, values = torch.randn(2, 1, heads, context, head_dim, device=device, dtype=dtype).unbind(0)
         cache.update(keys, values, index)
@@ -42,8 +49,9 @@ def filled_cache(model, context: int, device: str, dtype: torch.dtype):
     return cache
 
 
-def cache_bytes(cache) -> int:
-    tensors = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+def cache_bytes(cache, context: int) -> int:
+    """Bytes per cached token (a StaticCache's room for later tokens is not counted)."""
+    tensors = [t[..., :context, :] for layer in cache.layers for t in (layer.keys, layer.values)]
     if isinstance(cache, SeaCache):
         tensors += [cache.key_valid] + [getattr(s, f) for s in cache.sea_states.values() for f in s.__dataclass_fields__]
     return sum(t.numel() * t.element_size() for t in tensors)
@@ -55,9 +63,10 @@ def synchronize(device: str):
 
 
 @torch.no_grad()
-def time_decode(model, context: int, steps: int, device: str, dtype: torch.dtype) -> tuple[float, float]:
-    cache = filled_cache(model, context, device, dtype)
-    per_token = cache_bytes(cache) / context
+def time_decode(model, context: int, steps: int, device: str, dtype: torch.dtype, static: bool = False):
+    """Median seconds per decode step and cache bytes per token."""
+    cache = filled_cache(model, context, device, dtype, steps + 1 if static else None)
+    per_token = cache_bytes(cache, context) / context
     token = torch.randint(3, 1000, (1, 1), device=device)
     times = []
     for step in range(steps + 1):  # the first step warms up
@@ -115,23 +124,24 @@ def main():
     rows = []
     for context in args.contexts:
         dense_s, dense_bytes = time_decode(dense, context, args.steps, args.device, dtype)
+        static_s, _ = time_decode(dense, context, args.steps, args.device, dtype, static=True)
         sea_s, sea_bytes = time_decode(sea, context, args.steps, args.device, dtype)
         dense_attn, sea_attn = time_attention_step(sea, context, 4 * args.steps, args.device, dtype)
-        rows.append({"context": context, "dense_ms": dense_s * 1e3, "sea_ms": sea_s * 1e3,
-                     "dense_attention_ms": dense_attn * 1e3, "sea_attention_ms": sea_attn * 1e3,
+        rows.append({"context": context, "dense_ms": dense_s * 1e3, "dense_static_ms": static_s * 1e3,
+                     "sea_ms": sea_s * 1e3, "dense_attention_ms": dense_attn * 1e3, "sea_attention_ms": sea_attn * 1e3,
                      "dense_cache_bytes_per_token": dense_bytes, "sea_cache_bytes_per_token": sea_bytes})
     print(f"decode, {args.layers} layers x 12 heads x 64, {args.dtype}, batch 1, device {args.device}, "
           f"SEA key budget {args.key_budget}, M {args.width}")
-    print("| context | dense SDPA ms/token | SEA ms/token | dense / SEA | attention only: SDPA ms | SEA ms "
-          "| dense / SEA | dense cache B/token | SEA cache B/token |")
-    print("|---" * 9 + "|")
+    print("| context | dense ms/token: DynamicCache | StaticCache | SEA ms/token | dense Dynamic / SEA "
+          "| dense Static / SEA | attention only: SDPA ms | SEA ms | dense cache B/token | SEA cache B/token |")
+    print("|---" * 10 + "|")
     for r in rows:
-        print(f"| {r['context']} | {r['dense_ms']:.1f} | {r['sea_ms']:.1f} | {r['dense_ms'] / r['sea_ms']:.2f} "
+        print(f"| {r['context']} | {r['dense_ms']:.1f} | {r['dense_static_ms']:.1f} | {r['sea_ms']:.1f} "
+              f"| {r['dense_ms'] / r['sea_ms']:.2f} | {r['dense_static_ms'] / r['sea_ms']:.2f} "
               f"| {r['dense_attention_ms']:.2f} | {r['sea_attention_ms']:.2f} "
-              f"| {r['dense_attention_ms'] / r['sea_attention_ms']:.2f} "
               f"| {r['dense_cache_bytes_per_token']:.0f} | {r['sea_cache_bytes_per_token']:.0f} |")
-    print("Whole-step times include DynamicCache's append, which copies every layer's keys and values (O(context))")
-    print("for both models; 'attention only' is one layer's attention over keys already in place.")
+    print("DynamicCache (transformers' default) concatenates: every step copies every layer's keys and values. "
+          "StaticCache and SeaCache write in place; 'attention only' is one layer's attention over keys in place.")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -2,11 +2,13 @@
 
 A `DynamicCache` (keys and values per layer, so everything in transformers that reads or reorders a cache keeps
 working) that also holds each layer's `SeaCausalState` and the padding mask of every position so far. With them a
-decode step reads only the new token's selected keys, not the whole prefix.
+decode step reads only the new token's selected keys, not the whole prefix; and its layers append in place
+(`SeaKeyValueLayer`), so a decode step does not copy the prefix either.
 """
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from .sea_attention import SeaCausalState
 
@@ -19,11 +21,55 @@ def model_signature(config) -> tuple:
     )
 
 
+# Spare room a layer's buffers get when an append outgrows them: an eighth of the length, at least 64 tokens. An
+# append then copies the prefix once every length / 8 tokens instead of at every token.
+APPEND_ROOM_FRACTION = 8
+APPEND_ROOM_MIN = 64
+
+
+class SeaKeyValueLayer(DynamicLayer):
+    """A `DynamicLayer` whose keys and values are views of larger buffers that appends write into. `DynamicLayer`
+    concatenates: every decode step copies all cached keys and values, and on CUDA allocates a buffer of a new size
+    (at 64k tokens that, not attention, was most of a decode step). The first fill is allocated exactly (a forward
+    that is never continued wastes nothing); a continuation that does not fit regrows with spare room. Anything
+    that replaces `keys`/`values` (beam reordering, batch selection, offloading) is followed by a fresh buffer."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (buffer, the view handed out)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys = self._appended("keys", key_states)
+        self.values = self._appended("values", value_states)
+        return self.keys, self.values
+
+    def _appended(self, name: str, new: torch.Tensor) -> torch.Tensor:
+        current = getattr(self, name)
+        length = current.shape[-2] if current.dim() == new.dim() else 0  # lazy initialization left an empty 1-D tensor
+        needed = length + new.shape[-2]
+        buffer, handed_out = self._buffers.get(name, (None, None))
+        # Under autograd an in-place append would change what an earlier forward saved for its backward.
+        tracked = torch.is_grad_enabled() and (new.requires_grad or current.requires_grad)
+        if tracked or handed_out is not current or buffer.shape[-2] < needed or buffer.shape[:-2] != new.shape[:-2]:
+            room = 0 if length == 0 or tracked else max(APPEND_ROOM_MIN, needed // APPEND_ROOM_FRACTION)
+            buffer = new.new_empty(*new.shape[:-2], needed + room, new.shape[-1])
+            if length:
+                buffer[..., :length, :] = current
+        buffer[..., length:needed, :] = new
+        view = buffer[..., :needed, :]
+        self._buffers[name] = (buffer, view)
+        return view
+
+
 class SeaCache(DynamicCache):
-    """Keys/values like `DynamicCache`, plus SEA's per-layer causal state and the key padding mask."""
+    """Keys/values like `DynamicCache` (appended in place, `SeaKeyValueLayer`), plus SEA's per-layer causal state
+    and the key padding mask."""
 
     def __init__(self, config):
         super().__init__()
+        self.layer_class_to_replicate = SeaKeyValueLayer
         self.signature = model_signature(config)
         self.sea_states: dict[int, SeaCausalState] = {}
         self.key_valid: torch.Tensor | None = None  # (N, T_cached) bool

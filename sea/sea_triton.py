@@ -60,7 +60,7 @@ if triton is not None:
     @triton.jit
     def _sparse_forward(
         Q, K, V, INDEX, VALID, OUT, PROBS, LSE,
-        num_queries, num_keys, slots, scaling, num_heads, group,
+        num_queries, kv_head_stride, slots, scaling, num_heads, group,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -70,7 +70,7 @@ if triton is not None:
         dim_ok = dims < HEAD_DIM
         tile_ok = row_ok[:, None] & dim_ok[None, :]
         q_rows = head * num_queries + rows  # row offsets into the (N*H*T, D) views of Q, OUT
-        kv_base = _key_value_head(head, num_heads, group) * num_keys
+        kv_base = _key_value_head(head, num_heads, group) * kv_head_stride
         slot_base = q_rows * slots
         q = tl.load(Q + q_rows[:, None] * HEAD_DIM + dims[None, :], mask=tile_ok, other=0.0).to(tl.float32)
 
@@ -80,7 +80,7 @@ if triton is not None:
         for s in range(0, slots):
             ok = (tl.load(VALID + slot_base + s, mask=row_ok, other=0) != 0) & row_ok
             key = tl.load(INDEX + slot_base + s, mask=ok, other=0)
-            k = tl.load(K + (kv_base + key)[:, None] * HEAD_DIM + dims[None, :], mask=ok[:, None] & dim_ok[None, :],
+            k = tl.load(K + kv_base + key[:, None] * HEAD_DIM + dims[None, :], mask=ok[:, None] & dim_ok[None, :],
                         other=0.0).to(tl.float32)
             score = tl.where(ok, tl.sum(q * k, axis=1) * scaling, -_EMPTY)
             new_max = tl.maximum(running_max, score)
@@ -95,7 +95,7 @@ if triton is not None:
         for s in range(0, slots):
             ok = (tl.load(VALID + slot_base + s, mask=row_ok, other=0) != 0) & row_ok
             key = tl.load(INDEX + slot_base + s, mask=ok, other=0)
-            kv_offsets = (kv_base + key)[:, None] * HEAD_DIM + dims[None, :]
+            kv_offsets = kv_base + key[:, None] * HEAD_DIM + dims[None, :]
             k = tl.load(K + kv_offsets, mask=ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
             v = tl.load(V + kv_offsets, mask=ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
             p = tl.where(ok, tl.exp(tl.sum(q * k, axis=1) * scaling - lse), 0.0)
@@ -106,7 +106,7 @@ if triton is not None:
     @triton.jit
     def _sparse_backward(
         Q, K, V, INDEX, VALID, LSE, GRAD_OUT, GRAD_PROBS, DELTA, GRAD_Q, GRAD_K, GRAD_V,
-        num_queries, num_keys, slots, scaling, num_heads, group,
+        num_queries, kv_head_stride, slots, scaling, num_heads, group,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_GRAD_PROBS: tl.constexpr,
     ):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -116,7 +116,7 @@ if triton is not None:
         dim_ok = dims < HEAD_DIM
         tile_ok = row_ok[:, None] & dim_ok[None, :]
         q_rows = head * num_queries + rows
-        kv_base = _key_value_head(head, num_heads, group) * num_keys
+        kv_base = _key_value_head(head, num_heads, group) * kv_head_stride
         slot_base = q_rows * slots
         q = tl.load(Q + q_rows[:, None] * HEAD_DIM + dims[None, :], mask=tile_ok, other=0.0).to(tl.float32)
         grad_out = tl.load(GRAD_OUT + q_rows[:, None] * HEAD_DIM + dims[None, :], mask=tile_ok, other=0.0).to(tl.float32)
@@ -126,7 +126,7 @@ if triton is not None:
         for s in range(0, slots):
             ok = (tl.load(VALID + slot_base + s, mask=row_ok, other=0) != 0) & row_ok
             key = tl.load(INDEX + slot_base + s, mask=ok, other=0)
-            kv_offsets = (kv_base + key)[:, None] * HEAD_DIM + dims[None, :]
+            kv_offsets = kv_base + key[:, None] * HEAD_DIM + dims[None, :]
             kv_ok = ok[:, None] & dim_ok[None, :]
             k = tl.load(K + kv_offsets, mask=kv_ok, other=0.0).to(tl.float32)
             v = tl.load(V + kv_offsets, mask=kv_ok, other=0.0).to(tl.float32)
@@ -152,14 +152,14 @@ if triton is not None:
             positions = tl.load(POSITIONS + batch_keys + ranks, mask=inside, other=0)
         else:
             positions = ranks
-        offsets = (kv_base + positions)[:, None] * HEAD_DIM + dims[None, :]
+        offsets = kv_base + positions[:, None] * HEAD_DIM + dims[None, :]
         tile_ok = inside[:, None] & dim_ok[None, :]
         k = tl.load(K + offsets, mask=tile_ok, other=0.0).to(DOT_DTYPE)
         v = tl.load(V + offsets, mask=tile_ok, other=0.0).to(DOT_DTYPE)
         return ranks, inside, offsets, tile_ok, k, v
 
     @triton.jit
-    def _query_block(COUNTS, num_queries, num_keys, num_ranges, num_heads, group,
+    def _query_block(COUNTS, num_queries, kv_head_stride, num_ranges, num_heads, group,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
         """What a block-kernel program (query block, flattened (batch, head)) needs to know of its rows: the batch,
         which rows exist, the head dims, the rows' offsets into (N*H*T, .) views, their visible-key counts, and the
@@ -171,21 +171,21 @@ if triton is not None:
         row_ok = rows < num_queries
         dims = tl.arange(0, BLOCK_D)
         count = tl.load(COUNTS + batch * num_queries + rows, mask=row_ok, other=0)
-        kv_base = _key_value_head(head, num_heads, group) * num_keys
+        kv_base = _key_value_head(head, num_heads, group) * kv_head_stride
         range_base = (head * tl.cdiv(num_queries, BLOCK_M) + block) * num_ranges
         return batch, row_ok, dims, dims < HEAD_DIM, head * num_queries + rows, count, kv_base, range_base
 
     @triton.jit
     def _block_sparse_forward(
         Q, K, V, STARTS, LENGTHS, POSITIONS, COUNTS, OUT, LSE, PROBS, GATE_SCALE,
-        num_queries, num_keys, num_ranges, slots, scaling, num_heads, group,
+        num_queries, num_keys, kv_head_stride, num_ranges, slots, scaling, num_heads, group,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         NEED_PROBS: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, GATHER: tl.constexpr,
         GATED: tl.constexpr,
     ):
         """GATED: OUT holds the output gate's offset, and the program writes GATE_SCALE x attention + offset."""
         batch, row_ok, dims, dim_ok, q_rows, count, kv_base, range_base = _query_block(
-            COUNTS, num_queries, num_keys, num_ranges, num_heads, group, HEAD_DIM, BLOCK_M, BLOCK_D)
+            COUNTS, num_queries, kv_head_stride, num_ranges, num_heads, group, HEAD_DIM, BLOCK_M, BLOCK_D)
         q = tl.load(Q + q_rows[:, None] * HEAD_DIM + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :],
                     other=0.0).to(DOT_DTYPE)
 
@@ -236,12 +236,12 @@ if triton is not None:
     @triton.jit
     def _block_sparse_backward(
         Q, K, V, STARTS, LENGTHS, POSITIONS, COUNTS, LSE, DELTA, GRAD_OUT, GRAD_PROBS, GRAD_Q, GRAD_K, GRAD_V,
-        num_queries, num_keys, num_ranges, slots, scaling, num_heads, group,
+        num_queries, num_keys, kv_head_stride, num_ranges, slots, scaling, num_heads, group,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         HAS_GRAD_PROBS: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, GATHER: tl.constexpr,
     ):
         batch, row_ok, dims, dim_ok, q_rows, count, kv_base, range_base = _query_block(
-            COUNTS, num_queries, num_keys, num_ranges, num_heads, group, HEAD_DIM, BLOCK_M, BLOCK_D)
+            COUNTS, num_queries, kv_head_stride, num_ranges, num_heads, group, HEAD_DIM, BLOCK_M, BLOCK_D)
         row_tile = q_rows[:, None] * HEAD_DIM + dims[None, :]
         row_tile_ok = row_ok[:, None] & dim_ok[None, :]
         q = tl.load(Q + row_tile, mask=row_tile_ok, other=0.0).to(DOT_DTYPE)
@@ -272,6 +272,82 @@ if triton is not None:
                               mask=tile_ok)
             slot += length
         tl.store(GRAD_Q + row_tile, grad_q, mask=row_tile_ok)
+
+
+    @triton.jit
+    def _sparse_decode_split(
+        Q, K, V, STARTS, LENGTHS, POSITIONS, COUNTS, PARTIAL,
+        num_queries, num_keys, kv_head_stride, num_ranges, split_slots, scaling, num_heads, group,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+        GATHER: tl.constexpr,
+    ):
+        """One query row (flattened (batch, head, row)) over slots [split x split_slots, (split + 1) x
+        split_slots) of its ranges: that share's running max, normaliser and unnormalised context, written to
+        PARTIAL[row, split] = [max, normaliser, context (BLOCK_D)]."""
+        row = tl.program_id(0)
+        split = tl.program_id(1)
+        head = row // num_queries
+        batch = head // num_heads
+        query = row % num_queries
+        dims = tl.arange(0, BLOCK_D)
+        dim_ok = dims < HEAD_DIM
+        q = tl.load(Q + row * HEAD_DIM + dims, mask=dim_ok, other=0.0).to(tl.float32)
+        count = tl.load(COUNTS + batch * num_queries + query)
+        kv_base = _key_value_head(head, num_heads, group) * kv_head_stride
+        # The row's ranges, concatenated: slot s lies in the range whose end is the first above s.
+        range_ids = tl.arange(0, BLOCK_R)
+        lengths = tl.load(LENGTHS + row * num_ranges + range_ids, mask=range_ids < num_ranges, other=0)
+        ends = tl.cumsum(lengths, axis=0)
+        total = tl.sum(lengths, axis=0)
+
+        running_max = tl.full([1], -_EMPTY, tl.float32)
+        normaliser = tl.zeros([1], tl.float32)
+        context = tl.zeros([BLOCK_D], tl.float32)
+        first = split * split_slots
+        for offset in range(0, split_slots, BLOCK_N):
+            slots = first + offset + tl.arange(0, BLOCK_N)
+            passed = ends[None, :] <= slots[:, None]  # (BLOCK_N, BLOCK_R): ranges wholly before each slot
+            which = tl.sum(passed.to(tl.int32), axis=1)
+            before = tl.sum(tl.where(passed, lengths[None, :], 0), axis=1)
+            in_range = slots < total
+            rank = tl.load(STARTS + row * num_ranges + which, mask=in_range, other=0) + slots - before
+            ok = in_range & (rank < count)
+            if GATHER:
+                position = tl.load(POSITIONS + batch * num_keys + rank, mask=ok, other=0)
+            else:
+                position = rank
+            offsets = kv_base + position[:, None] * HEAD_DIM + dims[None, :]
+            tile_ok = ok[:, None] & dim_ok[None, :]
+            k = tl.load(K + offsets, mask=tile_ok, other=0.0).to(tl.float32)
+            scores = tl.where(ok, tl.sum(q[None, :] * k, axis=1) * scaling, -_EMPTY)
+            new_max = tl.maximum(running_max, tl.max(scores, axis=0))
+            p = tl.where(ok, tl.exp(scores - new_max), 0.0)
+            rescale = tl.exp(running_max - new_max)
+            v = tl.load(V + offsets, mask=tile_ok, other=0.0).to(tl.float32)
+            normaliser = normaliser * rescale + tl.sum(p, axis=0)
+            context = context * rescale + tl.sum(p[:, None] * v, axis=0)
+            running_max = new_max
+        record = PARTIAL + (row * tl.num_programs(1) + split) * (BLOCK_D + 2)
+        tl.store(record + tl.arange(0, 1), running_max)
+        tl.store(record + 1 + tl.arange(0, 1), normaliser)
+        tl.store(record + 2 + dims, context)
+
+    @triton.jit
+    def _sparse_decode_combine(PARTIAL, OUT, num_splits, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                               BLOCK_S: tl.constexpr):
+        """One query row: the splits' shares merged into its softmax-weighted context (zero without keys)."""
+        row = tl.program_id(0)
+        splits = tl.arange(0, BLOCK_S)
+        split_ok = splits < num_splits
+        dims = tl.arange(0, BLOCK_D)
+        records = PARTIAL + (row * num_splits + splits) * (BLOCK_D + 2)
+        maxima = tl.load(records, mask=split_ok, other=-_EMPTY)
+        normalisers = tl.load(records + 1, mask=split_ok, other=0.0)
+        contexts = tl.load(records[:, None] + 2 + dims[None, :], mask=split_ok[:, None], other=0.0)
+        weights = tl.exp(maxima - tl.max(maxima, axis=0))
+        normaliser = tl.sum(normalisers * weights, axis=0)
+        context = tl.sum(contexts * weights[:, None], axis=0) / tl.where(normaliser > 0, normaliser, 1.0)
+        tl.store(OUT + row * HEAD_DIM + dims, context.to(OUT.dtype.element_ty), mask=dims < HEAD_DIM)
 
 
     # Key tile and launch shape of the block kernels, measured once per problem kind on the GPU (key/value
@@ -490,6 +566,18 @@ def _grid(q):
     return (triton.cdiv(t, BLOCK_M), n * h)
 
 
+def _read_in_place(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """k and v laid out as the kernels read them: rows of D contiguous elements, every (batch, key/value head) a
+    fixed stride (`stride(1)`) after the previous one. A cache's view of its larger buffer (`SeaKeyValueLayer`) is
+    laid out so and is read in place: copying it would copy the whole cache at every decode step."""
+    def readable(x):
+        return x.stride(3) == 1 and x.stride(2) == x.shape[3] and x.stride(0) == x.shape[1] * x.stride(1)
+
+    if readable(k) and readable(v) and k.stride() == v.stride():
+        return k, v
+    return k.contiguous(), v.contiguous()
+
+
 def _backward_prologue(out, probs, grad_probs, grad_out):
     """delta = sum_s P_s dL/dP_s per row (dL/dP_s = grad_out . v_s + grad_probs_s), and float32 gradient buffers
     (key/value gradients are accumulated with atomic adds)."""
@@ -506,7 +594,7 @@ class _SparseAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, key_index, key_valid, scaling):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        q, (k, v) = q.contiguous(), _read_in_place(k, v)
         key_index, key_valid = key_index.contiguous(), key_valid.contiguous()
         n, h, t, d = q.shape
         slots = key_index.shape[-1]
@@ -515,7 +603,7 @@ class _SparseAttention(torch.autograd.Function):
         lse = torch.empty(n, h, t, dtype=torch.float32, device=q.device)
         if slots > 0 and t > 0:
             _sparse_forward[_grid(q)](
-                q, k, v, key_index, key_valid, out, probs, lse, t, k.shape[2], slots, scaling, h, h // k.shape[1],
+                q, k, v, key_index, key_valid, out, probs, lse, t, k.stride(1), slots, scaling, h, h // k.shape[1],
                 HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_D=triton.next_power_of_2(d),
             )
         else:
@@ -528,6 +616,7 @@ class _SparseAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_probs, grad_out):
         q, k, v, key_index, key_valid, out, probs, lse = ctx.saved_tensors
+        k, v = k.contiguous(), v.contiguous()  # laid out as their gradients
         n, h, t, d = q.shape
         grad_out, grad_probs, delta = _backward_prologue(out, probs, grad_probs, grad_out)
         grad_q = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -536,7 +625,7 @@ class _SparseAttention(torch.autograd.Function):
         if key_index.shape[-1] > 0 and t > 0:
             _sparse_backward[_grid(q)](
                 q, k, v, key_index, key_valid, lse, grad_out, grad_probs if grad_probs is not None else grad_out,
-                delta, grad_q, grad_k, grad_v, t, k.shape[2], key_index.shape[-1], ctx.scaling, h,
+                delta, grad_q, grad_k, grad_v, t, k.stride(1), key_index.shape[-1], ctx.scaling, h,
                 h // k.shape[1],
                 HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_D=triton.next_power_of_2(d), HAS_GRAD_PROBS=grad_probs is not None,
             )
@@ -562,7 +651,7 @@ def _block_forward(q, k, v, starts, lengths, positions, counts, rows_per_block, 
                                             BLOCK_N=INTERPRETER_BLOCK_N)
         kernel[(triton.cdiv(t, rows_per_block), n * h)](
             q, k, v, starts, lengths, positions, counts, out, lse, probs, gate_scale if gate_scale is not None else lse,
-            t, k.shape[2], starts.shape[-1], slots, scaling, h, h // k.shape[1], NEED_PROBS=need_probs,
+            t, k.shape[2], k.stride(1), starts.shape[-1], slots, scaling, h, h // k.shape[1], NEED_PROBS=need_probs,
             GATED=gate_scale is not None, **launch,
         )
     return arguments, (starts, lengths, positions, counts), lse, probs
@@ -574,7 +663,7 @@ class _BlockSparseAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, starts, lengths, positions, counts, rows_per_block, slots, scaling, need_probs):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        q, (k, v) = q.contiguous(), _read_in_place(k, v)
         out = torch.empty_like(q)
         arguments, ranges, lse, probs = _block_forward(q, k, v, starts, lengths, positions, counts, rows_per_block,
                                                        slots, scaling, need_probs, out)
@@ -585,6 +674,7 @@ class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_probs, grad_out):
         q, k, v, starts, lengths, positions, counts, out, probs, lse = ctx.saved_tensors
+        k, v = k.contiguous(), v.contiguous()  # laid out as their gradients
         slots, scaling, arguments = ctx.setup
         n, h, t, d = q.shape
         grad_out, grad_probs, delta = _backward_prologue(out, probs, grad_probs, grad_out)
@@ -597,17 +687,52 @@ class _BlockSparseAttention(torch.autograd.Function):
             kernel[(triton.cdiv(t, arguments["BLOCK_M"]), n * h)](
                 q, k, v, starts, lengths, positions, counts, lse, delta, grad_out,
                 grad_probs if grad_probs is not None else grad_out, grad_q, grad_k, grad_v,
-                t, k.shape[2], starts.shape[-1], slots, scaling, h, h // k.shape[1],
+                t, k.shape[2], k.stride(1), starts.shape[-1], slots, scaling, h, h // k.shape[1],
                 HAS_GRAD_PROBS=grad_probs is not None, **launch,
             )
         return (grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype)) + (None,) * 8
+
+
+DECODE_MAX_ROWS = 16  # up to this many query rows (decode steps), per-query selections use the split kernel
+DECODE_SPLIT_SLOTS = 128  # slots per program of the split kernel: a 1024-key budget gives 8 programs per row
+DECODE_TILE_SLOTS = 64  # slots a split-kernel program reads at once (DECODE_SPLIT_SLOTS is a multiple)
+
+
+def _decoded_attention(q, k, v, selection, scaling: float) -> torch.Tensor:
+    """Context of a few queries with per-query selections, for inference (no probabilities, no backward). The
+    per-slot kernel gives each program a block of query rows and walks the slots one by one: with one row per head
+    (a decode step) a handful of programs each walk ~1000 dependent loads. Here every row's slots are cut into
+    shares of `DECODE_SPLIT_SLOTS` that programs walk in tiles side by side (their ranges read directly, no
+    per-slot index), then a second kernel merges the shares' online softmax."""
+    q, (k, v) = q.contiguous(), _read_in_place(k, v)
+    n, h, t, d = q.shape
+    starts, lengths, counts = (x.to(torch.int32).contiguous() for x in (selection.starts, selection.lengths,
+                                                                        selection.row_counts))
+    gather = selection.key_positions is not None
+    positions = selection.key_positions.to(torch.int32).contiguous() if gather else counts
+    splits = max(1, triton.cdiv(selection.slots, DECODE_SPLIT_SLOTS))
+    block_d = max(16, triton.next_power_of_2(d))
+    partial = torch.empty(n * h * t, splits, block_d + 2, dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q)
+    num_ranges = starts.shape[-1]
+    if t > 0 and num_ranges > 0:
+        _sparse_decode_split[(n * h * t, splits)](
+            q, k, v, starts, lengths, positions, counts, partial, t, k.shape[2], k.stride(1), num_ranges,
+            DECODE_SPLIT_SLOTS, scaling, h, h // k.shape[1], HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=DECODE_TILE_SLOTS,
+            BLOCK_R=max(16, triton.next_power_of_2(num_ranges)), GATHER=gather,
+        )
+        _sparse_decode_combine[(n * h * t,)](partial, out, splits, HEAD_DIM=d, BLOCK_D=block_d,
+                                             BLOCK_S=max(2, triton.next_power_of_2(splits)))
+    else:
+        out.zero_()
+    return out
 
 
 def gated_block_attention_triton(q, k, v, selection, scaling: float, scale: torch.Tensor, offset: torch.Tensor):
     """For inference with query blocks and no probabilities: scale x `sparse_attention_triton`'s context + offset
     (the output gate), written by the kernel into `offset`'s memory, which the caller gives up: no other buffer of
     the output's size is allocated. scale (N, H, T, 1) float32, offset (N, H, T, D) contiguous, in q's dtype."""
-    _block_forward(q.contiguous(), k.contiguous(), v.contiguous(), selection.starts, selection.lengths,
+    _block_forward(q.contiguous(), *_read_in_place(k, v), selection.starts, selection.lengths,
                    selection.key_positions, selection.row_counts, selection.rows_per_block, 0, scaling, False, offset,
                    scale)
     return offset
@@ -619,6 +744,9 @@ def sparse_attention_triton(q, k, v, selection, scaling: float, need_probs: bool
     read in place, never repeated. Blocks of queries sharing their keys run through matrix products; single-query
     selections through a per-slot kernel."""
     if selection.rows_per_block == 1:
+        differentiable = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+        if not need_probs and not differentiable and q.shape[2] <= DECODE_MAX_ROWS:
+            return None, _decoded_attention(q, k, v, selection, scaling)
         probs, context = _SparseAttention.apply(q, k, v, *selection.per_row, scaling)
         return (probs if need_probs else None), context
     return _BlockSparseAttention.apply(

@@ -9,6 +9,7 @@ from transformers import DynamicCache, OPTConfig, OPTForCausalLM, pipeline
 from conftest import TINY_OPT, randomize_sea_gates
 from conversion.convert import convert_to_sea
 from sea.sea_attention import SeaAttention
+from sea.sea_cache import SeaCache
 from test_hub_roundtrip import run_without_project
 
 LONG_OPT = dict(TINY_OPT, max_position_embeddings=1100)
@@ -200,3 +201,43 @@ def test_empty_prompt_and_foreign_caches_give_clear_errors():
             model(ids[:, :1], past_key_values=foreign)
         # An empty cache handed in by the caller is simply filled.
         assert model(ids, past_key_values=DynamicCache(), use_cache=True).past_key_values.get_seq_length() == 10
+
+
+def test_cache_appends_in_place_and_holds_what_a_dynamic_cache_holds():
+    """SeaCache's layers keep the same keys and values as transformers' DynamicCache through a prefill, decode
+    steps past several regrowths and a beam reordering; an append that fits writes into the existing buffer
+    (the prefix is not copied)."""
+    config = sea_model().config
+    sea, dense = SeaCache(config), DynamicCache()
+    in_place = 0
+    for step in range(200):
+        new = torch.randn(2, 2, 37 if step == 0 else 1, 8), torch.randn(2, 2, 37 if step == 0 else 1, 8)
+        before = sea.layers[0].keys.data_ptr() if sea.layers else None
+        got, want = sea.update(*new, 0), dense.update(*new, 0)
+        in_place += sea.layers[0].keys.data_ptr() == before
+        if step == 120:
+            beams = torch.tensor([1, 1])
+            sea.reorder_cache(beams)
+            dense.reorder_cache(beams)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+    assert torch.equal(sea.layers[0].keys, dense.layers[0].keys) and sea.get_seq_length() == 37 + 199
+    assert in_place >= 190, f"only {in_place} of 199 appends were written in place"
+
+
+def test_chunked_forwards_train_through_the_cache():
+    """Under autograd appends are not in place (they would change what the first chunk saved for its backward):
+    chunked forwards backpropagate to the same gradients as one forward."""
+    model = sea_model().train()
+    ids = torch.randint(3, 120, (1, 60))
+    gradients = []
+    for chunks in ([(0, 60)], [(0, 25), (25, 40), (40, 60)]):
+        model.zero_grad()
+        cache, logits = None, []
+        for first, last in chunks:
+            out = model(ids[:, first:last], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            logits.append(out.logits)
+        torch.cat(logits, 1).logsumexp(-1).sum().backward()
+        gradients.append(model.model.decoder.embed_tokens.weight.grad.clone())
+    torch.testing.assert_close(gradients[1], gradients[0], rtol=1e-4, atol=1e-5)

@@ -13,7 +13,7 @@ from conftest import assert_same_layer_outputs, layer_in_two_calls, tiny_opt_con
 from sea.configuration_sea import SeaLlamaConfig
 from sea.modeling_sea import SeaLlamaForCausalLM, SeaOptForCausalLM
 from sea.sea_attention import SeaSelection, sparse_attention
-from sea.sea_triton import sparse_attention_triton
+from sea.sea_triton import DECODE_SPLIT_SLOTS, _read_in_place, sparse_attention_triton
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -203,6 +203,52 @@ def test_estimate_kernel_on_an_unsupported_head_size_warns_once_and_uses_the_pyt
     with torch.no_grad():
         torch.testing.assert_close(first.context, op(q, k, v, None, 0.25, need_probs=False).context)
 
+@pytest.mark.parametrize("rows_per_block", [1, 16], ids=["per-query", "blocks"])
+def test_keys_and_values_in_a_larger_buffer_are_read_in_place(rows_per_block):
+    """A cache hands out its keys and values as views of larger buffers (room for later tokens): the kernels read
+    them in place, with the same results and gradients as from contiguous copies."""
+    q, k, v, selection = random_problem(rows_per_block=rows_per_block, kv_heads=1)
+    n, kv_heads, keys, d = k.shape
+    buffers = [torch.randn(n, kv_heads, keys + 37, d, device=DEVICE) for _ in range(2)]
+    k_view, v_view = (buffer[:, :, :keys].copy_(x.detach()).requires_grad_() for buffer, x in zip(buffers, (k, v)))
+    assert not k_view.is_contiguous()
+    assert all(a is b for a, b in zip(_read_in_place(k_view, v_view), (k_view, v_view)))
+    scaling = d**-0.5
+    probs, context = sparse_attention_triton(q, k_view, v_view, selection, scaling)
+    ref_probs, ref_context = sparse_attention_triton(q, k, v, selection, scaling)
+    torch.testing.assert_close(context, ref_context, rtol=0, atol=0)
+    torch.testing.assert_close(probs, ref_probs, rtol=0, atol=0)
+    grad = torch.randn_like(context)
+    got = torch.autograd.grad((context * grad).sum(), (q, k_view, v_view))
+    want = torch.autograd.grad((ref_context * grad).sum(), (q, k, v))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "no-padding"])
+@pytest.mark.parametrize("kv_heads", [3, 1], ids=["multi-head", "grouped-query"])
+def test_decode_kernel_matches_the_float64_reference_path(kv_heads, padded):
+    """A few query rows with per-query selections at inference take the split kernel: rows of up to ~800 slots
+    (several programs' shares, of 128 slots each), empty ranges, a row with no key at all, rows whose visible
+    count cuts their ranges, keys read in place from a larger buffer."""
+    n, h, t, d, keys = 2, 3, 4, 24, 900
+    q = torch.randn(n, h, t, d, device=DEVICE)
+    k, v = (torch.randn(n, kv_heads, keys + 50, d, device=DEVICE)[:, :, :keys] for _ in range(2))
+    lengths = torch.randint(0, 200, (n, h, t, 5), device=DEVICE) * (torch.rand(n, h, t, 5, device=DEVICE) > 0.2)
+    starts = (torch.rand(n, h, t, 5, device=DEVICE) * (keys - lengths + 1)).long()
+    lengths[1, 2, 3] = 0
+    positions = torch.stack([torch.randperm(keys, device=DEVICE) for _ in range(n)]) if padded else None
+    counts = torch.randint(keys // 2, keys + 1, (n, t), device=DEVICE)
+    selection = SeaSelection(starts, lengths, positions, counts, 1)
+    scaling = d**-0.5
+    with torch.no_grad():
+        probs, context = sparse_attention_triton(q, k, v, selection, scaling, need_probs=False)
+    assert probs is None and selection.slots > 3 * DECODE_SPLIT_SLOTS
+    repeat = lambda x: x.double().repeat_interleave(h // kv_heads, dim=1)
+    _, reference = sparse_attention(q.double(), repeat(k), repeat(v), selection, scaling)
+    torch.testing.assert_close(context.double(), reference, rtol=1e-5, atol=1e-6)
+    assert torch.all(context[1, 2, 3] == 0)
+
 
 def tiny_llama_config(**sea):
     from test_llama import TINY_LLAMA
@@ -228,6 +274,19 @@ def test_model_with_the_kernel_equals_the_pytorch_path(model_class, make_config,
     with torch.no_grad():
         torch.testing.assert_close(kernel(ids, attention_mask=mask).logits, reference(ids, attention_mask=mask).logits,
                                    rtol=1e-4, atol=1e-5)
+        # Cached decode steps: from the second on, the kernel reads keys and values from the cache's buffers, which
+        # have room for later tokens.
+        caches = {}
+        for step in range(3):
+            step_mask = torch.cat([mask, torch.ones(2, step + 1, dtype=mask.dtype, device=DEVICE)], 1)
+            logits = {}
+            for name, model in (("kernel", kernel), ("reference", reference)):
+                if step == 0:
+                    caches[name] = model(ids, attention_mask=mask, use_cache=True).past_key_values
+                token = ids[:, step : step + 1]
+                logits[name] = model(token, attention_mask=step_mask, past_key_values=caches[name], use_cache=True).logits
+            torch.testing.assert_close(logits["kernel"], logits["reference"], rtol=1e-4, atol=1e-5)
+        assert not caches["kernel"].layers[0].keys.is_contiguous()
 
 
 def test_forced_kernel_without_a_usable_triton_is_a_clear_error():
