@@ -15,6 +15,11 @@ TINY_OPT = dict(
     hidden_size=64, num_attention_heads=4, num_hidden_layers=2, ffn_dim=128, vocab_size=120,
     max_position_embeddings=256, word_embed_proj_dim=64, dropout=0.0,
 )
+# 4 query heads share 2 key/value heads; head_dim given explicitly, as Llama configs do.
+TINY_LLAMA = dict(
+    hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_hidden_layers=2,
+    intermediate_size=128, vocab_size=120, max_position_embeddings=512, pad_token_id=0,
+)
 TINY_BERT = dict(
     hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=128, vocab_size=120,
     max_position_embeddings=256, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,

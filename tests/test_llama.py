@@ -6,7 +6,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from conftest import randomize_sea_gates
+from conftest import TINY_LLAMA, randomize_sea_gates
 from conversion.convert import convert_to_sea, save_atomically
 from sea.configuration_sea import SeaLlamaConfig
 from sea.modeling_sea import SeaLlamaForCausalLM
@@ -14,11 +14,6 @@ from sea.sea_attention import SeaAttention
 from test_hub_roundtrip import run_without_project
 from training.data import packaged_file
 
-# 4 query heads share 2 key/value heads; head_dim given explicitly, as Llama configs do.
-TINY_LLAMA = dict(
-    hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_hidden_layers=2,
-    intermediate_size=128, vocab_size=120, max_position_embeddings=512, pad_token_id=0,
-)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import assert_same_layer_outputs, layer_in_two_calls, tiny_opt_config
+from conftest import TINY_LLAMA, assert_same_layer_outputs, layer_in_two_calls, tiny_opt_config
 from sea.configuration_sea import SeaLlamaConfig
 from sea.modeling_sea import SeaLlamaForCausalLM, SeaOptForCausalLM
 from sea.sea_attention import SeaSelection, sparse_attention
@@ -251,8 +251,6 @@ def test_decode_kernel_matches_the_float64_reference_path(kv_heads, padded):
 
 
 def tiny_llama_config(**sea):
-    from test_llama import TINY_LLAMA
-
     return SeaLlamaConfig(**TINY_LLAMA, **sea)
 
 
