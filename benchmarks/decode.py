@@ -4,7 +4,9 @@ transformers' default DynamicCache and with its preallocated StaticCache, same s
 The caches are filled to each context length directly (random keys, values and SEA state: the cost of a decode
 step does not depend on their values), then `--steps` single-token forwards are timed and the median reported.
 
-    python benchmarks/decode.py [--contexts 1024 4096 16384 65536] [--layers 4] [--device cpu]
+    python benchmarks/decode.py [--contexts 1024 4096 16384 65536] [--layers 4] [--device cpu] [--profile]
+
+`--profile`: also where one decode step of each model spends its host time (torch.profiler, largest context).
 """
 
 import argparse
@@ -63,9 +65,11 @@ def synchronize(device: str):
 
 
 @torch.no_grad()
-def time_decode(model, context: int, steps: int, device: str, dtype: torch.dtype, static: bool = False):
-    """Median seconds per decode step and cache bytes per token."""
-    cache = filled_cache(model, context, device, dtype, steps + 1 if static else None)
+def time_decode(model, context: int, steps: int, device: str, dtype: torch.dtype, static: bool = False,
+                profile: bool = False):
+    """Median seconds per decode step and cache bytes per token; with `profile`, prints where the last step's host
+    time went."""
+    cache = filled_cache(model, context, device, dtype, steps + 2 if static else None)
     per_token = cache_bytes(cache, context) / context
     token = torch.randint(3, 1000, (1, 1), device=device)
     times = []
@@ -77,6 +81,15 @@ def time_decode(model, context: int, steps: int, device: str, dtype: torch.dtype
         synchronize(device)
         times.append(time.perf_counter() - start)
         token = logits[:, -1:].argmax(-1)
+    if profile:
+        from torch.profiler import profile as profiler
+
+        mask = torch.ones(1, context + steps + 2, dtype=torch.long, device=device)
+        with profiler() as prof:
+            model(token, attention_mask=mask, past_key_values=cache, use_cache=True)
+            synchronize(device)
+        print(f"{model.config.model_type}, {type(cache).__name__}, context {context}: one decode step")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60))
     return sorted(times[1:])[steps // 2], per_token
 
 
@@ -117,15 +130,17 @@ def main():
     parser.add_argument("--key-budget", type=int, default=64)
     parser.add_argument("--width", type=int, default=128, help="sea_compressed_width (M)")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--profile", action="store_true", help="profile one step of each model at the largest context")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     dense, sea = build_models(args.layers, max(args.contexts) + args.steps + 2, args.device, dtype,
                               {"sea_key_budget": args.key_budget, "sea_compressed_width": args.width})
     rows = []
     for context in args.contexts:
+        profile = args.profile and context == max(args.contexts)
         dense_s, dense_bytes = time_decode(dense, context, args.steps, args.device, dtype)
-        static_s, _ = time_decode(dense, context, args.steps, args.device, dtype, static=True)
-        sea_s, sea_bytes = time_decode(sea, context, args.steps, args.device, dtype)
+        static_s, _ = time_decode(dense, context, args.steps, args.device, dtype, static=True, profile=profile)
+        sea_s, sea_bytes = time_decode(sea, context, args.steps, args.device, dtype, profile=profile)
         dense_attn, sea_attn = time_attention_step(sea, context, 4 * args.steps, args.device, dtype)
         rows.append({"context": context, "dense_ms": dense_s * 1e3, "dense_static_ms": static_s * 1e3,
                      "sea_ms": sea_s * 1e3, "dense_attention_ms": dense_attn * 1e3, "sea_attention_ms": sea_attn * 1e3,

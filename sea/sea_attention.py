@@ -40,6 +40,8 @@ logger = logging.get_logger(__name__)
 DECODER_CHANNELS = {True: 2, False: 4}
 # Rows of the causal prefix-sum linear attention processed as one exact block.
 LINEAR_ATTENTION_CHUNK = 64
+# Rows per pass of the PyTorch estimate of a long causal input at inference (`_kernel_encoding_in_passes`).
+ESTIMATE_ROWS_PER_PASS = 4096
 # Upper bound on gathered key/value elements per chunk of query rows in `sparse_attention`.
 GATHER_CHUNK_ELEMENTS = 1 << 22
 # Added to kernel features so that no normaliser is exactly zero.
@@ -490,8 +492,8 @@ class SeaAttention(nn.Module):
         """Estimated attention log-probabilities over bins (N, H, T, M) of the new queries (causal
         `leading_rows_only`: of the first row of every query block, (N, H, R, M)), the encoding of the rows it
         decoded (N, H, T, 2D; with `leading_rows_only`, of the rows the CNN needs), the causal state after them, the
-        kernel attention of the values (N, H, T, D; None from the fused kernels) and (causal, with gates) the output
-        gate (see `kernel_encoding`). `k_new`, `v_new` are the keys and values of the new positions (the last T of
+        kernel attention of the values (N, H, T, D; only for the kernel-attention baseline, else None) and (causal,
+        with gates) the output gate (see `kernel_encoding`). `k_new`, `v_new` are the keys and values of the new positions (the last T of
         `key_valid`)."""
         n, _, t, d = v_new.shape
         h = self.num_heads
@@ -520,37 +522,70 @@ class SeaAttention(nn.Module):
     def kernel_encoding(self, q, k_new, v_new, code, new_valid, counts, state, rows=None):
         """Kernel attention of [code || v] for the new queries (causal: continuing `state`'s sums), encoded with v:
         the encoding (N, H, R, 2D) of `rows` (R of the T rows; None: all), the sums after these rows (causal:
-        kv_sum, k_sum, value_sum; else None), the kernel attention of the values (N, H, T, D) and (causal, with
-        gates; else None) the output gate of every row from its encoding and the running mean of the valid values
-        (`output_gate`, `causal_average_context`). Causal layers serving inference (no gradient wanted) on CUDA run
-        the fused Triton kernels, which return no kernel attention: only the kernel-attention baseline reads it,
-        and it takes this path."""
-        n, kv_heads, t, d = v_new.shape
+        kv_sum, k_sum, value_sum; else None), the kernel attention of the values (N, H, T, D), returned only for
+        the kernel-attention baseline, which reads it (else None), and (causal, with gates; else None) the output
+        gate of every row from its encoding and the running mean of the valid values (`output_gate`,
+        `causal_average_context`). Causal layers serving inference (no gradient wanted) on CUDA run the fused
+        Triton kernels; elsewhere causal inference runs the PyTorch path in passes of rows."""
+        d = v_new.shape[-1]
+        sums = (state.kv_sum, state.k_sum, state.value_sum) if self.causal else None
         wants_kernels = self.causal and self.kernel != "torch" and self.baseline != "kernel_attention"
-        if wants_kernels and (q.is_cuda or self.kernel == "triton") and not torch.is_grad_enabled():
+        inference = not torch.is_grad_enabled()
+        if wants_kernels and (q.is_cuda or self.kernel == "triton") and inference:
             reason = estimate_kernel_unavailable_reason(q, d)
             if reason is None:
                 fused = causal_kernel_encoding_triton(
                     q, k_new, v_new, code, new_valid, counts, self.feature_projection, self.encoder, self.gates,
-                    FEATURE_EPS[True], state.kv_sum, state.k_sum, state.value_sum, rows,
+                    FEATURE_EPS[True], *sums, rows,
                 )
                 if fused is not None:
-                    encoding, sums, gate = fused
-                    return encoding, sums, None, gate
+                    return fused[0], fused[1], None, fused[2]
                 reason = "they need more shared memory than this GPU has"
             logger.warning_once(f"SEA: the fused estimate kernels cannot run ({reason}); the estimate uses the slower "
                                 "PyTorch path.")
+        if self.causal and inference and q.shape[2] > ESTIMATE_ROWS_PER_PASS:
+            return self._kernel_encoding_in_passes(q, k_new, v_new, code, new_valid, counts, sums, rows)
+        return self._torch_kernel_encoding(q, k_new, v_new, code, new_valid, counts, sums, rows)
+
+    def _kernel_encoding_in_passes(self, q, k_new, v_new, code, new_valid, counts, sums, rows):
+        """`_torch_kernel_encoding` of a long causal input at inference, in passes of `ESTIMATE_ROWS_PER_PASS`
+        rows that carry the sums from one to the next: the same result, with the kernel attention's per-block
+        intermediates (N, H, T / 64, F, 2D) held for one pass at a time (at 32 heads x 128 they were ~1.6 GB per
+        tensor at 32k tokens)."""
+        t = q.shape[2]
+        firsts = list(range(0, t, ESTIMATE_ROWS_PER_PASS))
+        # Where each pass's rows begin among the sorted `rows` (one wait for the GPU, not one per pass).
+        cuts = None if rows is None else torch.searchsorted(rows, torch.tensor(firsts + [t], device=rows.device)).tolist()
+        parts = []
+        for index, first in enumerate(firsts):
+            last = min(t, first + ESTIMATE_ROWS_PER_PASS)
+            pass_rows = None if rows is None else rows[cuts[index] : cuts[index + 1]] - first
+            encoding, sums, kernel_context, gate = self._torch_kernel_encoding(
+                q[:, :, first:last], k_new[:, :, first:last], v_new[:, :, first:last], code[:, first:last],
+                new_valid[:, first:last], counts[:, first:last], sums, pass_rows,
+            )
+            parts.append((encoding, kernel_context, gate))
+        encodings, kernel_contexts, gates = zip(*parts)
+        kernel_context = torch.cat(kernel_contexts, 2) if kernel_contexts[0] is not None else None
+        gate = (torch.cat([g[0] for g in gates], 2), torch.cat([g[1] for g in gates], 2)) if gates[0] is not None else None
+        return torch.cat(encodings, 2), sums, kernel_context, gate
+
+    def _torch_kernel_encoding(self, q, k_new, v_new, code, new_valid, counts, sums, rows):
+        """`kernel_encoding` in PyTorch; `sums` (causal) the carried (kv_sum, k_sum, value_sum)."""
+        n, kv_heads, t, d = v_new.shape
         augmented = torch.cat([code.unsqueeze(1).expand(n, kv_heads, t, d), v_new], dim=-1).unsqueeze(2)
         # Query heads grouped per key/value head: (N, H_kv, G, T, F) against (N, H_kv, 1, T, F).
         phi_q = kernel_features(q, self.feature_projection, self.causal, None).unflatten(1, (kv_heads, -1))
         phi_k = kernel_features(k_new, self.feature_projection, self.causal, new_valid).unsqueeze(2)
-        sums = (state.kv_sum.unsqueeze(2), state.k_sum.unsqueeze(2)) if self.causal else (None, None)
-        estimate, new_sums = linear_attention(phi_q, phi_k, augmented, self.causal, *sums)
+        carried = (sums[0].unsqueeze(2), sums[1].unsqueeze(2)) if self.causal else (None, None)
+        estimate, new_sums = linear_attention(phi_q, phi_k, augmented, self.causal, *carried)
         encoding = self.encode(estimate.to(v_new.dtype), v_new.unsqueeze(2)).flatten(1, 2)
-        kernel_context = estimate.flatten(1, 2)[..., d:].to(v_new.dtype)
+        kernel_context = None
+        if self.baseline == "kernel_attention":
+            kernel_context = estimate.flatten(1, 2)[..., d:].to(v_new.dtype)
         if not self.causal:
             return encoding, None, kernel_context, None
-        average, value_sum = causal_average_context(v_new, new_valid, counts, state.value_sum)
+        average, value_sum = causal_average_context(v_new, new_valid, counts, sums[2])
         gate = self.output_gate(encoding, average) if self.gates is not None else None
         if rows is not None:
             encoding = encoding[:, :, rows]

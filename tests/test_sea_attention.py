@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import assert_same_layer_outputs, layer_in_two_calls
+from sea import sea_attention
 from sea.configuration_sea import SeaBertConfig, SeaOptConfig
 from sea.sea_attention import (
     SeaAttention,
@@ -183,6 +184,25 @@ def test_causal_blocks_without_probabilities_estimate_only_the_rows_that_choose_
         torch.testing.assert_close(leading.estimate_log_probs, every.estimate_log_probs[:, :, ::block], atol=1e-12, rtol=0)
     exact = dict(atol=1e-12, rtol=0)
     assert_same_layer_outputs(leading_rows, every_row, exact, exact)
+
+
+@pytest.mark.parametrize("block", [1, 16], ids=["per-query", "blocks"])
+def test_causal_inference_estimates_long_inputs_in_passes(block, monkeypatch):
+    """At inference the PyTorch estimate of a long causal input runs in passes of rows carrying the kernel-attention
+    sums (bounded memory): the same estimate, keys, context and state as in one pass, over a padded batch continued
+    from an earlier call (passes of 32 rows here, so both calls cross several)."""
+    first, t = 77, 200
+    op = make_operator(True, 12, dtype=torch.float64, block=block)
+    q, k, v = torch.randn(3, N, H, t, D, dtype=torch.float64).unbind(0)
+    valid = random_padding(t)
+    with torch.no_grad():
+        one_pass = layer_in_two_calls(op, q, k, v, valid, first, D**-0.5, need_probs=False)
+        monkeypatch.setattr(sea_attention, "ESTIMATE_ROWS_PER_PASS", 32)
+        in_passes = layer_in_two_calls(op, q, k, v, valid, first, D**-0.5, need_probs=False)
+    for a, b in zip(in_passes, one_pass):
+        torch.testing.assert_close(a.estimate_log_probs, b.estimate_log_probs, atol=1e-10, rtol=0)
+    exact = dict(atol=1e-10, rtol=0)
+    assert_same_layer_outputs(in_passes, one_pass, exact, exact)
 
 
 @pytest.mark.parametrize("causal", [True, False])
