@@ -27,6 +27,7 @@ from transformers.utils import logging
 
 from .configuration_sea import SEA_DECODER_WIDTH_DIVISOR
 from .sea_triton import (
+    OutOfResources,
     causal_kernel_encoding_triton,
     estimate_kernel_unavailable_reason,
     gated_block_attention_triton,
@@ -531,8 +532,8 @@ class SeaAttention(nn.Module):
         kv_sum, k_sum, value_sum; else None), the kernel attention of the values (N, H, T, D), returned only for
         the kernel-attention baseline, which reads it (else None), and (causal, with gates; else None) the output
         gate of every row from its encoding and the running mean of the valid values (`output_gate`,
-        `causal_average_context`). Causal layers serving inference (no gradient wanted) on CUDA run the fused
-        Triton kernels; elsewhere causal inference runs the PyTorch path in passes of rows."""
+        `causal_average_context`). Causal layers serving inference (no gradient wanted) on CUDA run the Triton
+        kernels; elsewhere causal inference runs the PyTorch path in passes of rows."""
         d = v_new.shape[-1]
         sums = (state.kv_sum, state.k_sum, state.value_sum) if self.causal else None
         wants_kernels = self.causal and self.kernel != "torch" and self.baseline != "kernel_attention"
@@ -540,14 +541,15 @@ class SeaAttention(nn.Module):
         if wants_kernels and (q.is_cuda or self.kernel == "triton") and inference:
             reason = estimate_kernel_unavailable_reason(q, d)
             if reason is None:
-                fused = causal_kernel_encoding_triton(
-                    q, k_new, v_new, code, new_valid, counts, self.feature_projection, self.encoder, self.gates,
-                    FEATURE_EPS[True], *sums, rows,
-                )
-                if fused is not None:
-                    return fused[0], fused[1], None, fused[2]
-                reason = "they need more shared memory than this GPU has"
-            logger.warning_once(f"SEA: the fused estimate kernels cannot run ({reason}); the estimate uses the slower "
+                try:
+                    encoding, new_sums, gate = causal_kernel_encoding_triton(
+                        q, k_new, v_new, code, new_valid, counts, self.feature_projection, self.encoder, self.gates,
+                        FEATURE_EPS[True], *sums, rows,
+                    )
+                    return encoding, new_sums, None, gate
+                except OutOfResources:  # e.g. GPUs with ~100 KB of shared memory per block
+                    reason = "they need more shared memory than this GPU has"
+            logger.warning_once(f"SEA: the estimate kernels cannot run ({reason}); the estimate uses the slower "
                                 "PyTorch path.")
         if self.causal and inference and q.shape[2] > ESTIMATE_ROWS_PER_PASS:
             return self._kernel_encoding_in_passes(q, k_new, v_new, code, new_valid, counts, sums, rows)

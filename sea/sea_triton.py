@@ -29,6 +29,9 @@ try:
 except ImportError:  # the PyTorch path serves; `kernel_unavailable_reason` says why no kernel runs
     triton = None
 
+    class OutOfResources(Exception):
+        """Stands in for Triton's error (never raised without Triton), so callers can name it."""
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 EMPTY_ROW = 1e30  # log-sum-exp stored for a row with no valid key: every probability underflows to 0
@@ -390,48 +393,113 @@ if triton is not None:
         return rows, row_ok, valid
 
     @triton.jit
-    def _packed_sums(SUMS, index, HEAD_DIM: tl.constexpr, BLOCK_F: tl.constexpr):
-        """Pointers into record `index` of packed sums (see `_pack_sums`): phi(k) code^T and phi(k) v^T (the
-        halves of the (BLOCK_F, 2D) rows of phi(k) [code || v]^T), phi(k) (BLOCK_F) and the valid values (D)."""
+    def _packed_sums(SUMS, index, column, HEAD_DIM: tl.constexpr, BLOCK_F: tl.constexpr, TILE: tl.constexpr):
+        """Pointers into record `index` of packed sums (see `_pack_sums`): columns column .. column + TILE - 1 of
+        the (BLOCK_F, 2D) rows of phi(k) [code || v]^T, phi(k) (BLOCK_F), and where the sums of the valid values
+        (D) begin."""
         base = index * (2 * BLOCK_F * HEAD_DIM + BLOCK_F + HEAD_DIM)
         features = tl.arange(0, BLOCK_F)
-        dims = tl.arange(0, HEAD_DIM)
-        code = base + features[:, None] * (2 * HEAD_DIM) + dims[None, :]
+        kv = base + features[:, None] * (2 * HEAD_DIM) + column + tl.arange(0, TILE)[None, :]
         k = base + 2 * BLOCK_F * HEAD_DIM + features
-        return SUMS + code, SUMS + code + HEAD_DIM, SUMS + k, SUMS + base + 2 * BLOCK_F * HEAD_DIM + BLOCK_F + dims
+        return SUMS + kv, SUMS + k, SUMS + base + 2 * BLOCK_F * HEAD_DIM + BLOCK_F
+
+    @triton.jit
+    def _augmented_columns(CODE, V, batch, kv_head, rows, row_ok, column, num_rows, HEAD_DIM: tl.constexpr,
+                           TILE: tl.constexpr):
+        """Columns column .. column + TILE - 1 of rows of [code || v] (code (N, T, D) is shared by the heads), float32."""
+        columns = tl.arange(0, TILE)
+        if column < HEAD_DIM:
+            x = tl.load(CODE + (batch * num_rows + rows)[:, None] * HEAD_DIM + column + columns[None, :],
+                        mask=row_ok[:, None], other=0.0)
+        else:
+            x = tl.load(V + (kv_head * num_rows + rows)[:, None] * HEAD_DIM + column - HEAD_DIM + columns[None, :],
+                        mask=row_ok[:, None], other=0.0)
+        return x.to(tl.float32)
 
     @triton.jit
     def _causal_kernel_sums(
         K, V, CODE, VALID, PROJECTION, SUMS,
-        num_rows, segment_rows, num_segments, num_features, num_kv_heads, scale, eps,
-        HEAD_DIM: tl.constexpr, BLOCK_F: tl.constexpr, CHUNK: tl.constexpr, SUMS_PRECISION: tl.constexpr,
+        num_rows, first_row, last_row, segment_rows, num_segments, num_features, num_kv_heads, scale, eps,
+        HEAD_DIM: tl.constexpr, BLOCK_F: tl.constexpr, TILE: tl.constexpr, CHUNK: tl.constexpr,
+        SUMS_PRECISION: tl.constexpr,
     ):
-        """Per (batch x key/value head, segment of rows): sums of phi(k_j) code_j^T, phi(k_j) v_j^T, phi(k_j) and
-        of the valid v_j, as one packed record."""
+        """Per (batch x key/value head, segment of rows first_row .. last_row - 1, TILE columns of [code || v]):
+        the segment's sums of phi(k_j) [code_j || v_j]^T in those columns, written into the segment's packed
+        record; the first columns' program also sums phi(k_j), and the value columns' programs the valid v_j."""
         head = tl.program_id(0)
         segment = tl.program_id(1)
+        column = tl.program_id(2) * TILE
         batch = head // num_kv_heads
-        first = segment * segment_rows
-        last = tl.minimum(first + segment_rows, num_rows)
-        sum_code = tl.zeros([BLOCK_F, HEAD_DIM], tl.float32)
-        sum_value = tl.zeros([BLOCK_F, HEAD_DIM], tl.float32)
+        first = first_row + segment * segment_rows
+        last = tl.minimum(first + segment_rows, last_row)
+        sum_x = tl.zeros([BLOCK_F, TILE], tl.float32)
         sum_k = tl.zeros([BLOCK_F], tl.float32)
-        sum_v = tl.zeros([HEAD_DIM], tl.float32)
+        sum_v = tl.zeros([TILE], tl.float32)
         for chunk in range(first, last, CHUNK):
             rows, row_ok, valid = _chunk_rows(VALID, batch, chunk, last, num_rows, CHUNK)
             phi_k = _kernel_features(K, PROJECTION, head * num_rows, rows, valid, num_features, scale, eps, HEAD_DIM,
                                      BLOCK_F, SUMS_PRECISION)
-            code = _matrix_rows(CODE, batch * num_rows, rows, row_ok, HEAD_DIM).to(tl.float32)
-            value = _matrix_rows(V, head * num_rows, rows, row_ok, HEAD_DIM).to(tl.float32)
-            sum_code += tl.dot(tl.trans(phi_k), code, input_precision=SUMS_PRECISION)
-            sum_value += tl.dot(tl.trans(phi_k), value, input_precision=SUMS_PRECISION)
+            x = _augmented_columns(CODE, V, batch, head, rows, row_ok, column, num_rows, HEAD_DIM, TILE)
+            sum_x += tl.dot(tl.trans(phi_k), x, input_precision=SUMS_PRECISION)
             sum_k += tl.sum(phi_k, axis=0)
-            sum_v += tl.sum(tl.where(valid[:, None], value, 0.0), axis=0)
-        to_code, to_value, to_k, to_v = _packed_sums(SUMS, head * num_segments + segment, HEAD_DIM, BLOCK_F)
-        tl.store(to_code, sum_code)
-        tl.store(to_value, sum_value)
-        tl.store(to_k, sum_k)
-        tl.store(to_v, sum_v)
+            sum_v += tl.sum(tl.where(valid[:, None], x, 0.0), axis=0)
+        to_x, to_k, to_values = _packed_sums(SUMS, head * num_segments + segment, column, HEAD_DIM, BLOCK_F, TILE)
+        tl.store(to_x, sum_x)
+        if column == 0:
+            tl.store(to_k, sum_k)
+        if column >= HEAD_DIM:
+            tl.store(to_values + column - HEAD_DIM + tl.arange(0, TILE), sum_v)
+
+    @triton.jit
+    def _chunk_kernel_products(Q, K, PROJECTION, head, kv_head, rows, row_ok, valid, sum_k, num_rows, num_features,
+                               scale, eps, HEAD_DIM: tl.constexpr, BLOCK_F: tl.constexpr, CHUNK: tl.constexpr,
+                               SUMS_PRECISION: tl.constexpr):
+        """A chunk's query and key features, the causal products phi(q_i).phi(k_j) inside the chunk (j <= i), and
+        each query's denominator: its products with every key up to it (`sum_k` sums the keys before the chunk)."""
+        phi_k = _kernel_features(K, PROJECTION, kv_head * num_rows, rows, valid, num_features, scale, eps, HEAD_DIM,
+                                 BLOCK_F, SUMS_PRECISION)
+        phi_q = _kernel_features(Q, PROJECTION, head * num_rows, rows, row_ok, num_features, scale, eps, HEAD_DIM,
+                                 BLOCK_F, SUMS_PRECISION)
+        local = tl.arange(0, CHUNK)
+        within = tl.dot(phi_q, tl.trans(phi_k), input_precision=SUMS_PRECISION)
+        within = tl.where(local[None, :] <= local[:, None], within, 0.0)
+        denominator = tl.sum(phi_q * sum_k[None, :], axis=1) + tl.sum(within, axis=1)
+        return phi_q, phi_k, within, tl.maximum(denominator, 1e-30)[:, None]
+
+    @triton.jit
+    def _causal_kernel_estimate(
+        Q, K, V, CODE, VALID, PROJECTION, START, ESTIMATE,
+        num_rows, first_row, last_row, segment_rows, num_segments, num_features, num_heads, group, scale, eps,
+        HEAD_DIM: tl.constexpr, BLOCK_F: tl.constexpr, TILE: tl.constexpr, CHUNK: tl.constexpr,
+        SUMS_PRECISION: tl.constexpr,
+    ):
+        """Per (batch x query head, segment of rows first_row .. last_row - 1, TILE columns of [code || v]): the
+        causal kernel attention of those columns for the segment's rows, continued from the segment's starting
+        sums, written into ESTIMATE (N x H, last_row - first_row, 2D) in its dtype."""
+        head = tl.program_id(0)
+        segment = tl.program_id(1)
+        column = tl.program_id(2) * TILE
+        batch = head // num_heads
+        kv_head = _key_value_head(head, num_heads, group)
+        first = first_row + segment * segment_rows
+        last = tl.minimum(first + segment_rows, last_row)
+        estimate_rows = last_row - first_row
+        from_x, from_k, _ = _packed_sums(START, kv_head * num_segments + segment, column, HEAD_DIM, BLOCK_F, TILE)
+        sum_x = tl.load(from_x)
+        sum_k = tl.load(from_k)
+        columns = tl.arange(0, TILE)
+        for chunk in range(first, last, CHUNK):
+            rows, row_ok, valid = _chunk_rows(VALID, batch, chunk, last, num_rows, CHUNK)
+            phi_q, phi_k, within, denominator = _chunk_kernel_products(
+                Q, K, PROJECTION, head, kv_head, rows, row_ok, valid, sum_k, num_rows, num_features, scale, eps,
+                HEAD_DIM, BLOCK_F, CHUNK, SUMS_PRECISION)
+            x = _augmented_columns(CODE, V, batch, kv_head, rows, row_ok, column, num_rows, HEAD_DIM, TILE)
+            estimate = (tl.dot(phi_q, sum_x, input_precision=SUMS_PRECISION)
+                        + tl.dot(within, x, input_precision=SUMS_PRECISION)) / denominator
+            tl.store(ESTIMATE + (head * estimate_rows + rows - first_row)[:, None] * (2 * HEAD_DIM) + column
+                     + columns[None, :], estimate.to(ESTIMATE.dtype.element_ty), mask=row_ok[:, None])
+            sum_x += tl.dot(tl.trans(phi_k), x, input_precision=SUMS_PRECISION)
+            sum_k += tl.sum(phi_k, axis=0)
 
     @triton.jit
     def _encoder_weight_t(W, column, HEAD_DIM: tl.constexpr):
@@ -460,6 +528,38 @@ if triton is not None:
                  (mix[:, None] * average).to(GATE_OFFSET.dtype.element_ty), mask=row_ok[:, None])
 
     @triton.jit
+    def _encode_chunk(est_code, est_value, value_in, valid, rows, row_ok, sum_v, head, batch, num_rows, num_slots,
+                      W, BIAS, NORM_W, NORM_B, norm_eps, GATE_W, GATE_B, COUNTS, ROW_SLOT, ENCODING, GATE_SCALE,
+                      GATE_OFFSET, HEAD_DIM: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                      HAS_GATES: tl.constexpr):
+        """The encoder (linear, layer norm, GELU) of a chunk's rows [est_code || est_value || v] (the estimate in
+        the values' dtype), stored into ENCODING for the rows that have a slot in ROW_SLOT; with gates, the rows'
+        output gate. Returns `sum_v` (the valid values before the chunk) plus the chunk's valid values."""
+        outputs = tl.arange(0, 2 * HEAD_DIM)
+        hidden = tl.dot(est_code.to(DOT_DTYPE), _encoder_weight_t(W, 0, HEAD_DIM).to(DOT_DTYPE),
+                        input_precision=PRECISION)
+        hidden += tl.dot(est_value.to(DOT_DTYPE), _encoder_weight_t(W, HEAD_DIM, HEAD_DIM).to(DOT_DTYPE),
+                         input_precision=PRECISION)
+        hidden += tl.dot(value_in.to(DOT_DTYPE), _encoder_weight_t(W, 2 * HEAD_DIM, HEAD_DIM).to(DOT_DTYPE),
+                         input_precision=PRECISION)
+        hidden += tl.load(BIAS + outputs).to(tl.float32)[None, :]
+        mean = tl.sum(hidden, axis=1)[:, None] / (2 * HEAD_DIM)
+        centred = hidden - mean
+        variance = tl.sum(centred * centred, axis=1)[:, None] / (2 * HEAD_DIM)
+        normed = (centred / tl.sqrt(variance + norm_eps) * tl.load(NORM_W + outputs).to(tl.float32)[None, :]
+                  + tl.load(NORM_B + outputs).to(tl.float32)[None, :])
+        encoded = (0.5 * normed * (1.0 + tl.erf(normed * 0.7071067811865476))).to(ENCODING.dtype.element_ty)
+        slot = tl.load(ROW_SLOT + rows, mask=row_ok, other=-1)
+        tl.store(ENCODING + (head * num_slots + slot)[:, None] * (2 * HEAD_DIM) + outputs[None, :], encoded,
+                 mask=(slot >= 0)[:, None])
+        if HAS_GATES:
+            valid_values = tl.where(valid[:, None], value_in.to(tl.float32), 0.0)
+            _store_output_gate(GATE_W, GATE_B, GATE_SCALE, GATE_OFFSET, COUNTS, encoded.to(tl.float32), valid_values,
+                               sum_v, head * num_rows + rows, batch * num_rows + rows, row_ok, HEAD_DIM)
+            sum_v += tl.sum(valid_values, axis=0)
+        return sum_v
+
+    @triton.jit
     def _causal_kernel_encoding(
         Q, K, V, CODE, VALID, COUNTS, PROJECTION, START, W, BIAS, NORM_W, NORM_B,
         GATE_W, GATE_B, ROW_SLOT, ENCODING, GATE_SCALE, GATE_OFFSET, num_rows, num_slots, segment_rows, num_segments,
@@ -477,30 +577,20 @@ if triton is not None:
         kv_head = _key_value_head(head, num_heads, group)
         first = segment * segment_rows
         last = tl.minimum(first + segment_rows, num_rows)
-        outputs = tl.arange(0, 2 * HEAD_DIM)
-        from_code, from_value, from_k, from_v = _packed_sums(START, kv_head * num_segments + segment, HEAD_DIM,
-                                                             BLOCK_F)
+        from_code, from_k, from_values = _packed_sums(START, kv_head * num_segments + segment, 0, HEAD_DIM, BLOCK_F,
+                                                      HEAD_DIM)
         sum_code = tl.load(from_code)
-        sum_value = tl.load(from_value)
+        sum_value = tl.load(from_code + HEAD_DIM)
         sum_k = tl.load(from_k)
-        sum_v = tl.load(from_v)
-        bias = tl.load(BIAS + outputs).to(tl.float32)
-        norm_w = tl.load(NORM_W + outputs).to(tl.float32)
-        norm_b = tl.load(NORM_B + outputs).to(tl.float32)
+        sum_v = tl.load(from_values + tl.arange(0, HEAD_DIM))
         for chunk in range(first, last, CHUNK):
             rows, row_ok, valid = _chunk_rows(VALID, batch, chunk, last, num_rows, CHUNK)
-            phi_k = _kernel_features(K, PROJECTION, kv_head * num_rows, rows, valid, num_features, scale, eps,
-                                     HEAD_DIM, BLOCK_F, SUMS_PRECISION)
-            phi_q = _kernel_features(Q, PROJECTION, head * num_rows, rows, row_ok, num_features, scale, eps, HEAD_DIM,
-                                     BLOCK_F, SUMS_PRECISION)
+            phi_q, phi_k, within, denominator = _chunk_kernel_products(
+                Q, K, PROJECTION, head, kv_head, rows, row_ok, valid, sum_k, num_rows, num_features, scale, eps,
+                HEAD_DIM, BLOCK_F, CHUNK, SUMS_PRECISION)
             code = _matrix_rows(CODE, batch * num_rows, rows, row_ok, HEAD_DIM).to(tl.float32)
             value_in = _matrix_rows(V, kv_head * num_rows, rows, row_ok, HEAD_DIM)
             value = value_in.to(tl.float32)
-            local = tl.arange(0, CHUNK)
-            within = tl.dot(phi_q, tl.trans(phi_k), input_precision=SUMS_PRECISION)
-            within = tl.where(local[None, :] <= local[:, None], within, 0.0)
-            denominator = tl.sum(phi_q * sum_k[None, :], axis=1) + tl.sum(within, axis=1)
-            denominator = tl.maximum(denominator, 1e-30)[:, None]
             est_code = (tl.dot(phi_q, sum_code, input_precision=SUMS_PRECISION)
                         + tl.dot(within, code, input_precision=SUMS_PRECISION))
             est_value = (tl.dot(phi_q, sum_value, input_precision=SUMS_PRECISION)
@@ -509,32 +599,49 @@ if triton is not None:
             sum_value += tl.dot(tl.trans(phi_k), value, input_precision=SUMS_PRECISION)
             sum_k += tl.sum(phi_k, axis=0)
             # The encoder reads the estimate in the values' precision, as the PyTorch path does.
-            est_code = (est_code / denominator).to(V.dtype.element_ty).to(DOT_DTYPE)
-            est_value = (est_value / denominator).to(V.dtype.element_ty).to(DOT_DTYPE)
-            hidden = tl.dot(est_code, _encoder_weight_t(W, 0, HEAD_DIM).to(DOT_DTYPE), input_precision=PRECISION)
-            hidden += tl.dot(est_value, _encoder_weight_t(W, HEAD_DIM, HEAD_DIM).to(DOT_DTYPE),
-                             input_precision=PRECISION)
-            hidden += tl.dot(value_in.to(DOT_DTYPE), _encoder_weight_t(W, 2 * HEAD_DIM, HEAD_DIM).to(DOT_DTYPE),
-                             input_precision=PRECISION)
-            hidden += bias[None, :]
-            mean = tl.sum(hidden, axis=1)[:, None] / (2 * HEAD_DIM)
-            centred = hidden - mean
-            variance = tl.sum(centred * centred, axis=1)[:, None] / (2 * HEAD_DIM)
-            normed = centred / tl.sqrt(variance + norm_eps) * norm_w[None, :] + norm_b[None, :]
-            encoded = (0.5 * normed * (1.0 + tl.erf(normed * 0.7071067811865476))).to(ENCODING.dtype.element_ty)
-            slot = tl.load(ROW_SLOT + rows, mask=row_ok, other=-1)
-            tl.store(ENCODING + (head * num_slots + slot)[:, None] * (2 * HEAD_DIM) + outputs[None, :], encoded,
-                     mask=(slot >= 0)[:, None])
-            if HAS_GATES:
-                valid_values = tl.where(valid[:, None], value, 0.0)
-                _store_output_gate(GATE_W, GATE_B, GATE_SCALE, GATE_OFFSET, COUNTS, encoded.to(tl.float32),
-                                   valid_values, sum_v, head * num_rows + rows, batch * num_rows + rows, row_ok,
-                                   HEAD_DIM)
-                sum_v += tl.sum(valid_values, axis=0)
+            sum_v = _encode_chunk(
+                (est_code / denominator).to(V.dtype.element_ty), (est_value / denominator).to(V.dtype.element_ty),
+                value_in, valid, rows, row_ok, sum_v, head, batch, num_rows, num_slots, W, BIAS, NORM_W, NORM_B,
+                norm_eps, GATE_W, GATE_B, COUNTS, ROW_SLOT, ENCODING, GATE_SCALE, GATE_OFFSET, HEAD_DIM, DOT_DTYPE,
+                PRECISION, HAS_GATES)
+
+    @triton.jit
+    def _causal_estimate_encoding(
+        ESTIMATE, V, VALID, COUNTS, START, W, BIAS, NORM_W, NORM_B, GATE_W, GATE_B, ROW_SLOT, ENCODING, GATE_SCALE,
+        GATE_OFFSET, num_rows, first_row, last_row, num_slots, segment_rows, num_segments, num_heads, group,
+        norm_eps, HEAD_DIM: tl.constexpr, BLOCK_F: tl.constexpr, CHUNK: tl.constexpr, DOT_DTYPE: tl.constexpr,
+        PRECISION: tl.constexpr, HAS_GATES: tl.constexpr,
+    ):
+        """`_causal_kernel_encoding`'s encoder and gates for rows first_row .. last_row - 1 whose estimate
+        `_causal_kernel_estimate` wrote into ESTIMATE, per (batch x query head, segment); the running sums of the
+        valid values start from the segments' packed records."""
+        head = tl.program_id(0)
+        segment = tl.program_id(1)
+        batch = head // num_heads
+        kv_head = _key_value_head(head, num_heads, group)
+        first = first_row + segment * segment_rows
+        last = tl.minimum(first + segment_rows, last_row)
+        estimate_rows = last_row - first_row
+        _, _, from_values = _packed_sums(START, kv_head * num_segments + segment, 0, HEAD_DIM, BLOCK_F, HEAD_DIM)
+        sum_v = tl.load(from_values + tl.arange(0, HEAD_DIM))
+        for chunk in range(first, last, CHUNK):
+            rows, row_ok, valid = _chunk_rows(VALID, batch, chunk, last, num_rows, CHUNK)
+            estimate_base = head * 2 * estimate_rows - 2 * first_row  # in rows of D: estimate rows hold 2D
+            est_code = _matrix_rows(ESTIMATE, estimate_base, 2 * rows, row_ok, HEAD_DIM)
+            est_value = _matrix_rows(ESTIMATE, estimate_base, 2 * rows + 1, row_ok, HEAD_DIM)
+            value_in = _matrix_rows(V, kv_head * num_rows, rows, row_ok, HEAD_DIM)
+            sum_v = _encode_chunk(est_code, est_value, value_in, valid, rows, row_ok, sum_v, head, batch, num_rows,
+                                  num_slots, W, BIAS, NORM_W, NORM_B, norm_eps, GATE_W, GATE_B, COUNTS, ROW_SLOT,
+                                  ENCODING, GATE_SCALE, GATE_OFFSET, HEAD_DIM, DOT_DTYPE, PRECISION, HAS_GATES)
 
     # Launch shape of the estimate kernels, measured once per head size on the GPU (the interpreter ignores it).
     ESTIMATE_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2)]
-    _estimate_sums_tuned = triton.autotune(ESTIMATE_CONFIGS, key=["HEAD_DIM", "BLOCK_F", "SUMS_PRECISION"])(_causal_kernel_sums)
+    _estimate_sums_tuned = triton.autotune(
+        ESTIMATE_CONFIGS, key=["HEAD_DIM", "BLOCK_F", "TILE", "SUMS_PRECISION"])(_causal_kernel_sums)
+    _estimate_columns_tuned = triton.autotune(
+        ESTIMATE_CONFIGS, key=["HEAD_DIM", "BLOCK_F", "TILE", "SUMS_PRECISION"])(_causal_kernel_estimate)
+    _estimate_encoder_tuned = triton.autotune(
+        ESTIMATE_CONFIGS, key=["HEAD_DIM", "BLOCK_F", "DOT_DTYPE", "HAS_GATES"])(_causal_estimate_encoding)
     _estimate_encoding_tuned = triton.autotune(
         ESTIMATE_CONFIGS, key=["HEAD_DIM", "BLOCK_F", "DOT_DTYPE", "SUMS_PRECISION", "HAS_GATES"])(
         _causal_kernel_encoding)
@@ -757,6 +864,9 @@ def sparse_attention_triton(q, k, v, selection, scaling: float, need_probs: bool
 
 ESTIMATE_CHUNK = 64  # rows per step of the estimate kernels' walk (as LINEAR_ATTENTION_CHUNK in the PyTorch path)
 ESTIMATE_PROGRAMS = 512  # rows are cut into segments until (batch x head, segment) programs fill a large GPU
+FUSED_ESTIMATE_HEAD_DIM = 64  # one program holds a head's (F, 2D) sums and the encoder's weights only up to here
+ESTIMATE_TILE = 64  # columns of [code || v] per program of the segment sums and of the column-split estimate
+ESTIMATE_PASS_ROWS = 4096  # rows per pass of the column-split kernels: their (N, H, rows, 2D) estimate is reused
 
 
 def estimate_kernel_unavailable_reason(q: torch.Tensor, head_dim: int) -> str | None:
@@ -766,9 +876,9 @@ def estimate_kernel_unavailable_reason(q: torch.Tensor, head_dim: int) -> str | 
     if reason is not None:
         return reason
     # Measured on an H100 with Triton 3.6: smaller heads compile to an illegal shared-memory read (cf.
-    # triton-lang/triton#11366), and at 128 the carried (F, D) sums outgrow shared memory.
-    if head_dim != 64:
-        return f"head_dim {head_dim} is not 64"
+    # triton-lang/triton#11366); at 256 the features' projection alone would fill shared memory.
+    if head_dim not in (64, 128):
+        return f"head_dim {head_dim} is not 64 or 128"
     return None
 
 
@@ -791,38 +901,55 @@ def _pack_sums(kv_sum, k_sum, value_sum, block_f: int) -> torch.Tensor:
     return torch.cat(parts, dim=-1).flatten(0, 1).float()
 
 
+def _estimate_segments(t: int, programs_per_segment: int) -> tuple[int, int]:
+    """How many segments, and rows per segment, to cut T rows into (whole chunks) so that the estimate kernels' grid
+    fills a large GPU."""
+    segments = max(1, min(triton.cdiv(t, ESTIMATE_CHUNK), triton.cdiv(ESTIMATE_PROGRAMS, programs_per_segment)))
+    segment_rows = ESTIMATE_CHUNK * max(1, triton.cdiv(t, ESTIMATE_CHUNK * segments))
+    return max(1, triton.cdiv(t, segment_rows)), segment_rows
+
+
+def _segment_start_sums(k, v, code, key_valid, projection, eps, record, block_f: int, first: int, last: int,
+                        segments: int, segment_rows: int):
+    """The packed sums (`_pack_sums`) before each segment of rows first .. last - 1, (N x H_kv, segments, record),
+    and after row last - 1, (N x H_kv, record): `_causal_kernel_sums` sums each segment, a prefix over segments
+    adds them to `record`, the packed sums before row `first`."""
+    n, kv_heads, t, d = k.shape
+    tile = min(ESTIMATE_TILE, d)
+    kernel, arguments = _kernel_for_device(
+        _causal_kernel_sums, _estimate_sums_tuned, k.is_cuda,
+        dict(HEAD_DIM=d, BLOCK_F=block_f, TILE=tile, CHUNK=ESTIMATE_CHUNK,
+             SUMS_PRECISION=_sums_precision(k, carried=True)))
+    segment_sums = record.new_empty(n * kv_heads, segments, record.shape[-1])
+    kernel[(n * kv_heads, segments, 2 * d // tile)](
+        k, v, code, key_valid, projection, segment_sums, t, first, last, segment_rows, segments, projection.shape[0],
+        kv_heads, d**-0.25, eps, **arguments,
+    )
+    start = record.unsqueeze(1) + segment_sums.cumsum(1) - segment_sums
+    return start, record + segment_sums.sum(1)
+
+
 def causal_kernel_encoding_triton(q, k, v, code, key_valid, counts, projection, encoder, gates, eps, kv_sum, k_sum,
                                   value_sum, rows=None):
-    """The causal part of `SeaAttention.kernel_encoding` as two Triton kernels, for inference: the encoding
+    """The causal part of `SeaAttention.kernel_encoding` as Triton kernels, for inference: the encoding
     (N, H, R, 2D) of [kernel attention of [code || v] || v] at `rows` (R of the T rows; None: all), the new sums
     (kv_sum, k_sum, value_sum) after these rows, and with `gates` (the gate layer, or None) the output gate of
     every row (`SeaAttention.output_gate`): scale (N, H, T, 1) and offset (N, H, T, D).
 
     q (N, H, T, D), k and v (N, H_kv, T, D) of the new rows, code (N, T, D), key_valid (N, T), the visible-key
     counts (N, T) and the sums before these rows (N, H_kv, F, 2D), (N, H_kv, F), (N, H_kv, D). Rows are cut into
-    segments: a first kernel sums phi(k) [code || v]^T, phi(k) and the valid v per segment, a prefix over segments
-    gives each segment's starting sums, and a second kernel walks each segment in chunks, carrying the sums in
-    registers, and encodes and gates every row as soon as it is estimated, so neither the features, the estimate
-    nor the encoding of other rows ever reach memory. Returns None when the kernels need more shared memory than
-    this GPU has."""
+    segments: a first kernel sums phi(k) [code || v]^T, phi(k) and the valid v per segment, and a prefix over
+    segments gives each segment's starting sums. At head_dim 64 a second kernel then walks each segment in chunks,
+    carrying the sums in registers, and encodes and gates every row as soon as it is estimated: neither the
+    features, the estimate nor the encoding of other rows reach memory. Larger heads' sums and encoder weights
+    outgrow one program: there programs split the estimate by 64 columns of [code || v] (each recomputing its
+    rows' features), write it for a pass of `ESTIMATE_PASS_ROWS` rows, and a third kernel encodes and gates the
+    pass. Raises Triton's OutOfResources when the kernels need more shared memory than this GPU has."""
     n, h, t, d = q.shape
     kv_heads, f = k.shape[1], projection.shape[0]
     block_f = max(16, triton.next_power_of_2(f))
-    segments = max(1, min(triton.cdiv(t, ESTIMATE_CHUNK), triton.cdiv(ESTIMATE_PROGRAMS, n * h)))
-    segment_rows = ESTIMATE_CHUNK * max(1, triton.cdiv(t, ESTIMATE_CHUNK * segments))
-    segments = max(1, triton.cdiv(t, segment_rows))
     q, k, v, code, key_valid, counts, projection = (
         x.contiguous() for x in (q, k, v, code, key_valid, counts, projection))
-    constants = dict(HEAD_DIM=d, BLOCK_F=block_f, CHUNK=ESTIMATE_CHUNK)
-    sums_kernel, sums_arguments = _kernel_for_device(
-        _causal_kernel_sums, _estimate_sums_tuned, q.is_cuda,
-        dict(constants, SUMS_PRECISION=_sums_precision(q, carried=True)))
-    encoding_kernel, encoding_arguments = _kernel_for_device(
-        _causal_kernel_encoding, _estimate_encoding_tuned, q.is_cuda,
-        dict(constants, HAS_GATES=gates is not None, SUMS_PRECISION=_sums_precision(q, carried=False),
-             **_dot_arguments(v)))
-    initial = _pack_sums(kv_sum, k_sum, value_sum, block_f).unsqueeze(1)  # (N x H_kv, 1, record)
-    segment_sums = initial.new_empty(n * kv_heads, segments, initial.shape[-1])
     # Where each row's encoding goes: its index among `rows`, or -1 when it is not wanted.
     if rows is None:
         row_slot = torch.arange(t, dtype=torch.int32, device=q.device)
@@ -834,24 +961,47 @@ def causal_kernel_encoding_triton(q, k, v, code, key_valid, counts, projection, 
         scale = torch.empty(n, h, t, 1, dtype=torch.float32, device=q.device)
         offset = torch.empty(n, h, t, d, dtype=v.dtype, device=q.device)
         gate_weight, gate_bias = gates.weight.contiguous(), gates.bias
-    else:  # never read: the kernel writes no gate
+    else:  # never read: the kernels write no gate
         scale = offset = gate_weight = gate_bias = encoding
-    first, norm = encoder[0], encoder[1]
-    try:
-        sums_kernel[(n * kv_heads, segments)](
-            k, v, code, key_valid, projection, segment_sums, t, segment_rows, segments, f, kv_heads, d**-0.25, eps,
-            **sums_arguments,
+    first_layer, norm = encoder[0], encoder[1]
+    encoder_arguments = (first_layer.weight.contiguous(), first_layer.bias, norm.weight, norm.bias, gate_weight,
+                         gate_bias, row_slot, encoding, scale, offset)
+    encoding_constants = dict(HEAD_DIM=d, BLOCK_F=block_f, CHUNK=ESTIMATE_CHUNK, HAS_GATES=gates is not None,
+                              **_dot_arguments(v))
+    estimate_precision = _sums_precision(q, carried=False)
+    record = _pack_sums(kv_sum, k_sum, value_sum, block_f)  # (N x H_kv, record): the sums before the next row
+    if d == FUSED_ESTIMATE_HEAD_DIM:
+        segments, segment_rows = _estimate_segments(t, n * h)
+        start, record = _segment_start_sums(k, v, code, key_valid, projection, eps, record, block_f, 0, t, segments,
+                                            segment_rows)
+        kernel, arguments = _kernel_for_device(
+            _causal_kernel_encoding, _estimate_encoding_tuned, q.is_cuda,
+            dict(encoding_constants, SUMS_PRECISION=estimate_precision))
+        kernel[(n * h, segments)](
+            q, k, v, code, key_valid, counts, projection, start, *encoder_arguments, t, encoding.shape[2],
+            segment_rows, segments, f, h, h // kv_heads, d**-0.25, eps, norm.eps, **arguments,
         )
-        # Sums before each segment: the carried state, then the segments before it.
-        start = initial + segment_sums.cumsum(1) - segment_sums
-        encoding_kernel[(n * h, segments)](
-            q, k, v, code, key_valid, counts, projection, start, first.weight.contiguous(), first.bias, norm.weight,
-            norm.bias, gate_weight, gate_bias, row_slot, encoding, scale, offset, t, encoding.shape[2], segment_rows,
-            segments, f, h, h // kv_heads, d**-0.25, eps, norm.eps, **encoding_arguments,
-        )
-    except OutOfResources:  # e.g. GPUs with ~100 KB of shared memory per block
-        return None
-    total = (initial.squeeze(1) + segment_sums.sum(1)).view(n, kv_heads, -1)
-    kv_part, k_part, v_part = total.split([2 * block_f * d, block_f, d], dim=-1)
+    else:
+        tile = min(ESTIMATE_TILE, d)
+        estimate_kernel, estimate_arguments = _kernel_for_device(
+            _causal_kernel_estimate, _estimate_columns_tuned, q.is_cuda,
+            dict(HEAD_DIM=d, BLOCK_F=block_f, TILE=tile, CHUNK=ESTIMATE_CHUNK, SUMS_PRECISION=estimate_precision))
+        encoder_kernel, encoder_arguments_tuned = _kernel_for_device(
+            _causal_estimate_encoding, _estimate_encoder_tuned, q.is_cuda, encoding_constants)
+        estimate = torch.empty(n * h * min(t, ESTIMATE_PASS_ROWS) * 2 * d, dtype=v.dtype, device=q.device)
+        for first in range(0, t, ESTIMATE_PASS_ROWS):
+            last = min(t, first + ESTIMATE_PASS_ROWS)
+            segments, segment_rows = _estimate_segments(last - first, n * h * 2 * d // tile)
+            start, record = _segment_start_sums(k, v, code, key_valid, projection, eps, record, block_f, first, last,
+                                                segments, segment_rows)
+            estimate_kernel[(n * h, segments, 2 * d // tile)](
+                q, k, v, code, key_valid, projection, start, estimate, t, first, last, segment_rows, segments, f, h,
+                h // kv_heads, d**-0.25, eps, **estimate_arguments,
+            )
+            encoder_kernel[(n * h, segments)](
+                estimate, v, key_valid, counts, start, *encoder_arguments, t, first, last, encoding.shape[2],
+                segment_rows, segments, h, h // kv_heads, norm.eps, **encoder_arguments_tuned,
+            )
+    kv_part, k_part, v_part = record.view(n, kv_heads, -1).split([2 * block_f * d, block_f, d], dim=-1)
     sums = (kv_part.unflatten(-1, (block_f, 2 * d))[:, :, :f], k_part[..., :f], v_part)
     return encoding, sums, ((scale, offset) if gates is not None else None)

@@ -101,13 +101,23 @@ class OperationRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("d, heads, kv_heads", [(64, 3, 3), (64, 4, 2)], ids=["multi-head", "grouped-query"])
+@pytest.mark.parametrize("d, heads, kv_heads", [(64, 3, 3), (64, 4, 2), (128, 4, 2)],
+                         ids=["multi-head", "grouped-query", "d128-grouped-query"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_causal_estimate_kernel_matches_the_pytorch_path(d, heads, kv_heads, dtype):
-    """The fused kernel-attention + encoder + gate kernels against `SeaAttention.kernel_encoding`'s PyTorch path: a
-    padded batch continued from random carried sums, over more rows than one segment; the encoding of a random
+@pytest.mark.parametrize("one_segment", [False, True], ids=["segment-per-chunk", "one-segment-per-pass"])
+def test_causal_estimate_kernel_matches_the_pytorch_path(d, heads, kv_heads, dtype, one_segment, monkeypatch):
+    """The estimate kernels against `SeaAttention.kernel_encoding`'s PyTorch path (head_dim 64: the fused
+    kernel-attention + encoder + gate kernels; 128: the column-split kernel attention, then the encoder kernel): a
+    padded batch continued from random carried sums over three chunks of rows, cut into one segment per chunk (the
+    sums carried from segment to segment) or into one segment (carried from chunk to chunk inside a program; at
+    head_dim 128 in two passes of rows, 128 + 22, that carry the sums from pass to pass); the encoding of a random
     subset of rows, the output gate of every row and the new sums."""
+    from sea import sea_triton
     from sea.sea_attention import SeaAttention, positional_code, visible_key_counts
+
+    if one_segment:  # a grid of one program per head (and column block): one segment
+        monkeypatch.setattr(sea_triton, "ESTIMATE_PROGRAMS", 1)
+        monkeypatch.setattr(sea_triton, "ESTIMATE_PASS_ROWS", 128)
 
     config = tiny_opt_config(sea_key_budget=8, sea_compressed_width=8)
     op = SeaAttention(config, heads, d, True, kv_heads)
@@ -151,16 +161,17 @@ def test_causal_estimate_kernel_matches_the_pytorch_path(d, heads, kv_heads, dty
     assert "tril" in differentiable.names
 
 
-@pytest.mark.parametrize("gates", [True, False], ids=["gates", "no-gates"])
-def test_inference_forward_with_the_fused_estimate_equals_the_pytorch_path(gates):
-    """A whole causal layer at inference, kernels (fused estimate and gates) against the PyTorch path: a padded,
-    grouped-query batch in query blocks, continued from an earlier call; the same keys, context and carried state."""
+@pytest.mark.parametrize("gates, d", [(True, 64), (False, 64), (True, 128)], ids=["gates", "no-gates", "d128"])
+def test_inference_forward_with_the_estimate_kernels_equals_the_pytorch_path(gates, d):
+    """A whole causal layer at inference, kernels (estimate, gates, sparse attention) against the PyTorch path: a
+    padded, grouped-query batch in query blocks, continued from an earlier call; the same keys, context and
+    carried state."""
     from sea.sea_attention import SeaAttention
 
     torch.manual_seed(0)
     config = tiny_opt_config(sea_key_budget=24, sea_compressed_width=8, sea_query_block_size=16,
                              sea_output_gates=gates)
-    op = SeaAttention(config, 4, 64, True, 2)
+    op = SeaAttention(config, 4, d, True, 2)
     op.init_sea_weights()
     if gates:
         with torch.no_grad():
@@ -168,14 +179,14 @@ def test_inference_forward_with_the_fused_estimate_equals_the_pytorch_path(gates
                 param.normal_(std=0.5)
     op = op.to(DEVICE)
     n, first, t = 2, 37, 120
-    q = torch.randn(n, 4, t, 64, device=DEVICE)
-    k, v = (torch.randn(n, 2, t, 64, device=DEVICE) for _ in range(2))
+    q = torch.randn(n, 4, t, d, device=DEVICE)
+    k, v = (torch.randn(n, 2, t, d, device=DEVICE) for _ in range(2))
     valid = torch.ones(n, t, dtype=torch.bool, device=DEVICE)
     valid[1, :9] = False
     results = {}
     for kernel in ("torch", "triton"):
         op.kernel = kernel
-        results[kernel] = layer_in_two_calls(op, q, k, v, valid, first, 0.125, need_probs=False)
+        results[kernel] = layer_in_two_calls(op, q, k, v, valid, first, d**-0.5, need_probs=False)
     assert_same_layer_outputs(results["triton"], results["torch"], dict(rtol=1e-4, atol=1e-5), dict(rtol=1e-4, atol=1e-4))
 
 
@@ -214,7 +225,7 @@ def test_estimate_kernel_on_an_unsupported_head_size_warns_once_and_uses_the_pyt
     with torch.no_grad(), CaptureLogger(logger) as captured:
         first = op.to(DEVICE)(q, k, v, None, 0.25, need_probs=False)
         op(q, k, v, None, 0.25, need_probs=False)
-    assert captured.out.count("head_dim 16 is not 64") == 1
+    assert captured.out.count("head_dim 16 is not 64 or 128") == 1
     op.kernel = "torch"
     with torch.no_grad():
         torch.testing.assert_close(first.context, op(q, k, v, None, 0.25, need_probs=False).context)
