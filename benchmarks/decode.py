@@ -17,6 +17,7 @@ import torch
 from transformers import DynamicCache, OPTConfig, OPTForCausalLM, StaticCache
 
 from conversion.convert import convert_to_sea
+from sea.modeling_sea import CACHE_NAME
 from sea.sea_cache import SeaCache
 
 
@@ -68,7 +69,9 @@ def synchronize(device: str):
 def time_decode(model, context: int, steps: int, device: str, dtype: torch.dtype, static: bool = False,
                 profile: bool = False):
     """Median seconds per decode step and cache bytes per token; with `profile`, prints where the last step's host
-    time went."""
+    time went. The first step is a warm-up: for a SeaCache filled to exactly `context` it is also the step that
+    regrows the buffers (with room for context / 8 more tokens), a copy a real decode pays once per that many
+    tokens."""
     cache = filled_cache(model, context, device, dtype, steps + 2 if static else None)
     per_token = cache_bytes(cache, context) / context
     token = torch.randint(3, 1000, (1, 1), device=device)
@@ -77,7 +80,7 @@ def time_decode(model, context: int, steps: int, device: str, dtype: torch.dtype
         mask = torch.ones(1, context + step + 1, dtype=torch.long, device=device)
         synchronize(device)
         start = time.perf_counter()
-        logits = model(token, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+        logits = model(token, attention_mask=mask, use_cache=True, **{CACHE_NAME: cache}).logits
         synchronize(device)
         times.append(time.perf_counter() - start)
         token = logits[:, -1:].argmax(-1)
@@ -86,7 +89,7 @@ def time_decode(model, context: int, steps: int, device: str, dtype: torch.dtype
 
         mask = torch.ones(1, context + steps + 2, dtype=torch.long, device=device)
         with profiler() as prof:
-            model(token, attention_mask=mask, past_key_values=cache, use_cache=True)
+            model(token, attention_mask=mask, use_cache=True, **{CACHE_NAME: cache})
             synchronize(device)
         print(f"{model.config.model_type}, {type(cache).__name__}, context {context}: one decode step")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60))

@@ -6,7 +6,10 @@ weights (and applies RoPE, for Llama) and runs `SeaAttention`. Attention masks s
 causality itself), so no T x T mask is ever built.
 """
 
+import copy
+
 import torch
+from transformers.generation.configuration_utils import GenerationMode
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.bert.modeling_bert import (
     BertForMaskedLM,
@@ -36,6 +39,16 @@ from .configuration_sea import SeaBertConfig, SeaLlamaConfig, SeaOptConfig
 from .sea_attention import SeaAttention
 from .sea_cache import SeaCache
 
+# transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache` (the old name stays,
+# deprecated, until 5.40). The library's layers are called, and outputs built, with the installed release's name;
+# SEA's own forwards take either.
+CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def given_cache(cache, past_key_values):
+    """The cache a forward was handed, as `cache` (transformers >= 5.24) or `past_key_values` (earlier)."""
+    return past_key_values if cache is None else cache
+
 
 def padding_mask_to_key_valid(attention_mask: torch.Tensor | None, batch_size: int, length: int):
     """The usual (N, T) attention mask (1 = token, 0 = padding) as a boolean key-validity mask."""
@@ -55,7 +68,7 @@ def heads_to_hidden(context: torch.Tensor) -> torch.Tensor:
     return context.transpose(1, 2).reshape(n, t, h * d)
 
 
-def prepare_causal_inputs(decoder, input_ids, inputs_embeds, attention_mask, past_key_values, use_cache):
+def prepare_causal_inputs(decoder, input_ids, inputs_embeds, attention_mask, given, use_cache):
     """What a causal SEA decoder starts from: the input embeddings, the `SeaCache` to continue (None without
     caching), the number of cached positions, and the (N, T_all) key-validity mask of every position so far (also
     stored in the cache, so a decode step without `attention_mask` keeps the prompt's padding)."""
@@ -68,7 +81,7 @@ def prepare_causal_inputs(decoder, input_ids, inputs_embeds, attention_mask, pas
     if t == 0:
         raise ValueError("The input is empty: SEA models need at least one token.")
     use_cache = config.use_cache if use_cache is None else use_cache
-    cache = SeaCache.for_model(past_key_values, config) if use_cache or past_key_values is not None else None
+    cache = SeaCache.for_model(given, config) if use_cache or given is not None else None
     past = cache.get_seq_length() if cache is not None else 0
     if past + t > config.max_position_embeddings:
         raise ValueError(
@@ -113,11 +126,13 @@ class SeaOptAttention(OPTAttention):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        past_key_values=None,
+        cache: SeaCache | None = None,
         attention_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
+        past_key_values: SeaCache | None = None,
         **kwargs,
     ):
+        cache = given_cache(cache, past_key_values)
         n, t, _ = hidden_states.shape
         shape = (n, t, self.num_heads, self.head_dim)
         # OPT scales queries before the product; SEA then uses a scaling of 1, like OPT's own attention call.
@@ -125,12 +140,12 @@ class SeaOptAttention(OPTAttention):
         key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
         value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         state = None
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
-            state = past_key_values.sea_state(self.layer_idx)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+            state = cache.sea_state(self.layer_idx)
         result = self.sea(query, key, value, attention_mask, scaling=1.0, state=state, need_probs=output_attentions)
-        if past_key_values is not None:
-            past_key_values.set_sea_state(self.layer_idx, result.state)
+        if cache is not None:
+            cache.set_sea_state(self.layer_idx, result.state)
         output = self.out_proj(heads_to_hidden(result.context))
         return output, result.dense_probs(key.shape[2]) if output_attentions else None
 
@@ -156,14 +171,15 @@ class SeaOptDecoder(SeaOptPreTrainedModel, OPTDecoder):
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values=None,
+        cache: SeaCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         position_ids: torch.LongTensor | None = None,
+        past_key_values: SeaCache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         inputs_embeds, cache, past, key_valid = prepare_causal_inputs(
-            self, input_ids, inputs_embeds, attention_mask, past_key_values, use_cache
+            self, input_ids, inputs_embeds, attention_mask, given_cache(cache, past_key_values), use_cache
         )
         if position_ids is None:  # OPT's rule: positions count the tokens, not the padding
             mask = key_valid.long()
@@ -176,13 +192,13 @@ class SeaOptDecoder(SeaOptPreTrainedModel, OPTDecoder):
             if self.training and self.layerdrop > 0.0 and torch.rand([]) < self.layerdrop:
                 continue
             hidden_states = layer(
-                hidden_states, attention_mask=key_valid, past_key_values=cache, position_ids=position_ids, **kwargs
+                hidden_states, attention_mask=key_valid, position_ids=position_ids, **{CACHE_NAME: cache}, **kwargs
             )
         if self.final_layer_norm is not None:
             hidden_states = self.final_layer_norm(hidden_states)
         if self.project_out is not None:
             hidden_states = self.project_out(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=cache)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_NAME: cache})
 
 
 class SeaOptModel(SeaOptPreTrainedModel, OPTModel):
@@ -203,7 +219,7 @@ class SeaCausalLMMixin:
 
     def generate(self, inputs=None, generation_config=None, **kwargs):
         """`GenerationMixin.generate`, after checking that the prompt plus the new tokens fit the model's
-        `max_position_embeddings`, so a too-long request fails before any work."""
+        `max_position_embeddings` and that no mode rolls the cache back, so a bad request fails before any work."""
         prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         config = generation_config or self.generation_config
         new_tokens = kwargs.get("max_new_tokens", config.max_new_tokens)
@@ -212,6 +228,13 @@ class SeaCausalLMMixin:
         total = kwargs.get("max_length", config.max_length) if new_tokens is None else None
         if prompt is not None and new_tokens is not None:
             total = prompt.shape[1] + new_tokens
+        requested = copy.deepcopy(config)
+        requested.update(**kwargs)
+        if requested.get_generation_mode(kwargs.get("assistant_model")) == GenerationMode.ASSISTED_GENERATION:
+            raise ValueError(
+                "SEA models do not support assisted or speculative decoding (`assistant_model`, prompt lookup, "
+                "early exit): they roll the cache back, and SEA's kernel-attention prefix sums cannot drop tokens."
+            )
         if total is not None and total > self.config.max_position_embeddings:
             raise ValueError(
                 f"Generating up to {total} tokens exceeds max_position_embeddings="
@@ -249,9 +272,11 @@ class SeaLlamaAttention(LlamaAttention):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
-        past_key_values=None,
+        cache: SeaCache | None = None,
+        past_key_values: SeaCache | None = None,
         **kwargs,
     ):
+        cache = given_cache(cache, past_key_values)
         hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
         query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
@@ -259,13 +284,13 @@ class SeaLlamaAttention(LlamaAttention):
         # Rotated queries and keys feed both the estimate and the exact scores, as they feed dense attention.
         query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
         state = None
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
-            state = past_key_values.sea_state(self.layer_idx)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+            state = cache.sea_state(self.layer_idx)
         output_attentions = bool(kwargs.get("output_attentions"))
         result = self.sea(query, key, value, attention_mask, scaling=self.scaling, state=state, need_probs=output_attentions)
-        if past_key_values is not None:
-            past_key_values.set_sea_state(self.layer_idx, result.state)
+        if cache is not None:
+            cache.set_sea_state(self.layer_idx, result.state)
         output = self.o_proj(heads_to_hidden(result.context))
         return output, result.dense_probs(key.shape[2]) if output_attentions else None
 
@@ -292,13 +317,14 @@ class SeaLlamaModel(SeaLlamaPreTrainedModel, LlamaModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache: SeaCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        past_key_values: SeaCache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         inputs_embeds, cache, past, key_valid = prepare_causal_inputs(
-            self, input_ids, inputs_embeds, attention_mask, past_key_values, use_cache
+            self, input_ids, inputs_embeds, attention_mask, given_cache(cache, past_key_values), use_cache
         )
         if position_ids is None:  # Llama's rule: positions count every slot, padding included
             position_ids = torch.arange(past, past + inputs_embeds.shape[1], device=inputs_embeds.device)[None]
@@ -307,9 +333,9 @@ class SeaLlamaModel(SeaLlamaPreTrainedModel, LlamaModel):
         for layer in self.layers[: self.config.num_hidden_layers]:
             hidden_states = layer(
                 hidden_states, attention_mask=key_valid, position_embeddings=position_embeddings,
-                position_ids=position_ids, past_key_values=cache, use_cache=use_cache, **kwargs,
+                position_ids=position_ids, use_cache=use_cache, **{CACHE_NAME: cache}, **kwargs,
             )
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=cache)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), **{CACHE_NAME: cache})
 
 
 class SeaLlamaForCausalLM(SeaCausalLMMixin, SeaLlamaPreTrainedModel, LlamaForCausalLM):

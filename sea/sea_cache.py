@@ -31,11 +31,14 @@ class SeaKeyValueLayer(DynamicLayer):
     """A `DynamicLayer` whose keys and values are views of larger buffers that appends write into. `DynamicLayer`
     concatenates: every decode step copies all cached keys and values, and on CUDA allocates a buffer of a new size
     (at 64k tokens that, not attention, was most of a decode step). The first fill is allocated exactly (a forward
-    that is never continued wastes nothing); a continuation that does not fit regrows with spare room. Anything
-    that replaces `keys`/`values` (beam reordering, batch selection, offloading) is followed by a fresh buffer."""
+    that is never continued wastes nothing); a continuation that does not fit regrows with spare room. Batch
+    reordering and selection (beam search) apply to the buffers, so they keep their room; anything else that
+    replaces `keys`/`values` (cropping, offloading) drops the buffers, and the next append starts a fresh one."""
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super().lazy_initialization(key_states, value_states)
+    is_croppable = False  # its model's SEA state cannot drop tokens (SeaCache.crop)
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
         self._buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (buffer, the view handed out)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -50,8 +53,9 @@ class SeaKeyValueLayer(DynamicLayer):
         length = current.shape[-2] if current.dim() == new.dim() else 0  # lazy initialization left an empty 1-D tensor
         needed = length + new.shape[-2]
         buffer, handed_out = self._buffers.get(name, (None, None))
-        # Under autograd an in-place append would change what an earlier forward saved for its backward.
-        tracked = torch.is_grad_enabled() and (new.requires_grad or current.requires_grad)
+        # Under autograd an in-place append would change a view that an earlier forward may have saved for its
+        # backward (even keys that need no gradient are saved for the queries' gradient): appends then copy.
+        tracked = torch.is_grad_enabled()
         if tracked or handed_out is not current or buffer.shape[-2] < needed or buffer.shape[:-2] != new.shape[:-2]:
             room = 0 if length == 0 or tracked else max(APPEND_ROOM_MIN, needed // APPEND_ROOM_FRACTION)
             buffer = new.new_empty(*new.shape[:-2], needed + room, new.shape[-1])
@@ -61,6 +65,48 @@ class SeaKeyValueLayer(DynamicLayer):
         view = buffer[..., :needed, :]
         self._buffers[name] = (buffer, view)
         return view
+
+    def _map_batch(self, fn) -> None:
+        """Applies a batch reordering or selection to the buffers (room included) where the cache holds views of
+        them, to the tensors themselves otherwise."""
+        for name in ("keys", "values"):
+            current = getattr(self, name)
+            buffer, handed_out = self._buffers.pop(name, (None, None))
+            if handed_out is not current:
+                setattr(self, name, fn(current))
+                continue
+            buffer = fn(buffer)
+            view = buffer[..., : current.shape[-2], :]
+            self._buffers[name] = (buffer, view)
+            setattr(self, name, view)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.get_seq_length() > 0:
+            self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.get_seq_length() > 0:
+            self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.get_seq_length() > 0:
+            self._map_batch(lambda t: t[indices, ...])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        self._buffers = {}
+
+    def offload(self) -> None:
+        super().offload()
+        self._buffers = {}
+
+    def reset(self) -> None:
+        """Empties the layer (transformers 5.17's `reset` zeroes the keys and keeps their length; a SEA cache that
+        is reset starts over)."""
+        self.keys = self.values = None
+        self.is_initialized = False
+        self._buffers = {}
+        super().reset()
 
 
 class SeaCache(DynamicCache):
@@ -73,23 +119,30 @@ class SeaCache(DynamicCache):
         self.signature = model_signature(config)
         self.sea_states: dict[int, SeaCausalState] = {}
         self.key_valid: torch.Tensor | None = None  # (N, T_cached) bool
+        self.cropped = False  # tokens were removed: the SEA states no longer match the keys
 
     @classmethod
-    def for_model(cls, past_key_values, config) -> "SeaCache":
-        """The cache a SEA forward should continue: `past_key_values` itself when it is a SeaCache of this model,
+    def for_model(cls, given, config) -> "SeaCache":
+        """The cache a SEA forward should continue: the `given` cache itself when it is a SeaCache of this model,
         a new SeaCache in place of an empty cache, and a clear error for anything else."""
-        if isinstance(past_key_values, SeaCache):
-            if past_key_values.signature != model_signature(config):
+        if isinstance(given, SeaCache):
+            if given.signature != model_signature(config):
                 raise ValueError(
-                    f"This SeaCache was built by a different model ({past_key_values.signature}); this model is "
-                    f"{model_signature(config)}. Start generation without `past_key_values`."
+                    f"This SeaCache was built by a different model ({given.signature}); this model is "
+                    f"{model_signature(config)}. Start generation without a cache."
                 )
-            return past_key_values
-        if past_key_values is None or past_key_values.get_seq_length() == 0:
+            if given.cropped:
+                raise ValueError(
+                    "This SeaCache was cropped (assisted or speculative decoding rolled it back): SEA's kernel-"
+                    "attention prefix sums cannot drop tokens, so it cannot be continued. Start generation without "
+                    "a cache; assisted and speculative decoding are not supported by SEA models."
+                )
+            return given
+        if given is None or given.get_seq_length() == 0:
             return cls(config)
         raise ValueError(
-            f"A SEA model cannot continue a filled {type(past_key_values).__name__}: it needs SEA's own state beside "
-            "the keys and values. Pass no `past_key_values` (generate() makes a SeaCache) or one the model returned."
+            f"A SEA model cannot continue a filled {type(given).__name__}: it needs SEA's own state beside "
+            "the keys and values. Pass no cache (generate() makes a SeaCache) or one the model returned."
         )
 
     def sea_state(self, layer_idx: int) -> SeaCausalState | None:
@@ -115,8 +168,26 @@ class SeaCache(DynamicCache):
         super().batch_select_indices(indices)
         self._map_batch(lambda t: t[indices])
 
-    def crop(self, *args, **kwargs) -> None:
-        raise NotImplementedError(
-            "A SeaCache cannot be cropped: SEA's kernel-attention prefix sums cannot drop tokens. Decoding modes "
-            "that roll the cache back (assisted / speculative decoding) are not supported by SEA models."
-        )
+    @property
+    def is_croppable(self) -> bool:
+        return False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """SEA's kernel-attention prefix sums cannot drop tokens. Removing none is a no-op (generate() calls
+        `crop(0)` between steps on some devices); removing some crops the keys and values but leaves the cache
+        unable to continue: `SeaCache.for_model` then refuses it (generate() on MPS may crop a cache it discards)."""
+        # transformers 5.17 still accepts the legacy positive argument: the length to keep.
+        length = self.get_seq_length()
+        removed = max(0, length - tokens_to_remove) if tokens_to_remove > 0 else -tokens_to_remove
+        if removed == 0:
+            return
+        super().crop(-removed)
+        if self.key_valid is not None:
+            self.key_valid = self.key_valid[:, : length - removed]
+        self.cropped = True
+
+    def reset(self) -> None:
+        super().reset()
+        self.sea_states = {}
+        self.key_valid = None
+        self.cropped = False

@@ -67,7 +67,8 @@ if triton is not None:
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        head = tl.program_id(1)  # flattened (batch, head)
+        # Offsets in int64: a (batch x head x row x dim) tensor may pass 2^31 elements.
+        head = tl.program_id(1).to(tl.int64)  # flattened (batch, head)
         row_ok = rows < num_queries
         dims = tl.arange(0, BLOCK_D)
         dim_ok = dims < HEAD_DIM
@@ -113,7 +114,7 @@ if triton is not None:
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_GRAD_PROBS: tl.constexpr,
     ):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        head = tl.program_id(1)
+        head = tl.program_id(1).to(tl.int64)
         row_ok = rows < num_queries
         dims = tl.arange(0, BLOCK_D)
         dim_ok = dims < HEAD_DIM
@@ -155,7 +156,7 @@ if triton is not None:
             positions = tl.load(POSITIONS + batch_keys + ranks, mask=inside, other=0)
         else:
             positions = ranks
-        offsets = kv_base + positions[:, None] * HEAD_DIM + dims[None, :]
+        offsets = kv_base + positions[:, None].to(tl.int64) * HEAD_DIM + dims[None, :]  # int32 ranks, int64 offsets
         tile_ok = inside[:, None] & dim_ok[None, :]
         k = tl.load(K + offsets, mask=tile_ok, other=0.0).to(DOT_DTYPE)
         v = tl.load(V + offsets, mask=tile_ok, other=0.0).to(DOT_DTYPE)
@@ -168,7 +169,7 @@ if triton is not None:
         which rows exist, the head dims, the rows' offsets into (N*H*T, .) views, their visible-key counts, and the
         bases of their key/value head and of their key ranges."""
         block = tl.program_id(0)
-        head = tl.program_id(1)
+        head = tl.program_id(1).to(tl.int64)
         batch = head // num_heads
         rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < num_queries
@@ -287,7 +288,7 @@ if triton is not None:
         """One query row (flattened (batch, head, row)) over slots [split x split_slots, (split + 1) x
         split_slots) of its ranges: that share's running max, normaliser and unnormalised context, written to
         PARTIAL[row, split] = [max, normaliser, context (BLOCK_D)]."""
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)
         split = tl.program_id(1)
         head = row // num_queries
         batch = head // num_heads
@@ -319,7 +320,7 @@ if triton is not None:
                 position = tl.load(POSITIONS + batch * num_keys + rank, mask=ok, other=0)
             else:
                 position = rank
-            offsets = kv_base + position[:, None] * HEAD_DIM + dims[None, :]
+            offsets = kv_base + position[:, None].to(tl.int64) * HEAD_DIM + dims[None, :]
             tile_ok = ok[:, None] & dim_ok[None, :]
             k = tl.load(K + offsets, mask=tile_ok, other=0.0).to(tl.float32)
             scores = tl.where(ok, tl.sum(q[None, :] * k, axis=1) * scaling, -_EMPTY)
@@ -339,7 +340,7 @@ if triton is not None:
     def _sparse_decode_combine(PARTIAL, OUT, num_splits, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                                BLOCK_S: tl.constexpr):
         """One query row: the splits' shares merged into its softmax-weighted context (zero without keys)."""
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)
         splits = tl.arange(0, BLOCK_S)
         split_ok = splits < num_splits
         dims = tl.arange(0, BLOCK_D)
@@ -426,7 +427,7 @@ if triton is not None:
         """Per (batch x key/value head, segment of rows first_row .. last_row - 1, TILE columns of [code || v]):
         the segment's sums of phi(k_j) [code_j || v_j]^T in those columns, written into the segment's packed
         record; the first columns' program also sums phi(k_j), and the value columns' programs the valid v_j."""
-        head = tl.program_id(0)
+        head = tl.program_id(0).to(tl.int64)
         segment = tl.program_id(1)
         column = tl.program_id(2) * TILE
         batch = head // num_kv_heads
@@ -476,7 +477,7 @@ if triton is not None:
         """Per (batch x query head, segment of rows first_row .. last_row - 1, TILE columns of [code || v]): the
         causal kernel attention of those columns for the segment's rows, continued from the segment's starting
         sums, written into ESTIMATE (N x H, last_row - first_row, 2D) in its dtype."""
-        head = tl.program_id(0)
+        head = tl.program_id(0).to(tl.int64)
         segment = tl.program_id(1)
         column = tl.program_id(2) * TILE
         batch = head // num_heads
@@ -571,7 +572,7 @@ if triton is not None:
         sums, then the encoder (linear, layer norm, GELU) of [estimate || v], written as ENCODING (slots, 2D) for
         the rows that have a slot in ROW_SLOT; with gates, also the output gate of every row: GATE_SCALE (rows)
         and GATE_OFFSET (rows, D), the mix gate times the running mean of the valid values."""
-        head = tl.program_id(0)
+        head = tl.program_id(0).to(tl.int64)
         segment = tl.program_id(1)
         batch = head // num_heads
         kv_head = _key_value_head(head, num_heads, group)
@@ -615,7 +616,7 @@ if triton is not None:
         """`_causal_kernel_encoding`'s encoder and gates for rows first_row .. last_row - 1 whose estimate
         `_causal_kernel_estimate` wrote into ESTIMATE, per (batch x query head, segment); the running sums of the
         valid values start from the segments' packed records."""
-        head = tl.program_id(0)
+        head = tl.program_id(0).to(tl.int64)
         segment = tl.program_id(1)
         batch = head // num_heads
         kv_head = _key_value_head(head, num_heads, group)
@@ -882,15 +883,16 @@ def estimate_kernel_unavailable_reason(q: torch.Tensor, head_dim: int) -> str | 
     return None
 
 
-def _sums_precision(x: torch.Tensor, carried: bool) -> str:
+def _sums_precision(x: torch.Tensor) -> str:
     """Precision of the kernel attention's float32 products: exact in the interpreter; on the GPU's matrix units,
-    three TF32 passes (float32 accuracy) for the sums a layer carries to its next call and for float32 inputs, and
-    one pass for the estimate of half-precision inputs (TF32 keeps more of each operand than the inputs had;
-    measured on an H100 at 128k tokens: the estimate kernel 3x faster, 1.3% of the selected bins change, as many as
-    three passes change against the float32 PyTorch path)."""
+    three TF32 passes (float32 accuracy) for float32 inputs and one pass for half-precision inputs, whose operands
+    TF32 holds with more mantissa than they had (measured on an H100: the estimate kernel 3x faster at 128k tokens,
+    1.3% of the selected bins change, as many as three passes change against the float32 PyTorch path; on an
+    H200, one pass for the carried sums too: the 32 x 128 causal layer 1.19x faster at 128k tokens, its sums as
+    close to float32's as with three passes, 3e-3, which the bf16 inputs set)."""
     if not x.is_cuda:
         return "ieee"
-    return "tf32x3" if carried or x.dtype == torch.float32 else "tf32"
+    return "tf32x3" if x.dtype == torch.float32 else "tf32"
 
 
 def _pack_sums(kv_sum, k_sum, value_sum, block_f: int) -> torch.Tensor:
@@ -919,7 +921,7 @@ def _segment_start_sums(k, v, code, key_valid, projection, eps, record, block_f:
     kernel, arguments = _kernel_for_device(
         _causal_kernel_sums, _estimate_sums_tuned, k.is_cuda,
         dict(HEAD_DIM=d, BLOCK_F=block_f, TILE=tile, CHUNK=ESTIMATE_CHUNK,
-             SUMS_PRECISION=_sums_precision(k, carried=True)))
+             SUMS_PRECISION=_sums_precision(k)))
     segment_sums = record.new_empty(n * kv_heads, segments, record.shape[-1])
     kernel[(n * kv_heads, segments, 2 * d // tile)](
         k, v, code, key_valid, projection, segment_sums, t, first, last, segment_rows, segments, projection.shape[0],
@@ -968,7 +970,7 @@ def causal_kernel_encoding_triton(q, k, v, code, key_valid, counts, projection, 
                          gate_bias, row_slot, encoding, scale, offset)
     encoding_constants = dict(HEAD_DIM=d, BLOCK_F=block_f, CHUNK=ESTIMATE_CHUNK, HAS_GATES=gates is not None,
                               **_dot_arguments(v))
-    estimate_precision = _sums_precision(q, carried=False)
+    estimate_precision = _sums_precision(q)
     record = _pack_sums(kv_sum, k_sum, value_sum, block_f)  # (N x H_kv, record): the sums before the next row
     if d == FUSED_ESTIMATE_HEAD_DIM:
         segments, segment_rows = _estimate_segments(t, n * h)

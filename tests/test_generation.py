@@ -205,24 +205,74 @@ def test_empty_prompt_and_foreign_caches_give_clear_errors():
 
 def test_cache_appends_in_place_and_holds_what_a_dynamic_cache_holds():
     """SeaCache's layers keep the same keys and values as transformers' DynamicCache through a prefill, decode
-    steps past several regrowths and a beam reordering; an append that fits writes into the existing buffer
-    (the prefix is not copied)."""
+    steps past several regrowths, a beam reordering, a batch repetition and a batch selection; an append that fits
+    writes into the existing buffer (the prefix is not copied, also right after a reordering), and no append
+    changes what an earlier step was handed."""
     config = sea_model().config
     sea, dense = SeaCache(config), DynamicCache()
-    in_place = 0
-    for step in range(200):
-        new = torch.randn(2, 2, 37 if step == 0 else 1, 8), torch.randn(2, 2, 37 if step == 0 else 1, 8)
-        before = sea.layers[0].keys.data_ptr() if sea.layers else None
-        got, want = sea.update(*new, 0), dense.update(*new, 0)
-        in_place += sea.layers[0].keys.data_ptr() == before
-        if step == 120:
-            beams = torch.tensor([1, 1])
-            sea.reorder_cache(beams)
-            dense.reorder_cache(beams)
-        for a, b in zip(got, want):
-            assert torch.equal(a, b)
+    in_place, handed_out = 0, []
+    with torch.no_grad():  # as in generate(); under autograd appends copy (the next test)
+        for step in range(200):
+            batch = 2 if step < 150 else 4
+            new = torch.randn(batch, 2, 37 if step == 0 else 1, 8), torch.randn(batch, 2, 37 if step == 0 else 1, 8)
+            before = sea.layers[0].keys.data_ptr() if sea.layers else None
+            got, want = sea.update(*new, 0), dense.update(*new, 0)
+            in_place += sea.layers[0].keys.data_ptr() == before
+            handed_out.append((got[0], want[0].clone()))
+            for a, b in zip(got, want):
+                assert torch.equal(a, b)
+            if step in (120, 121):
+                beams = torch.tensor([1, 1]) if step == 120 else torch.tensor([1, 0])
+                sea.reorder_cache(beams)
+                dense.reorder_cache(beams)
+            if step == 149:
+                for cache in (sea, dense):
+                    cache.batch_repeat_interleave(3)
+                    cache.batch_select_indices(torch.tensor([0, 2, 3, 5]))
     assert torch.equal(sea.layers[0].keys, dense.layers[0].keys) and sea.get_seq_length() == 37 + 199
     assert in_place >= 190, f"only {in_place} of 199 appends were written in place"
+    for step, (view, copy) in enumerate(handed_out):
+        assert torch.equal(view, copy), f"the keys handed out at step {step} changed"
+
+
+def test_cache_under_autograd_never_writes_into_keys_a_graph_saved():
+    """Keys that need no gradient are still saved for the queries' gradient: with gradients enabled an append
+    must not write into the buffer they live in, even one with room left by earlier no-grad decoding."""
+    cache = SeaCache(sea_model().config)
+    rows = lambda t: (torch.randn(1, 2, t, 8), torch.randn(1, 2, t, 8))
+    with torch.no_grad():
+        cache.update(*rows(5), 0)
+        cache.update(*rows(1), 0)  # regrows with room
+    queries = torch.randn(1, 2, 1, 8, requires_grad=True)
+    keys, _ = cache.update(*rows(1), 0)
+    scores = (queries @ keys.transpose(-1, -2)).sum()
+    cache.update(*rows(1), 0)
+    scores.backward()
+    torch.testing.assert_close(queries.grad, keys.sum(-2, keepdim=True))
+
+
+def test_reset_cache_starts_over_and_a_cropped_cache_cannot_continue():
+    model = sea_model()
+    ids = torch.randint(3, 120, (1, 30))
+    with torch.no_grad():
+        want = model(ids[:, 20:]).logits
+        cache = model(torch.randint(3, 120, (1, 12)), use_cache=True).past_key_values
+        cache.reset()
+        assert cache.get_seq_length() == 0
+        torch.testing.assert_close(model(ids[:, 20:], past_key_values=cache, use_cache=True).logits, want)
+
+        cache = model(ids[:, :20], use_cache=True).past_key_values
+        assert not cache.is_croppable
+        cache.crop(0)  # generate() calls this between steps on some devices: nothing is removed
+        continued = model(ids[:, 20:21], past_key_values=cache, use_cache=True).logits
+        torch.testing.assert_close(continued[:, -1], model(ids[:, :21]).logits[:, -1], rtol=1e-4, atol=1e-5)
+        cache.crop(-1)
+        assert cache.get_seq_length() == 20
+        with pytest.raises(ValueError, match="cropped"):
+            model(ids[:, 21:22], past_key_values=cache, use_cache=True)
+    for request in (dict(assistant_model=sea_model()), dict(prompt_lookup_num_tokens=3)):
+        with pytest.raises(ValueError, match="assisted or speculative"):
+            model.generate(ids[:, :10], max_new_tokens=3, **request)
 
 
 def test_chunked_forwards_train_through_the_cache():
