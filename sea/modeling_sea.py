@@ -68,7 +68,7 @@ def heads_to_hidden(context: torch.Tensor) -> torch.Tensor:
     return context.transpose(1, 2).reshape(n, t, h * d)
 
 
-def prepare_causal_inputs(decoder, input_ids, inputs_embeds, attention_mask, given, use_cache):
+def prepare_causal_inputs(decoder, layers, input_ids, inputs_embeds, attention_mask, given, use_cache):
     """What a causal SEA decoder starts from: the input embeddings, the `SeaCache` to continue (None without
     caching), the number of cached positions, and the (N, T_all) key-validity mask of every position so far (also
     stored in the cache, so a decode step without `attention_mask` keeps the prompt's padding)."""
@@ -81,6 +81,16 @@ def prepare_causal_inputs(decoder, input_ids, inputs_embeds, attention_mask, giv
     if t == 0:
         raise ValueError("The input is empty: SEA models need at least one token.")
     use_cache = config.use_cache if use_cache is None else use_cache
+    if layers[0].gradient_checkpointing and decoder.training:
+        # transformers' checkpointed layers drop the cache (a replayed layer would write it twice; 5.17 drops it
+        # even without gradients): the forward runs without one, and a filled cache cannot be continued.
+        if given is not None and given.get_seq_length() > 0:
+            raise ValueError(
+                "A SEA model in training mode with gradient checkpointing cannot continue a cache: its layers drop "
+                "it. Call model.eval() (or model.gradient_checkpointing_disable()) to decode, or train on whole "
+                "sequences."
+            )
+        given, use_cache = None, False
     cache = SeaCache.for_model(given, config) if use_cache or given is not None else None
     past = cache.get_seq_length() if cache is not None else 0
     if past + t > config.max_position_embeddings:
@@ -179,7 +189,7 @@ class SeaOptDecoder(SeaOptPreTrainedModel, OPTDecoder):
         **kwargs,
     ) -> BaseModelOutputWithPast:
         inputs_embeds, cache, past, key_valid = prepare_causal_inputs(
-            self, input_ids, inputs_embeds, attention_mask, given_cache(cache, past_key_values), use_cache
+            self, self.layers, input_ids, inputs_embeds, attention_mask, given_cache(cache, past_key_values), use_cache
         )
         if position_ids is None:  # OPT's rule: positions count the tokens, not the padding
             mask = key_valid.long()
@@ -230,6 +240,7 @@ class SeaCausalLMMixin:
             total = prompt.shape[1] + new_tokens
         requested = copy.deepcopy(config)
         requested.update(**kwargs)
+        requested.update(**self.generation_config.to_dict(), defaults_only=True)  # as generate() completes it
         if requested.get_generation_mode(kwargs.get("assistant_model")) == GenerationMode.ASSISTED_GENERATION:
             raise ValueError(
                 "SEA models do not support assisted or speculative decoding (`assistant_model`, prompt lookup, "
@@ -324,7 +335,7 @@ class SeaLlamaModel(SeaLlamaPreTrainedModel, LlamaModel):
         **kwargs,
     ) -> BaseModelOutputWithPast:
         inputs_embeds, cache, past, key_valid = prepare_causal_inputs(
-            self, input_ids, inputs_embeds, attention_mask, given_cache(cache, past_key_values), use_cache
+            self, self.layers, input_ids, inputs_embeds, attention_mask, given_cache(cache, past_key_values), use_cache
         )
         if position_ids is None:  # Llama's rule: positions count every slot, padding included
             position_ids = torch.arange(past, past + inputs_embeds.shape[1], device=inputs_embeds.device)[None]

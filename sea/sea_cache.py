@@ -56,7 +56,8 @@ class SeaKeyValueLayer(DynamicLayer):
         # Under autograd an in-place append would change a view that an earlier forward may have saved for its
         # backward (even keys that need no gradient are saved for the queries' gradient): appends then copy.
         tracked = torch.is_grad_enabled()
-        if tracked or handed_out is not current or buffer.shape[-2] < needed or buffer.shape[:-2] != new.shape[:-2]:
+        if (tracked or handed_out is not current or buffer.shape[-2] < needed or buffer.shape[:-2] != new.shape[:-2]
+                or (buffer.is_inference() and not torch.is_inference_mode_enabled())):  # read-only outside that mode
             room = 0 if length == 0 or tracked else max(APPEND_ROOM_MIN, needed // APPEND_ROOM_FRACTION)
             buffer = new.new_empty(*new.shape[:-2], needed + room, new.shape[-1])
             if length:
@@ -178,7 +179,7 @@ class SeaCache(DynamicCache):
         unable to continue: `SeaCache.for_model` then refuses it (generate() on MPS may crop a cache it discards)."""
         # transformers 5.17 still accepts the legacy positive argument: the length to keep.
         length = self.get_seq_length()
-        removed = max(0, length - tokens_to_remove) if tokens_to_remove > 0 else -tokens_to_remove
+        removed = max(0, length - tokens_to_remove) if tokens_to_remove > 0 else min(-tokens_to_remove, length)
         if removed == 0:
             return
         super().crop(-removed)

@@ -34,6 +34,7 @@ except ImportError:  # the PyTorch path serves; `kernel_unavailable_reason` says
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension
 EMPTY_ROW = 1e30  # log-sum-exp stored for a row with no valid key: every probability underflows to 0
 
 
@@ -47,6 +48,8 @@ def kernel_unavailable_reason(q: torch.Tensor) -> str | None:
         return f"dtype {q.dtype} is not one of {SUPPORTED_DTYPES}"
     if q.shape[-1] > MAX_HEAD_DIM:
         return f"head_dim {q.shape[-1]} exceeds {MAX_HEAD_DIM}"
+    if q.shape[0] * q.shape[1] > MAX_GRID_Y:  # the sparse kernels launch (query blocks, batch x heads) grids
+        return f"batch x heads = {q.shape[0] * q.shape[1]} exceeds {MAX_GRID_Y} (split the batch)"
     return None
 
 

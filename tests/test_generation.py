@@ -4,7 +4,7 @@ import importlib.resources
 
 import pytest
 import torch
-from transformers import DynamicCache, OPTConfig, OPTForCausalLM, pipeline
+from transformers import DynamicCache, GenerationConfig, OPTConfig, OPTForCausalLM, pipeline
 
 from conftest import TINY_OPT, randomize_sea_gates
 from conversion.convert import convert_to_sea
@@ -270,9 +270,47 @@ def test_reset_cache_starts_over_and_a_cropped_cache_cannot_continue():
         assert cache.get_seq_length() == 20
         with pytest.raises(ValueError, match="cropped"):
             model(ids[:, 21:22], past_key_values=cache, use_cache=True)
+        cache.crop(-100)
+        assert cache.get_seq_length() == 0 and cache.key_valid.shape == (1, 0)
     for request in (dict(assistant_model=sea_model()), dict(prompt_lookup_num_tokens=3)):
         with pytest.raises(ValueError, match="assisted or speculative"):
             model.generate(ids[:, :10], max_new_tokens=3, **request)
+    # A mode set in the model's own generation config counts too, as generate() completes the caller's with it.
+    model.generation_config.prompt_lookup_num_tokens = 2
+    with pytest.raises(ValueError, match="assisted or speculative"):
+        model.generate(ids[:, :10], generation_config=GenerationConfig(max_new_tokens=3))
+
+
+def test_cache_filled_under_inference_mode_continues_outside_it():
+    """Buffers made under torch.inference_mode() are read-only outside it: the next append copies."""
+    sea, dense = SeaCache(sea_model().config), DynamicCache()
+    rows = lambda t: (torch.randn(1, 2, t, 8), torch.randn(1, 2, t, 8))
+    with torch.inference_mode():
+        for t in (5, 1):  # the second append regrows with room
+            new = rows(t)
+            sea.update(*new, 0), dense.update(*new, 0)
+    with torch.no_grad():
+        new = rows(1)
+        for a, b in zip(sea.update(*new, 0), dense.update(*new, 0)):
+            assert torch.equal(a, b)
+
+
+def test_gradient_checkpointing_trains_without_a_cache_and_refuses_to_continue_one():
+    """transformers' checkpointed layers drop the cache: in training mode with checkpointing the model runs (and
+    returns) none, with the same logits, and a filled cache is refused rather than continued without its prefix."""
+    model = sea_model()
+    ids = torch.randint(3, 120, (1, 30))
+    with torch.no_grad():
+        cache = model(ids[:, :20], use_cache=True).past_key_values
+        want = model(ids).logits
+    model.gradient_checkpointing_enable()
+    model.train()  # TINY_OPT has no dropout
+    out = model(ids, use_cache=True)
+    assert out.past_key_values is None
+    torch.testing.assert_close(out.logits, want, rtol=1e-4, atol=1e-5)
+    out.logits.logsumexp(-1).sum().backward()
+    with pytest.raises(ValueError, match="gradient checkpointing cannot continue a cache"):
+        model(ids[:, 20:], past_key_values=cache)
 
 
 def test_chunked_forwards_train_through_the_cache():

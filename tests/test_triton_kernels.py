@@ -14,7 +14,7 @@ from conftest import TINY_LLAMA, assert_same_layer_outputs, layer_in_two_calls, 
 from sea.configuration_sea import SeaLlamaConfig
 from sea.modeling_sea import SeaLlamaForCausalLM, SeaOptForCausalLM
 from sea.sea_attention import SeaSelection, sparse_attention
-from sea.sea_triton import DECODE_SPLIT_SLOTS, _read_in_place, sparse_attention_triton
+from sea.sea_triton import DECODE_SPLIT_SLOTS, _read_in_place, kernel_unavailable_reason, sparse_attention_triton
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -355,3 +355,10 @@ def test_forced_kernel_without_a_usable_triton_is_a_clear_error():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0
     assert "sea_kernel='triton' was requested" in out.stderr and "not on a CUDA device" in out.stderr
+
+
+def test_batch_times_heads_past_the_grid_limit_takes_the_pytorch_path():
+    """The sparse kernels launch one grid row per (batch, head): past CUDA's 65535 the reason says so (the layer
+    then takes the PyTorch path with one warning, as for every reason) instead of failing to launch."""
+    assert kernel_unavailable_reason(torch.empty(4095, 16, 1, 8, device=DEVICE)) is None
+    assert "65536 exceeds 65535" in kernel_unavailable_reason(torch.empty(4096, 16, 1, 8, device=DEVICE))
