@@ -256,28 +256,30 @@ def test_keys_and_values_in_a_larger_buffer_are_read_in_place(rows_per_block, kv
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("rows_per_block", [1, 16], ids=["per-query", "blocks"])
-def test_offsets_past_two_to_the_31_elements(rows_per_block):
-    """The second sequence's keys start past element 2^31 of a (2, 1, 34M, 64) key tensor (allocated, but only
-    the tails written: the memory is never touched elsewhere): the kernels address in int64 and read the ranges
-    near the ends, as the PyTorch path does on those keys cut out."""
-    n, t, d, keys, tail = 2, 32, 64, 34_000_000, 300
-    q = torch.randn(n, 1, t, d, device=DEVICE)
-    k, v = (torch.empty(n, 1, keys, d, device=DEVICE) for _ in range(2))
-    for x in (k, v):
-        x[:, :, keys - tail:].normal_()
-    assert k[1].data_ptr() - k.data_ptr() > 2**31 * k.element_size()
+@pytest.mark.parametrize("rows_per_block, need_probs", [(1, True), (1, False), (16, True)],
+                         ids=["per-query", "decode", "blocks"])
+def test_offsets_past_two_to_the_31_elements(rows_per_block, need_probs):
+    """Keys ranked past 2^31 / head_dim: their element offsets overflow int32. The key tensor (also the values:
+    4.3 GB of bf16) is allocated but only its tail written, so the memory is never touched elsewhere; the kernels
+    read the ranges near its end as the PyTorch path does on that tail cut out."""
+    t, d, tail = 32, 64, 300
+    keys = 2**31 // d + tail
+    q = torch.randn(1, 1, t, d, device=DEVICE, dtype=torch.bfloat16)
+    k = torch.empty(1, 1, keys, d, device=DEVICE, dtype=torch.bfloat16)
+    k[:, :, keys - tail:].normal_()
     blocks = t // rows_per_block
-    lengths = torch.randint(1, 60, (n, 1, blocks, 4), device=DEVICE)
-    starts = keys - tail + (torch.rand(n, 1, blocks, 4, device=DEVICE) * (tail - lengths)).long()
-    counts = torch.full((n, t), keys, device=DEVICE)
+    lengths = torch.randint(1, 60, (1, 1, blocks, 4), device=DEVICE)
+    starts = keys - tail + (torch.rand(1, 1, blocks, 4, device=DEVICE) * (tail - lengths)).long()
+    counts = torch.full((1, t), keys, device=DEVICE)
     with torch.no_grad():
-        probs, context = sparse_attention_triton(q, k, v, SeaSelection(starts, lengths, None, counts, rows_per_block), 0.125)
-    k_tail, v_tail = (x[:, :, keys - tail:] for x in (k, v))
+        probs, context = sparse_attention_triton(q, k, k, SeaSelection(starts, lengths, None, counts, rows_per_block),
+                                                 0.125, need_probs)
+    k_tail = k[:, :, keys - tail:].float()
     cut = SeaSelection(starts - (keys - tail), lengths, None, torch.full_like(counts, tail), rows_per_block)
-    ref_probs, ref_context = sparse_attention(q, k_tail, v_tail, cut, 0.125)
-    torch.testing.assert_close(context, ref_context, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(probs, ref_probs, rtol=1e-4, atol=1e-5)
+    ref_probs, ref_context = sparse_attention(q.float(), k_tail, k_tail, cut, 0.125)
+    assert (context.float() - ref_context).norm() / ref_context.norm() < 1e-2
+    if need_probs:
+        assert (probs.float() - ref_probs).norm() / ref_probs.norm() < 1e-2
 
 
 @pytest.mark.parametrize("padded", [True, False], ids=["padded", "no-padding"])
