@@ -44,7 +44,16 @@ def check_kernels(device, heads, head_dim, budget, width, block, length=4096):
     """On fresh random inputs with SEA's own selections: the Triton kernel in bf16 against the PyTorch sparse
     attention in float32 (context, probabilities, gradients through both), and the whole operator in bf16 against
     the whole operator in float32 with the selection held (context; with gradients, and for inference, where
-    causal layers run the fused estimate kernels); no NaN anywhere."""
+    causal layers run the fused estimate kernels); no NaN anywhere. Deterministic mode fills the memory `torch.empty`
+    hands out with NaN, so `finite` also says that the kernels wrote every element of their outputs."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        return _check_rows(device, heads, head_dim, budget, width, block, length)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def _check_rows(device, heads, head_dim, budget, width, block, length):
     rows = []
     for causal in (True, False):
         for rows_per_block in sorted({1, block}):
