@@ -81,7 +81,7 @@ def prepare_causal_inputs(decoder, layers, input_ids, inputs_embeds, attention_m
     if t == 0:
         raise ValueError("The input is empty: SEA models need at least one token.")
     use_cache = config.use_cache if use_cache is None else use_cache
-    if layers[0].gradient_checkpointing and decoder.training:
+    if decoder.training and any(layer.gradient_checkpointing for layer in layers):
         # transformers' checkpointed layers drop the cache (a replayed layer would write it twice; 5.17 drops it
         # even without gradients): the forward runs without one, and a filled cache cannot be continued.
         if given is not None and given.get_seq_length() > 0:
