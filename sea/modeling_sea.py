@@ -68,7 +68,7 @@ def heads_to_hidden(context: torch.Tensor) -> torch.Tensor:
     return context.transpose(1, 2).reshape(n, t, h * d)
 
 
-def prepare_causal_inputs(decoder, layers, input_ids, inputs_embeds, attention_mask, given, use_cache):
+def prepare_causal_inputs(decoder, input_ids, inputs_embeds, attention_mask, given, use_cache):
     """What a causal SEA decoder starts from: the input embeddings, the `SeaCache` to continue (None without
     caching), the number of cached positions, and the (N, T_all) key-validity mask of every position so far (also
     stored in the cache, so a decode step without `attention_mask` keeps the prompt's padding)."""
@@ -81,7 +81,7 @@ def prepare_causal_inputs(decoder, layers, input_ids, inputs_embeds, attention_m
     if t == 0:
         raise ValueError("The input is empty: SEA models need at least one token.")
     use_cache = config.use_cache if use_cache is None else use_cache
-    if decoder.training and any(layer.gradient_checkpointing for layer in layers):
+    if decoder.training and any(layer.gradient_checkpointing for layer in decoder.layers):
         # transformers' checkpointed layers drop the cache (a replayed layer would write it twice; 5.17 drops it
         # even without gradients): the forward runs without one, and a filled cache cannot be continued.
         if given is not None and given.get_seq_length() > 0:
@@ -189,7 +189,7 @@ class SeaOptDecoder(SeaOptPreTrainedModel, OPTDecoder):
         **kwargs,
     ) -> BaseModelOutputWithPast:
         inputs_embeds, cache, past, key_valid = prepare_causal_inputs(
-            self, self.layers, input_ids, inputs_embeds, attention_mask, given_cache(cache, past_key_values), use_cache
+            self, input_ids, inputs_embeds, attention_mask, given_cache(cache, past_key_values), use_cache
         )
         if position_ids is None:  # OPT's rule: positions count the tokens, not the padding
             mask = key_valid.long()
@@ -335,7 +335,7 @@ class SeaLlamaModel(SeaLlamaPreTrainedModel, LlamaModel):
         **kwargs,
     ) -> BaseModelOutputWithPast:
         inputs_embeds, cache, past, key_valid = prepare_causal_inputs(
-            self, self.layers, input_ids, inputs_embeds, attention_mask, given_cache(cache, past_key_values), use_cache
+            self, input_ids, inputs_embeds, attention_mask, given_cache(cache, past_key_values), use_cache
         )
         if position_ids is None:  # Llama's rule: positions count every slot, padding included
             position_ids = torch.arange(past, past + inputs_embeds.shape[1], device=inputs_embeds.device)[None]
