@@ -883,16 +883,22 @@ def estimate_kernel_unavailable_reason(q: torch.Tensor, head_dim: int) -> str | 
     # triton-lang/triton#11366); at 256 the features' projection alone would fill shared memory.
     if head_dim not in (64, 128):
         return f"head_dim {head_dim} is not 64 or 128"
+    # Compiled for an H200 with Triton 3.6: the encoder's float32 (128, 256) weight operand alone takes 256 KB of
+    # shared memory (227 KB per block there); half precision takes half.
+    if head_dim == 128 and q.dtype == torch.float32:
+        return "float32 at head_dim 128 needs more shared memory than a GPU has; bfloat16 and float16 run them"
     return None
 
 
-def _sums_precision(x: torch.Tensor) -> str:
-    """Precision of the kernel attention's float32 products: exact in the interpreter; on the GPU's matrix units,
-    three TF32 passes (float32 accuracy) for float32 inputs and one pass for half-precision inputs, whose operands
-    TF32 holds with more mantissa than they had (measured on an H100: the estimate kernel 3x faster at 128k tokens,
-    1.3% of the selected bins change, as many as three passes change against the float32 PyTorch path; on an
-    H200, one pass for the carried sums too: the 32 x 128 causal layer 1.19x faster at 128k tokens, its sums as
-    close to float32's as with three passes, 3e-3, which the bf16 inputs set)."""
+def _estimate_precision(x: torch.Tensor) -> str:
+    """Precision of the estimate kernels' float32 products (the kernel attention and, for float32 inputs, the
+    encoder): exact in the interpreter; on the GPU's matrix units, three TF32 passes (float32 accuracy) for float32
+    inputs and one pass for half-precision inputs, whose operands TF32 holds with more mantissa than they had
+    (measured on an H100: the estimate kernel 3x faster at 128k tokens, 1.3% of the selected bins change, as many
+    as three passes change against the float32 PyTorch path; on an H200, one pass for the carried sums too: the
+    32 x 128 causal layer 1.19x faster at 128k tokens, its sums as close to float32's as with three passes, 3e-3,
+    which the bf16 inputs set). Exact float32 products are no option on a GPU: at head_dim 128 the encoder's
+    (64, 256) x (256, 256) product compiles to scalar multiply-adds for over 4 minutes per launch config."""
     if not x.is_cuda:
         return "ieee"
     return "tf32x3" if x.dtype == torch.float32 else "tf32"
@@ -924,7 +930,7 @@ def _segment_start_sums(k, v, code, key_valid, projection, eps, record, block_f:
     kernel, arguments = _kernel_for_device(
         _causal_kernel_sums, _estimate_sums_tuned, k.is_cuda,
         dict(HEAD_DIM=d, BLOCK_F=block_f, TILE=tile, CHUNK=ESTIMATE_CHUNK,
-             SUMS_PRECISION=_sums_precision(k)))
+             SUMS_PRECISION=_estimate_precision(k)))
     segment_sums = record.new_empty(n * kv_heads, segments, record.shape[-1])
     kernel[(n * kv_heads, segments, 2 * d // tile)](
         k, v, code, key_valid, projection, segment_sums, t, first, last, segment_rows, segments, projection.shape[0],
@@ -971,9 +977,9 @@ def causal_kernel_encoding_triton(q, k, v, code, key_valid, counts, projection, 
     first_layer, norm = encoder[0], encoder[1]
     encoder_arguments = (first_layer.weight.contiguous(), first_layer.bias, norm.weight, norm.bias, gate_weight,
                          gate_bias, row_slot, encoding, scale, offset)
+    estimate_precision = _estimate_precision(q)
     encoding_constants = dict(HEAD_DIM=d, BLOCK_F=block_f, CHUNK=ESTIMATE_CHUNK, HAS_GATES=gates is not None,
-                              **_dot_arguments(v))
-    estimate_precision = _sums_precision(q)
+                              DOT_DTYPE=_dot_arguments(v)["DOT_DTYPE"], PRECISION=estimate_precision)
     record = _pack_sums(kv_sum, k_sum, value_sum, block_f)  # (N x H_kv, record): the sums before the next row
     if d == FUSED_ESTIMATE_HEAD_DIM:
         segments, segment_rows = _estimate_segments(t, n * h)

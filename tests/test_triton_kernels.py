@@ -101,9 +101,10 @@ class OperationRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("d, heads, kv_heads", [(64, 3, 3), (64, 4, 2), (128, 4, 2)],
-                         ids=["multi-head", "grouped-query", "d128-grouped-query"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d, heads, kv_heads, dtype", [
+    (64, 3, 3, torch.float32), (64, 4, 2, torch.float32), (64, 3, 3, torch.bfloat16), (64, 4, 2, torch.bfloat16),
+    (128, 4, 2, torch.bfloat16),  # float32 at head_dim 128 has no estimate kernel (estimate_kernel_unavailable_reason)
+], ids=["multi-head", "grouped-query", "multi-head-bf16", "grouped-query-bf16", "d128-grouped-query-bf16"])
 @pytest.mark.parametrize("one_segment", [False, True], ids=["segment-per-chunk", "one-segment-per-pass"])
 def test_causal_estimate_kernel_matches_the_pytorch_path(d, heads, kv_heads, dtype, one_segment, monkeypatch):
     """The estimate kernels against `SeaAttention.kernel_encoding`'s PyTorch path (head_dim 64: the fused
@@ -164,14 +165,15 @@ def test_causal_estimate_kernel_matches_the_pytorch_path(d, heads, kv_heads, dty
     assert "tril" in differentiable.names
 
 
-@pytest.mark.parametrize("gates, d", [(True, 64), (False, 64), (True, 128)], ids=["gates", "no-gates", "d128"])
-def test_inference_forward_with_the_estimate_kernels_equals_the_pytorch_path(gates, d):
+@pytest.mark.parametrize("gates", [True, False], ids=["gates", "no-gates"])
+def test_inference_forward_with_the_estimate_kernels_equals_the_pytorch_path(gates):
     """A whole causal layer at inference, kernels (estimate, gates, sparse attention) against the PyTorch path: a
     padded, grouped-query batch in query blocks, continued from an earlier call; the same keys, context and
-    carried state."""
+    carried state. (Head size 128, which float32 estimates in PyTorch: the bfloat16 test below.)"""
     from sea.sea_attention import SeaAttention
 
     torch.manual_seed(0)
+    d = 64
     config = tiny_opt_config(sea_key_budget=24, sea_compressed_width=8, sea_query_block_size=16,
                              sea_output_gates=gates)
     op = SeaAttention(config, 4, d, True, 2)
@@ -193,45 +195,49 @@ def test_inference_forward_with_the_estimate_kernels_equals_the_pytorch_path(gat
     assert_same_layer_outputs(results["triton"], results["torch"], dict(rtol=1e-4, atol=1e-5), dict(rtol=1e-4, atol=1e-4))
 
 
-@pytest.mark.parametrize("block", [1, 16], ids=["per-query", "blocks"])
-def test_half_precision_inference_with_the_fused_estimate_keeps_the_dtype(block):
-    """bfloat16 at inference, fused estimate and gates (the kernel's float32 gate scale must not promote the
+@pytest.mark.parametrize("block, d", [(1, 64), (16, 64), (16, 128)], ids=["per-query", "blocks", "d128-blocks"])
+def test_half_precision_inference_with_the_estimate_kernels_keeps_the_dtype(block, d):
+    """bfloat16 at inference, estimate kernels and gates (the kernel's float32 gate scale must not promote the
     output), close to the PyTorch path in bfloat16 and one new token continued from the state."""
     from sea.sea_attention import SeaAttention
 
     torch.manual_seed(0)
     config = tiny_opt_config(sea_key_budget=24, sea_compressed_width=8, sea_query_block_size=block)
-    op = SeaAttention(config, 2, 64, True)
+    op = SeaAttention(config, 2, d, True)
     op.init_sea_weights()
     with torch.no_grad():
         op.gates.weight.normal_(std=0.5)
     op = op.to(DEVICE, torch.bfloat16)
-    q, k, v = (torch.randn(1, 2, 50, 64, device=DEVICE, dtype=torch.bfloat16) for _ in range(3))
+    q, k, v = (torch.randn(1, 2, 50, d, device=DEVICE, dtype=torch.bfloat16) for _ in range(3))
     valid = torch.ones(1, 50, dtype=torch.bool, device=DEVICE)
     results = {}
     for kernel in ("torch", "triton"):
         op.kernel = kernel
-        results[kernel] = layer_in_two_calls(op, q, k, v, valid, 49, 0.125, need_probs=False)
+        with OperationRecorder() as recorded:
+            results[kernel] = layer_in_two_calls(op, q, k, v, valid, 49, d**-0.5, need_probs=False)
+        assert ("tril" in recorded.names) == (kernel == "torch"), "the estimate did not run where it should"
     for got, want in zip(results["triton"], results["torch"]):
         assert got.context.dtype == torch.bfloat16
         assert (got.context.float() - want.context.float()).norm() / want.context.float().norm() < 2e-2
 
 
-def test_estimate_kernel_on_an_unsupported_head_size_warns_once_and_uses_the_pytorch_path():
+@pytest.mark.parametrize("d, reason", [(16, "head_dim 16 is not 64 or 128"), (128, "float32 at head_dim 128")],
+                         ids=["head_dim-16", "float32-head_dim-128"])
+def test_estimate_kernel_on_an_unsupported_head_size_warns_once_and_uses_the_pytorch_path(d, reason):
     from transformers.testing_utils import CaptureLogger
 
     from sea.sea_attention import SeaAttention, logger
 
-    op = SeaAttention(tiny_opt_config(sea_key_budget=8, sea_compressed_width=8, sea_kernel="triton"), 2, 16, True)
+    op = SeaAttention(tiny_opt_config(sea_key_budget=8, sea_compressed_width=8, sea_kernel="triton"), 2, d, True)
     op.init_sea_weights()
-    q, k, v = (torch.randn(1, 2, 20, 16, device=DEVICE) for _ in range(3))
+    q, k, v = (torch.randn(1, 2, 20, d, device=DEVICE) for _ in range(3))
     with torch.no_grad(), CaptureLogger(logger) as captured:
-        first = op.to(DEVICE)(q, k, v, None, 0.25, need_probs=False)
-        op(q, k, v, None, 0.25, need_probs=False)
-    assert captured.out.count("head_dim 16 is not 64 or 128") == 1
+        first = op.to(DEVICE)(q, k, v, None, d**-0.5, need_probs=False)
+        op(q, k, v, None, d**-0.5, need_probs=False)
+    assert captured.out.count(reason) == 1
     op.kernel = "torch"
     with torch.no_grad():
-        torch.testing.assert_close(first.context, op(q, k, v, None, 0.25, need_probs=False).context)
+        torch.testing.assert_close(first.context, op(q, k, v, None, d**-0.5, need_probs=False).context)
 
 @pytest.mark.parametrize("kv_heads", [3, 1], ids=["multi-head", "grouped-query"])
 @pytest.mark.parametrize("rows_per_block", [1, 16], ids=["per-query", "blocks"])
