@@ -217,14 +217,15 @@ def print_table(rows):
 
 
 def plot(rows, folder):
-    """One PNG per head shape: time and memory against T for every method, one panel per (causal, mode)."""
+    """One PNG per head shape: time and memory against T for every method, one panel per (causal, mode) measured."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     for heads, head_dim in sorted({(r["heads"], r["head_dim"]) for r in rows}):
-        panels = [(c, m) for c in (True, False) for m in ("forward", "forward+backward")]
+        measured = {(r["causal"], r["mode"]) for r in rows if (r["heads"], r["head_dim"]) == (heads, head_dim)}
+        panels = [(c, m) for c in (True, False) for m in ("forward", "forward+backward") if (c, m) in measured]
         figure, axes = plt.subplots(2, len(panels), figsize=(5 * len(panels), 8), squeeze=False)
         for column, (causal, mode) in enumerate(panels):
             chosen = [r for r in rows if (r["heads"], r["head_dim"], r["causal"], r["mode"]) == (heads, head_dim, causal, mode)]
