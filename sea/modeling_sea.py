@@ -108,6 +108,12 @@ def prepare_causal_inputs(decoder, input_ids, inputs_embeds, attention_mask, giv
     return inputs_embeds, cache, past, key_valid
 
 
+def wants_attentions(attention: torch.nn.Module, requested: bool | None) -> bool:
+    """Whether an attention layer returns its probabilities: the call's `output_attentions`, else its config's
+    (transformers' output capturing passes only an explicit request down to the layers)."""
+    return bool(attention.config.output_attentions if requested is None else requested)
+
+
 class SeaPreTrainedMixin:
     """Weight init of the SEA parameters, shared by both families (mixed into each family's PreTrainedModel)."""
 
@@ -138,11 +144,12 @@ class SeaOptAttention(OPTAttention):
         hidden_states: torch.Tensor,
         cache: SeaCache | None = None,
         attention_mask: torch.Tensor | None = None,
-        output_attentions: bool = False,
+        output_attentions: bool | None = None,
         past_key_values: SeaCache | None = None,
         **kwargs,
     ):
         cache = given_cache(cache, past_key_values)
+        output_attentions = wants_attentions(self, output_attentions)
         n, t, _ = hidden_states.shape
         shape = (n, t, self.num_heads, self.head_dim)
         # OPT scales queries before the product; SEA then uses a scaling of 1, like OPT's own attention call.
@@ -298,7 +305,7 @@ class SeaLlamaAttention(LlamaAttention):
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
             state = cache.sea_state(self.layer_idx)
-        output_attentions = bool(kwargs.get("output_attentions"))
+        output_attentions = wants_attentions(self, kwargs.get("output_attentions"))
         result = self.sea(query, key, value, attention_mask, scaling=self.scaling, state=state, need_probs=output_attentions)
         if cache is not None:
             cache.set_sea_state(self.layer_idx, result.state)
@@ -374,7 +381,7 @@ class SeaBertSelfAttention(BertSelfAttention):
         query = self.query(hidden_states).view(shape).transpose(1, 2)
         key = self.key(hidden_states).view(shape).transpose(1, 2)
         value = self.value(hidden_states).view(shape).transpose(1, 2)
-        output_attentions = bool(kwargs.get("output_attentions"))
+        output_attentions = wants_attentions(self, kwargs.get("output_attentions"))
         result = self.sea(query, key, value, attention_mask, scaling=self.scaling, need_probs=output_attentions)
         probs = result.dense_probs(t) if output_attentions else None
         return heads_to_hidden(result.context), probs

@@ -625,11 +625,15 @@ class SeaAttention(nn.Module):
             ranking = ranking.expand_as(estimate_log_probs)
         else:  # "random_mask"
             ranking = torch.rand_like(estimate_log_probs)
-        if self.anchor_bins:  # the newest bin first: with room for one bin only, a query still sees itself
+        sizes = edges.diff(dim=-1)  # (N, T, M) keys per bin
+        if self.anchor_bins:
             ranking = ranking.clone()
-            ranking[..., -1] = float("inf")
-            ranking[..., 0] = torch.finfo(ranking.dtype).max
-        return ranking.masked_fill((edges.diff(dim=-1) == 0).unsqueeze(1), float("-inf"))
+            # The bin holding the first key: bin 0, unless a row sees fewer keys than there are bins, whose leading
+            # bins are then empty.
+            first = (sizes > 0).int().argmax(-1, keepdim=True).unsqueeze(1)
+            ranking.scatter_(-1, first.expand(*ranking.shape[:-1], 1), torch.finfo(ranking.dtype).max)
+            ranking[..., -1] = float("inf")  # the newest bin first: with room for one bin only, a query sees itself
+        return ranking.masked_fill((sizes == 0).unsqueeze(1), float("-inf"))
 
     def select(
         self,

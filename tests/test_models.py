@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import BertForMaskedLM, BertForSequenceClassification, OPTConfig, OPTForCausalLM
 
-from conftest import OPT_125M, randomize_sea_gates, tiny_bert_config, tiny_opt_config
+from conftest import OPT_125M, TINY_LLAMA, randomize_sea_gates, tiny_bert_config, tiny_opt_config
 from conversion.convert import convert_to_sea
 from sea.modeling_sea import SeaBertForMaskedLM
 from sea.sea_attention import SeaAttention
@@ -73,6 +73,29 @@ def test_small_budget_outputs_finite_and_sparse_attentions_returned(family):
         assert probs[1, :, :, :20].abs().sum() == 0, "padded keys got attention"
         if family == "opt":
             assert probs.triu(1).abs().sum() == 0, "future keys got attention"
+
+
+@pytest.mark.parametrize("family", ["opt", "llama", "bert"])
+def test_config_output_attentions_returns_the_attentions_as_the_argument_does(family):
+    """`config.output_attentions=True` (as after `from_pretrained(..., output_attentions=True)`) returns the same
+    attentions as the call argument, like transformers' own models; an explicit False in the call wins."""
+    from sea.configuration_sea import SeaLlamaConfig
+    from sea.modeling_sea import SeaLlamaForCausalLM
+
+    if family == "llama":
+        sea = SeaLlamaForCausalLM(SeaLlamaConfig(**TINY_LLAMA, sea_key_budget=4, sea_compressed_width=8)).eval()
+    else:
+        sea = (converted_opt if family == "opt" else converted_bert)(sea_key_budget=4, sea_compressed_width=8)[1]
+    ids = random_ids(2, 30)
+    with torch.no_grad():
+        asked = sea(ids, output_attentions=True).attentions
+        sea.config.output_attentions = True
+        configured = sea(ids).attentions
+        declined = sea(ids, output_attentions=False).attentions
+    assert len(configured) == len(asked) == sea.config.num_hidden_layers
+    for got, want in zip(configured, asked):
+        torch.testing.assert_close(got, want)
+    assert not declined
 
 
 def test_changing_future_tokens_never_changes_earlier_logits():

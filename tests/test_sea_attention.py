@@ -291,6 +291,25 @@ def test_selection_rules_read_the_documented_keys(baseline, anchors):
                 assert keys == set(range(first)) | set(range(row + 1 - (8 - first), row + 1))
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("baseline", ["local_window", None], ids=["local_window", "sea"])
+def test_first_bin_anchor_reads_the_first_key_when_rows_see_fewer_keys_than_bins(causal, baseline):
+    """With M = 32 bins and a budget of 8, rows that see 9..31 keys have empty leading bins (bin b covers ranks
+    [floor(b L / M), floor((b + 1) L / M))): the first anchor is the bin holding the first key, so every query
+    still reads key 0 (for a local window, which would never pick it, only the anchor can)."""
+    from conftest import tiny_bert_config, tiny_opt_config
+
+    make_config = tiny_opt_config if causal else tiny_bert_config
+    config = make_config(sea_baseline=baseline, sea_key_budget=8, sea_compressed_width=32)
+    op = SeaAttention(config, 4, 16, causal)
+    op.init_sea_weights()
+    for t in (20, 40):
+        q, k, v = (torch.randn(1, 4, t, 16) for _ in range(3))
+        selection = op(q, k, v, None, 0.25).selection
+        read_first_key = selection.key_valid & (selection.key_index == 0)
+        assert read_first_key.any(-1).all(), f"T = {t}: queries that never read key 0"
+
+
 def test_training_after_inference_mode_with_query_blocks():
     """A causal layer with query blocks run first under torch.inference_mode (as pipelines do), then trained
     without probabilities: the second forward's backward (context and estimate, as distillation does) works."""
