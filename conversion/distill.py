@@ -32,7 +32,8 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
 from huggingface_hub import HfApi, ModelCard
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+from safetensors import SafetensorError, safe_open
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -45,9 +46,10 @@ from transformers import (
     default_data_collator,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import sort_checkpoints
 
-from conversion.convert import CAUSAL_TYPES, SEA_FAMILIES, SUPPORTED, convert_to_sea, save_atomically
+from conversion.convert import CAUSAL_TYPES, SEA_FAMILIES, SUPPORTED, convert_to_sea, save_atomically, sea_config_for
 from hub_cards.card import write_card
 from hub_cards.plots import plot_layer_cost_and_attention
 from hub_cards.push import TRANSPORT_ERRORS, PushError, push_to_hub
@@ -167,7 +169,9 @@ def preflight(args: DistillArguments, training: TrainingArguments, push_repo: st
         fail(f"{output} already exists; pass --overwrite-output-dir to replace it (or another --output-dir)")
     if checkpoints.exists() and not (args.resume or args.overwrite_output_dir):
         fail(f"{checkpoints} holds an earlier run; pass --resume to continue it or --overwrite-output-dir to restart")
-    if args.resume and (not checkpoints.exists() or not any(checkpoints.rglob("checkpoint-*"))):
+    resumable = checkpoints.exists() and (any(checkpoints.rglob("checkpoint-*"))
+                                          or (checkpoints / "teacher" / "config.json").exists())
+    if args.resume and not resumable:
         fail(f"--resume: no checkpoint under {checkpoints} to continue from")
     if push_repo:
         check_push_access(push_repo, training.hub_token)
@@ -178,6 +182,13 @@ def preflight(args: DistillArguments, training: TrainingArguments, push_repo: st
         fail(f"cannot load the model {model!r}: {error}. If the Hub is unreachable, pass a local checkpoint folder.")
     if config.model_type not in SEA_FAMILIES:
         fail(f"cannot distil a model of type {config.model_type!r}: supported types are {SUPPORTED}")
+    try:
+        sea_config_for(config, **args.sea_options())
+    except ValueError as error:  # named after the flag that set the field: `sea_key_budget` -> --key-budget
+        message = str(error)
+        for name in args.sea_options():
+            message = message.replace(f"`{name}`", "--" + name.removeprefix("sea_").replace("_", "-"))
+        fail(message)
     task = args.task or next(t for t, families in TASKS.items() if config.model_type in families)
     if task not in TASKS:
         fail(f"--task must be one of {sorted(TASKS)}, not {task!r}")
@@ -188,11 +199,49 @@ def preflight(args: DistillArguments, training: TrainingArguments, push_repo: st
     limit = config.max_position_embeddings
     if args.max_length > limit:
         fail(f"--max-length {args.max_length} exceeds what {model} supports (max_position_embeddings={limit})")
-    if args.overwrite_output_dir and PartialState().is_main_process:
-        shutil.rmtree(output, ignore_errors=True)
-        shutil.rmtree(checkpoints, ignore_errors=True)
-    PartialState().wait_for_everyone()
+    if args.max_length < 2:
+        fail(f"--max-length must be at least 2 tokens, got {args.max_length}")
     return model, config, task
+
+
+def clear_earlier_run(training: TrainingArguments):
+    """--overwrite-output-dir: the earlier run's checkpoints and fine-tuned teacher go when this run starts
+    training, not before (a run that fails its checks or its data loading loses nothing); its model folder is
+    replaced only by the complete new one."""
+    if PartialState().is_main_process:
+        shutil.rmtree(checkpoints_dir(training), ignore_errors=True)
+    PartialState().wait_for_everyone()
+
+
+def last_complete_checkpoint(folder: Path) -> str | None:
+    """The newest checkpoint-N in `folder` that a kill did not cut short (the Trainer writes into checkpoint-N in
+    place, its trainer state last); the ones skipped are named, so they can be deleted."""
+    if not folder.is_dir():
+        return None
+    for checkpoint in reversed(sort_checkpoints(str(folder))):
+        problem = checkpoint_problem(Path(checkpoint))
+        if problem is None:
+            return checkpoint
+        print(f"warning: --resume skips {checkpoint}: {problem}", file=sys.stderr)
+    return None
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why `checkpoint` cannot be resumed from (an unreadable trainer state or weights), or None."""
+    try:
+        json.loads((checkpoint / TRAINER_STATE_NAME).read_text())
+    except (OSError, ValueError):
+        return f"no readable {TRAINER_STATE_NAME} (the run was killed while saving it)"
+    weights = list(checkpoint.glob("*.safetensors"))
+    if not weights:
+        return "no model weights"
+    for path in weights:
+        try:
+            with safe_open(path, "pt"):
+                pass
+        except (OSError, SafetensorError) as error:
+            return f"{path.name} is unreadable ({error})"
+    return None
 
 
 def check_push_access(repo_id: str, token: str | None):
@@ -207,6 +256,8 @@ def check_push_access(repo_id: str, token: str | None):
              f"(--hub-token, HF_TOKEN or `hf auth login`), {later}")
     except TRANSPORT_ERRORS as error:
         fail(f"--push-to-hub {repo_id}: cannot reach the Hub at {api.endpoint} ({type(error).__name__}), {later}")
+    except OfflineModeIsEnabled:
+        fail(f"--push-to-hub {repo_id}: HF_HUB_OFFLINE is set; unset it to push, {later}")
     except OSError:  # no token anywhere
         fail(f"--push-to-hub {repo_id}: no Hub token found; set HF_TOKEN or run `hf auth login`, {later}")
 
@@ -219,7 +270,11 @@ def load_data(args: DistillArguments, task: str, tokenizer, seed: int):
     except (ValueError, FileNotFoundError, ConnectionError) as error:
         fail(str(error))
     if task == "sequence-classification":
-        labels = sorted(set(train[args.label_column]) | set(held_out[args.label_column]))
+        labels = set(train[args.label_column]) | set(held_out[args.label_column])
+        if labels != set(range(len(labels))):
+            found = sorted(map(repr, labels))
+            fail(f"--label-column {args.label_column!r} must hold the class ids 0 .. K-1 (integers); found "
+                 f"{', '.join(found[:6])}{' ...' if len(found) > 6 else ''}")
         encode = lambda ds: data.tokenize_for_classification(ds, tokenizer, columns, args.label_column, args.max_length)
         return encode(train), encode(held_out), len(labels), dataset_info(args, held_out_name)
     stream = data.token_stream(train, tokenizer, columns[0])
@@ -263,7 +318,8 @@ def base_model_facts(args: DistillArguments, model_path: str) -> tuple[str | Non
 
 def load_teacher(model: str, task: str, num_labels, train, tokenizer, args, training):
     """The dense teacher; a BERT checkpoint without a trained classification head is fine-tuned on the task
-    first (kept under the checkpoints folder, so --resume reuses it)."""
+    first (kept under the checkpoints folder, so --resume reuses it; the fine-tuning itself checkpoints as the
+    distillation does, and --resume continues it)."""
     if task == "causal-lm":
         return AutoModelForCausalLM.from_pretrained(model)
     finetuned = checkpoints_dir(training) / "teacher"
@@ -277,10 +333,11 @@ def load_teacher(model: str, task: str, num_labels, train, tokenizer, args, trai
     print(f"Fine-tuning the dense teacher on the task for {args.teacher_finetune_steps} steps (its head is new).")
     teacher_args = dataclasses.replace(
         training, output_dir=str(checkpoints_dir(training) / "teacher-run"), max_steps=args.teacher_finetune_steps,
-        save_strategy="no", report_to="none",
+        report_to="none",
     )
+    last = last_complete_checkpoint(Path(teacher_args.output_dir)) if args.resume else None
     Trainer(model=teacher, args=teacher_args, train_dataset=train,
-            data_collator=DataCollatorWithPadding(tokenizer)).train()
+            data_collator=DataCollatorWithPadding(tokenizer)).train(resume_from_checkpoint=last)
     if PartialState().is_main_process:
         save_atomically(teacher, finetuned, overwrite=True)
     PartialState().wait_for_everyone()
@@ -321,7 +378,7 @@ def distil(student, teacher, train, collator, training, distillation, run_name: 
     run_args = dataclasses.replace(training, output_dir=str(checkpoints_dir(training) / run_name))
     trainer = SeaDistillationTrainer(model=student, args=run_args, train_dataset=train, data_collator=collator,
                                      teacher=teacher, distillation=distillation)
-    last = get_last_checkpoint(run_args.output_dir) if resume and Path(run_args.output_dir).exists() else None
+    last = last_complete_checkpoint(Path(run_args.output_dir)) if resume else None
     result = trainer.train(resume_from_checkpoint=last)
     return trainer, result
 
@@ -369,6 +426,8 @@ def main(argv=None):
         tokenizer.pad_token = tokenizer.eos_token
     train, held_out, num_labels, dataset = load_data(args, task, tokenizer, training.seed)
     collator = DataCollatorWithPadding(tokenizer) if task == "sequence-classification" else default_data_collator
+    if args.overwrite_output_dir:
+        clear_earlier_run(training)
     teacher = load_teacher(model_path, task, num_labels, train, tokenizer, args, training).eval()
 
     set_seed(training.seed)
@@ -410,7 +469,8 @@ def main(argv=None):
         write_plots(folder, student, teacher, held_out, tokenizer, task, training.device)
         write_card(folder, push_repo or training.output_dir)
 
-    final_dir = save_atomically(student, training.output_dir, tokenizer, overwrite=False, populate=populate)
+    final_dir = save_atomically(student, training.output_dir, tokenizer, overwrite=args.overwrite_output_dir,
+                                populate=populate)
     print(f"\nDistilled {summary['training']['steps']} steps, {summary['training']['tokens_seen']:,} tokens, "
           f"{wall:.0f} s wall on {state.num_processes} x {training.device} "
           f"({summary['training']['device_hours']} device-hours). Model, card and eval_results.json in {final_dir}.")

@@ -9,6 +9,7 @@ error says what to re-run.
 """
 
 import argparse
+import contextlib
 import importlib
 import os
 import shlex
@@ -16,7 +17,7 @@ import sys
 from pathlib import Path
 
 from huggingface_hub import HfApi
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
 from hub_cards.card import write_card
 
@@ -39,6 +40,19 @@ class PushError(RuntimeError):
     """An upload that did not happen, with what to do about it."""
 
 
+@contextlib.contextmanager
+def restored_on_failure(path: Path):
+    """Put `path` back as it was when the block raises: the card is re-rendered for the repository before the
+    upload, and a failed push leaves the folder unchanged."""
+    before = path.read_bytes() if path.is_file() else None
+    try:
+        yield
+    except BaseException:
+        if before is not None:
+            path.write_bytes(before)
+        raise
+
+
 def rerun_command(folder, repo_id: str, private: bool | None, revision: str | None) -> str:
     words = ["python", "hub_cards/push.py", str(folder), repo_id]
     words += ["--private"] if private else []
@@ -59,10 +73,11 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, *, token: str | None = 
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        if (folder / "eval_results.json").is_file():
-            write_card(folder, repo_id)
-        commit = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
-                                   commit_message=commit_message)
+        with restored_on_failure(folder / "README.md"):
+            if (folder / "eval_results.json").is_file():
+                write_card(folder, repo_id)
+            commit = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
+                                       commit_message=commit_message)
     except HfHubHTTPError as error:
         status = error.response.status_code if error.response is not None else None
         if status in (401, 403):
@@ -72,6 +87,8 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, *, token: str | None = 
             ) from error
         raise PushError(f"Uploading {folder} to {repo_id} failed ({error}). Nothing was changed locally; "
                         f"re-run: {rerun}") from error
+    except OfflineModeIsEnabled as error:
+        raise PushError(f"HF_HUB_OFFLINE is set: unset it to push, then re-run: {rerun}") from error
     except TRANSPORT_ERRORS as error:
         raise PushError(f"Could not reach the Hub at {api.endpoint} ({type(error).__name__}: {error}). Nothing was "
                         f"changed locally; when the network is back, re-run: {rerun}") from error

@@ -18,6 +18,11 @@ SEA_BASELINES = (None, "kernel_attention", "local_window", "random_mask")
 SEA_DECODER_WIDTH_DIVISOR = {True: 4, False: 2}
 
 
+def _is_integer(value) -> bool:
+    """An int that is not a bool (True would pass `isinstance(value, int)`)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(kw_only=True, repr=False)
 class SeaConfigMixin:
     r"""
@@ -57,8 +62,8 @@ class SeaConfigMixin:
         Which implementation computes the sparse attention: `"auto"` picks the Triton kernel on CUDA when it can
         run (else the PyTorch path, with one warning saying why), `"triton"` always uses it (an error when it cannot
         run), `"torch"` always uses the PyTorch reference path. With `"auto"` on CUDA or `"triton"`, causal layers
-        that need no gradient also estimate with fused Triton kernels (head_dim 64; other sizes warn once and use
-        the PyTorch estimate).
+        that need no gradient also estimate with Triton kernels (head_dim 64, and 128 in half precision; other
+        sizes and dtypes warn once and use the PyTorch estimate).
     sea_baseline (`str`, *optional*):
         `None` for SEA. The other values turn the model into a comparison baseline with the same weights and key
         budget: `"kernel_attention"` outputs the kernel (Performer) linear attention of the values instead of sparse
@@ -90,20 +95,22 @@ class SeaConfigMixin:
 
     def validate_sea_fields(self):
         """Raise a `ValueError` naming the first SEA field whose value is outside its allowed range."""
-        if not isinstance(self.sea_key_budget, int) or self.sea_key_budget < 1:
+        if not _is_integer(self.sea_key_budget) or self.sea_key_budget < 1:
             raise ValueError(f"`sea_key_budget` must be an integer >= 1 (keys per query and head), got {self.sea_key_budget!r}.")
         divisor = SEA_DECODER_WIDTH_DIVISOR[self.sea_causal]
         width = self.sea_compressed_width
-        if not isinstance(width, int) or width < divisor or width % divisor:
+        if not _is_integer(width) or width < divisor or width % divisor:
             raise ValueError(
                 f"`sea_compressed_width` must be a positive multiple of {divisor} for {type(self).__name__}, got {width!r}."
             )
-        if not isinstance(self.sea_performer_nb_factor, (int, float)) or not self.sea_performer_nb_factor > 0:
+        factor = self.sea_performer_nb_factor
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
             raise ValueError(f"`sea_performer_nb_factor` must be a number > 0, got {self.sea_performer_nb_factor!r}.")
         if self.sea_budget_rule not in SEA_BUDGET_RULES:
             raise ValueError(f"`sea_budget_rule` must be one of {SEA_BUDGET_RULES}, got {self.sea_budget_rule!r}.")
-        if not isinstance(self.sea_anchor_bins, bool):
-            raise ValueError(f"`sea_anchor_bins` must be True or False, got {self.sea_anchor_bins!r}.")
+        for flag in ("sea_anchor_bins", "sea_output_gates"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"`{flag}` must be True or False, got {getattr(self, flag)!r}.")
         if self.sea_query_block_size not in SEA_QUERY_BLOCK_SIZES:
             raise ValueError(f"`sea_query_block_size` must be one of {SEA_QUERY_BLOCK_SIZES}, got {self.sea_query_block_size!r}.")
         if self.sea_kernel not in SEA_KERNELS:

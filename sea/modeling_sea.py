@@ -33,11 +33,14 @@ from transformers.models.opt.modeling_opt import (
     OPTModel,
     OPTPreTrainedModel,
 )
+from transformers.utils import logging
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_sea import SeaBertConfig, SeaLlamaConfig, SeaOptConfig
 from .sea_attention import SeaAttention
 from .sea_cache import SeaCache
+
+logger = logging.get_logger(__name__)
 
 # transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache` (the old name stays,
 # deprecated, until 5.40). The library's layers are called, and outputs built, with the installed release's name;
@@ -226,13 +229,26 @@ class SeaOptModel(SeaOptPreTrainedModel, OPTModel):
 
 
 class SeaCausalLMMixin:
-    """Generation of the causal SEA families: the model returns its own `SeaCache` from the first forward, and a
-    request longer than the model's positions fails before any work."""
+    """Generation of the causal SEA families: generate() starts every cached generation with a fresh `SeaCache`,
+    and a request longer than the model's positions fails before any work."""
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
-        # generate() must not pre-build a plain DynamicCache: the model returns its SeaCache from the first step.
+        # No plain DynamicCache, static, offloaded or quantized cache can hold SEA's state.
         return False
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """A fresh `SeaCache` when the user gave no cache and caching is on (chunked prefill needs one before the
+        first forward); otherwise transformers' checks of a user's cache."""
+        given = given_cache(model_kwargs.get("cache"), model_kwargs.get("past_key_values"))
+        if given is not None or generation_config.use_cache is False:
+            return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if generation_config.cache_implementation is not None:
+            logger.warning_once(
+                f"SEA models generate with their own SeaCache: cache_implementation="
+                f"{generation_config.cache_implementation!r} is ignored."
+            )
+        model_kwargs[CACHE_NAME] = SeaCache(self.config)
 
     def generate(self, inputs=None, generation_config=None, **kwargs):
         """`GenerationMixin.generate`, after checking that the prompt plus the new tokens fit the model's

@@ -26,6 +26,7 @@ class RepoStore:
     def __init__(self, root: Path):
         self.root = root
         self.lock = threading.Lock()
+        self.quota_bytes = None  # a commit adding more is refused, as the Hub refuses one past a storage limit
         (root / "blobs").mkdir(parents=True, exist_ok=True)
 
     def repo_dir(self, ns, name) -> Path:
@@ -228,6 +229,11 @@ class HubHandler(BaseHTTPRequestHandler):
         if self.store.ref(ns, name, rev) is None:
             return self.error(404, "RevisionNotFound", f"Revision {rev} not found")
         summary, changes, deletions = "", {}, []
+        size = sum(line["value"]["size"] if line["key"] == "lfsFile" else len(base64.b64decode(line["value"]["content"]))
+                   for line in lines if line["key"] in ("file", "lfsFile"))
+        if self.store.quota_bytes is not None and size > self.store.quota_bytes:
+            return self.error(413, "StorageLimitReached", f"This commit ({size} bytes) exceeds the repository's "
+                              f"storage limit of {self.store.quota_bytes} bytes")
         for line in lines:
             key, value = line["key"], line["value"]
             if key == "header":

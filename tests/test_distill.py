@@ -3,6 +3,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -98,7 +99,14 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_opt_lm):
     assert first_checkpoint.exists(), "the run ended before its first checkpoint"
     assert not killed.exists(), "the run finished before it was killed; the test needs a longer run"
 
-    run(common + ["--output-dir", str(killed), "--resume"])
+    # A later checkpoint cut short by a kill while saving: no trainer state yet, truncated weights.
+    checkpoints = first_checkpoint.parents[1]
+    if not (checkpoints / "checkpoint-20").exists():
+        shutil.copytree(checkpoints / "checkpoint-10", checkpoints / "checkpoint-20")
+        (checkpoints / "checkpoint-20" / "trainer_state.json").unlink()
+    (checkpoints / "checkpoint-20" / "model.safetensors").write_bytes(b"\0" * 100)
+    resumed_run = run(common + ["--output-dir", str(killed), "--resume"])
+    assert "--resume skips" in resumed_run.stderr and "checkpoint-20" in resumed_run.stderr
     resumed, uninterrupted = weights(killed), weights(reference)
     assert resumed.keys() == uninterrupted.keys()
     for name in resumed:
@@ -153,8 +161,21 @@ def test_errors_before_training(tmp_path, capsys, tiny_bert_classifier, tiny_opt
     zero_weights = [f"--{name.replace('_', '-')}=0" for name in ("task_loss_weight", "logits_kd_weight",
                     "estimate_kl_weight", "estimate_mse_weight", "sparse_kl_weight", "sparse_mse_weight")]
     expect_error(["--model", tiny_bert_classifier, *zero_weights, *out], capsys, "At least one loss weight must be > 0")
+    expect_error(["--model", tiny_bert_classifier, "--compressed-width", "7", *out], capsys,
+                 "--compressed-width must be a positive multiple of 2")
+    expect_error(["--model", tiny_opt_lm, "--key-budget", "0", *out], capsys, "--key-budget must be an integer >= 1")
+    expect_error(["--model", tiny_opt_lm, "--max-length", "1", *out], capsys, "--max-length must be at least 2")
+    words = tmp_path / "words.csv"
+    words.write_text("sentence,label\n" + "".join(f"text number {i},{'pos' if i % 2 else 'neg'}\n" for i in range(20)))
+    expect_error(["--model", tiny_bert_classifier, "--dataset-path", str(words), *out], capsys,
+                 "--label-column 'label' must hold the class ids 0 .. K-1", "'neg', 'pos'")
     (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "model.safetensors").write_text("an earlier run's model")
     expect_error(["--model", tiny_bert_classifier, *out], capsys, "already exists", "--overwrite-output-dir")
+    # A run that fails its checks loses nothing, even when asked to replace the earlier output.
+    expect_error(["--model", tiny_bert_classifier, "--overwrite-output-dir", "--compressed-width", "7", *out], capsys,
+                 "--compressed-width")
+    assert (tmp_path / "out" / "model.safetensors").read_text() == "an earlier run's model"
     expect_error(["--model", tiny_bert_classifier, "--output-dir", str(tmp_path / "fresh"), "--resume"], capsys,
                  "no checkpoint")
     # An unreachable Hub (nothing listens on the discard port), and no local folder of that name.

@@ -109,6 +109,20 @@ def test_chunked_prefill_equals_one_prefill():
     assert cache.get_seq_length() == 203
 
 
+def test_generate_with_chunked_prefill_equals_one_prefill():
+    """`generate(prefill_chunk_size=...)`: the prompt goes through the model in chunks that continue one SeaCache
+    (a left-padded batch), and the tokens equal those of one whole prefill."""
+    model = sea_model()
+    prompt = torch.randint(3, 120, (2, 53))
+    mask = torch.ones_like(prompt)
+    mask[1, :7] = 0
+    with torch.no_grad():
+        whole = model.generate(prompt, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        chunked = model.generate(prompt, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                                 prefill_chunk_size=16)
+    assert torch.equal(chunked, whole)
+
+
 @pytest.mark.parametrize(
     "mode", [dict(do_sample=False), dict(do_sample=True, top_k=20), dict(num_beams=3, do_sample=False)]
 )

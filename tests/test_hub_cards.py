@@ -141,6 +141,12 @@ def test_refused_token_and_unreachable_hub_are_clear_errors_that_leave_the_folde
 
     unreachable = push_cli(str(distilled_bert), "user/sea-bert", env={**env, "HF_ENDPOINT": "http://127.0.0.1:9"})
     assert unreachable.returncode == 1 and "Could not reach the Hub" in unreachable.stderr
+    offline = push_cli(str(distilled_bert), "user/sea-bert", env={**env, "HF_HUB_OFFLINE": "1"})
+    assert offline.returncode == 1 and "HF_HUB_OFFLINE is set" in offline.stderr
+    # Refused at the commit, after the card was re-rendered for the repository: the card is put back.
+    hub.store.quota_bytes = 1000
+    over_quota = push_cli(str(distilled_bert), "user/sea-bert", env=env)
+    assert over_quota.returncode == 1 and "storage limit" in over_quota.stderr, over_quota.stderr[-2000:]
     after = {p.relative_to(distilled_bert): p.read_bytes() for p in distilled_bert.rglob("*") if p.is_file()}
     assert before == after
 
@@ -150,4 +156,9 @@ def test_refused_token_and_unreachable_hub_are_clear_errors_that_leave_the_folde
          "--output-dir", str(tmp_path / "out"), "--push-to-hub", "user/x"],
         cwd=REPO, env={**env, "HF_TOKEN": "hf_wrong"}, capture_output=True, text=True, timeout=300)
     assert started.returncode == 2 and "refused the token (401)" in started.stderr
+    started = subprocess.run(
+        [sys.executable, str(REPO / "conversion" / "distill.py"), "--model", tiny_bert_classifier,
+         "--output-dir", str(tmp_path / "out"), "--push-to-hub", "user/x"],
+        cwd=REPO, env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    assert started.returncode == 2 and "HF_HUB_OFFLINE is set" in started.stderr, started.stderr[-2000:]
     assert not (tmp_path / "out").exists() and not (tmp_path / "out-checkpoints").exists()

@@ -168,7 +168,9 @@ def test_cli_refuses_to_overwrite_output(tmp_path, capsys):
         ("sea_budget_rule", "topk", "sea_budget_rule.*constant.*reference"),
         ("sea_performer_nb_factor", 0.0, "sea_performer_nb_factor.*> 0"),
         ("sea_kernel", "cuda", "sea_kernel.*auto.*triton.*torch"),
+        ("sea_key_budget", True, "sea_key_budget.*integer"),
         ("sea_anchor_bins", "yes", "sea_anchor_bins.*True or False"),
+        ("sea_output_gates", "no", "sea_output_gates.*True or False"),
         ("hidden_size", 100, "hidden_size.*num_attention_heads"),
     ],
 )
