@@ -10,7 +10,7 @@ from transformers import BertForSequenceClassification, OPTForCausalLM, Training
 from conftest import tiny_bert_config, tiny_opt_config
 from conversion.convert import convert_to_sea
 from sea.sea_attention import SeaAttention, bin_edges, visible_key_counts
-from training.evaluation import sliding_window_perplexity
+from training.evaluation import classification_metric, sliding_window_perplexity
 from training.sea_trainer import (
     SeaDistillationArguments,
     SeaDistillationTrainer,
@@ -190,6 +190,25 @@ def test_long_context_only_scores_the_tokens_with_a_full_window_before_them():
     got = sliding_window_perplexity(model, tokens, window=window, stride=stride, long_context_only=True)
     assert got["tokens_scored"] == scored == len(tokens) - (window - stride)
     assert got["perplexity"] == pytest.approx(math.exp(nll / scored), rel=1e-5)
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_classification_metric_matches_counting(classes):
+    """Accuracy, and F1 (binary F1 of class 1 for two classes, else the mean of the per-class F1), of random
+    predictions against counts of true and false positives."""
+    predictions, references = (torch.randint(0, classes, (200,)).tolist() for _ in range(2))
+    metric = classification_metric()
+    for start in range(0, 200, 64):  # in batches, as the evaluation adds them
+        metric.add_batch(predictions=predictions[start:start + 64], references=references[start:start + 64])
+    got = metric.compute()
+
+    def f1(c):
+        tp = sum(p == r == c for p, r in zip(predictions, references))
+        return 2 * tp / (predictions.count(c) + references.count(c))
+
+    scored = [1] if classes == 2 else range(classes)
+    assert got["accuracy"] == pytest.approx(sum(p == r for p, r in zip(predictions, references)) / 200)
+    assert got["f1"] == pytest.approx(sum(f1(c) for c in scored) / len(scored))
 
 
 def tiny_classification_data(count=16, length=12):

@@ -15,12 +15,10 @@ LOCAL_CLASSIFICATION_METRIC = Path(__file__).parent / "metrics" / "sea_classific
 
 
 def classification_metric():
+    """Accuracy and F1 (the project's `evaluate` module: the same numbers online and offline, any class count)."""
     import evaluate  # only classification needs it (and its `datasets` dependency); perplexity runs without
-    """The Hub's accuracy and F1 modules, or the local module with the same definitions when offline."""
-    try:
-        return evaluate.combine(["accuracy", "f1"])
-    except (FileNotFoundError, ConnectionError, OSError, ValueError):
-        return evaluate.load(str(LOCAL_CLASSIFICATION_METRIC))
+
+    return evaluate.load(str(LOCAL_CLASSIFICATION_METRIC))
 
 
 class TeacherFidelity:
