@@ -6,6 +6,7 @@ same total budget moved to the early layers whose masks miss most of the teacher
 """
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
@@ -48,8 +49,9 @@ def main(argv=None):
     scored = tokens[: args.eval_tokens + context - stride]
     results = {}
     for name, budgets in variants.items():
-        for layer, keys in zip(layers, budgets):
-            layer.budget = keys
+        for layer, keys in zip(layers, budgets):  # a layer reads its budget from its config: one copy per layer
+            layer.config = copy.copy(model.config)
+            layer.config.sea_key_budget = keys
         with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda"):
             result = sliding_window_perplexity(model, scored, context, stride, long_context_only=True)
         results[name] = {"mean_budget": sum(budgets) / len(budgets), **result}

@@ -451,9 +451,10 @@ class SeaAttention(nn.Module):
         if num_heads % self.num_key_value_heads:
             raise ValueError(f"{num_heads} query heads cannot be grouped over {self.num_key_value_heads} key/value heads.")
         self.head_dim = head_dim
+        # The SEA settings that shape no weight (key budget, rule, baseline, anchors, kernel, query blocks) are read
+        # from the config at every call: a changed config acts at once, as it is saved.
+        self.config = config
         self.width = config.sea_compressed_width
-        self.budget = config.sea_key_budget
-        self.budget_rule = config.sea_budget_rule
         num_features = max(1, int(head_dim * math.log(head_dim) / config.sea_performer_nb_factor))
         self.register_buffer("feature_projection", torch.empty(num_features, head_dim))
         if causal:
@@ -465,10 +466,30 @@ class SeaAttention(nn.Module):
         self.row_decoder = nn.Linear(2 * head_dim, channels * self.width // SEA_DECODER_WIDTH_DIVISOR[causal])
         self.cnn = SeaRowCnn(num_heads, self.width, causal)
         self.gates = nn.Linear(2 * head_dim, 2) if config.sea_output_gates else None
-        self.baseline = config.sea_baseline
-        self.anchor_bins = config.sea_anchor_bins
-        self.kernel = config.sea_kernel
-        self.query_block_size = config.sea_query_block_size
+
+    @property
+    def budget(self) -> int:
+        return self.config.sea_key_budget
+
+    @property
+    def budget_rule(self) -> str:
+        return self.config.sea_budget_rule
+
+    @property
+    def baseline(self) -> str | None:
+        return self.config.sea_baseline
+
+    @property
+    def anchor_bins(self) -> bool:
+        return self.config.sea_anchor_bins
+
+    @property
+    def kernel(self) -> str:
+        return self.config.sea_kernel
+
+    @property
+    def query_block_size(self) -> int:
+        return self.config.sea_query_block_size
 
     @torch.no_grad()
     def init_sea_weights(self):

@@ -98,6 +98,26 @@ def test_config_output_attentions_returns_the_attentions_as_the_argument_does(fa
     assert not declined
 
 
+def test_a_changed_config_acts_at_once_and_as_it_is_saved(tmp_path):
+    """The SEA settings that shape no weight are read at every call: after `config.sea_key_budget = 4` the model
+    reads 4 keys per query, and the saved and reloaded model computes the same logits."""
+    from sea.modeling_sea import SeaOptForCausalLM
+
+    _, sea = converted_opt(sea_key_budget=64, sea_compressed_width=8)
+    randomize_sea_gates(sea)
+    ids = random_ids(1, 60)
+    with torch.no_grad():
+        before = sea(ids).logits
+        sea.config.sea_key_budget = 4
+        out = sea(ids, output_attentions=True)
+    assert not torch.allclose(out.logits, before)
+    assert ((out.attentions[0] > 0).sum(-1) <= 4).all()
+    sea.save_pretrained(tmp_path)
+    with torch.no_grad():
+        reloaded = SeaOptForCausalLM.from_pretrained(tmp_path)(ids).logits
+    torch.testing.assert_close(reloaded, out.logits)
+
+
 def test_changing_future_tokens_never_changes_earlier_logits():
     _, sea = converted_opt(sea_key_budget=5, sea_compressed_width=8)
     randomize_sea_gates(sea)

@@ -141,9 +141,9 @@ def test_causal_estimate_kernel_matches_the_pytorch_path(d, heads, kv_heads, dty
     counts = visible_key_counts(torch.cat([torch.ones(n, 7, dtype=torch.bool, device=DEVICE), valid], 1), True, t)
     rows = torch.randperm(t, device=DEVICE)[:40].sort().values
     with torch.no_grad():
-        op.kernel = "torch"
+        op.config.sea_kernel = "torch"
         want, want_sums, _, want_gate = op.kernel_encoding(q, k, v, code, valid, counts, state, rows)
-        op.kernel = "triton"
+        op.config.sea_kernel = "triton"
         with OperationRecorder() as fused:
             got, got_sums, _, got_gate = op.kernel_encoding(q, k, v, code, valid, counts, state, rows)
     assert "tril" not in fused.names, "the PyTorch kernel attention ran, not the fused kernels"
@@ -190,7 +190,7 @@ def test_inference_forward_with_the_estimate_kernels_equals_the_pytorch_path(gat
     valid[1, :9] = False
     results = {}
     for kernel in ("torch", "triton"):
-        op.kernel = kernel
+        op.config.sea_kernel = kernel
         results[kernel] = layer_in_two_calls(op, q, k, v, valid, first, d**-0.5, need_probs=False)
     assert_same_layer_outputs(results["triton"], results["torch"], dict(rtol=1e-4, atol=1e-5), dict(rtol=1e-4, atol=1e-4))
 
@@ -212,7 +212,7 @@ def test_half_precision_inference_with_the_estimate_kernels_keeps_the_dtype(bloc
     valid = torch.ones(1, 50, dtype=torch.bool, device=DEVICE)
     results = {}
     for kernel in ("torch", "triton"):
-        op.kernel = kernel
+        op.config.sea_kernel = kernel
         with OperationRecorder() as recorded:
             results[kernel] = layer_in_two_calls(op, q, k, v, valid, 49, d**-0.5, need_probs=False)
         assert ("tril" in recorded.names) == (kernel == "torch"), "the estimate did not run where it should"
@@ -235,7 +235,7 @@ def test_estimate_kernel_on_an_unsupported_head_size_warns_once_and_uses_the_pyt
         first = op.to(DEVICE)(q, k, v, None, d**-0.5, need_probs=False)
         op(q, k, v, None, d**-0.5, need_probs=False)
     assert captured.out.count(reason) == 1
-    op.kernel = "torch"
+    op.config.sea_kernel = "torch"
     with torch.no_grad():
         torch.testing.assert_close(first.context, op(q, k, v, None, d**-0.5, need_probs=False).context)
 
