@@ -163,7 +163,8 @@ class SeaOptAttention(OPTAttention):
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
             state = cache.sea_state(self.layer_idx)
-        result = self.sea(query, key, value, attention_mask, scaling=1.0, state=state, need_probs=output_attentions)
+        result = self.sea(query, key, value, attention_mask, scaling=1.0, state=state, need_probs=output_attentions,
+                          dropout=self.dropout if self.training else 0.0)
         if cache is not None:
             cache.set_sea_state(self.layer_idx, result.state)
         output = self.out_proj(heads_to_hidden(result.context))
@@ -322,7 +323,8 @@ class SeaLlamaAttention(LlamaAttention):
             key, value = cache.update(key, value, self.layer_idx)
             state = cache.sea_state(self.layer_idx)
         output_attentions = wants_attentions(self, kwargs.get("output_attentions"))
-        result = self.sea(query, key, value, attention_mask, scaling=self.scaling, state=state, need_probs=output_attentions)
+        result = self.sea(query, key, value, attention_mask, scaling=self.scaling, state=state, need_probs=output_attentions,
+                          dropout=self.attention_dropout if self.training else 0.0)
         if cache is not None:
             cache.set_sea_state(self.layer_idx, result.state)
         output = self.o_proj(heads_to_hidden(result.context))
@@ -398,7 +400,8 @@ class SeaBertSelfAttention(BertSelfAttention):
         key = self.key(hidden_states).view(shape).transpose(1, 2)
         value = self.value(hidden_states).view(shape).transpose(1, 2)
         output_attentions = wants_attentions(self, kwargs.get("output_attentions"))
-        result = self.sea(query, key, value, attention_mask, scaling=self.scaling, need_probs=output_attentions)
+        result = self.sea(query, key, value, attention_mask, scaling=self.scaling, need_probs=output_attentions,
+                          dropout=self.dropout.p if self.training else 0.0)
         probs = result.dense_probs(t) if output_attentions else None
         return heads_to_hidden(result.context), probs
 

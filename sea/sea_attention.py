@@ -280,9 +280,10 @@ def select_keys(ranking: torch.Tensor, edges: torch.Tensor, budget: int, rule: s
     return top_starts, top_sizes.clamp_max((budget - before).clamp_min(0))
 
 
-def sparse_attention(q, k, v, selection: SeaSelection, scaling: float, need_probs: bool = True):
+def sparse_attention(q, k, v, selection: SeaSelection, scaling: float, need_probs: bool = True, dropout: float = 0.0):
     """Exact softmax attention of each query over its selected keys only. Returns probabilities (N, H, T, S), zero
-    in unused slots (a row with no key gets all zeros), or None when not `need_probs`, and the context (N, H, T, D).
+    in unused slots (a row with no key gets all zeros), or None when not `need_probs`, and the context (N, H, T, D),
+    computed from the probabilities after `dropout` (> 0 only in training; the returned ones are before it).
     k and v have H_kv heads (H_kv divides H; query head i reads key/value head i // (H / H_kv)), never repeated.
     Works on chunks of query rows so the gathered keys and values stay a bounded size at any T."""
     n, h, t, d = q.shape
@@ -302,15 +303,18 @@ def sparse_attention(q, k, v, selection: SeaSelection, scaling: float, need_prob
         p = (torch.softmax(scores, dim=-1) * valid).to(v.dtype)
         if need_probs:
             probs.append(p)
-        contexts.append(torch.einsum("nhcs,nhcsd->nhcd", p, v_sel))
+        contexts.append(torch.einsum("nhcs,nhcsd->nhcd", F.dropout(p, dropout) if dropout else p, v_sel))
     return torch.cat(probs, 2) if need_probs else None, torch.cat(contexts, 2)
 
 
-def sparse_attention_implementation(q: torch.Tensor, kernel: str):
-    """The implementation of `sparse_attention` for these queries under the config's `sea_kernel` setting."""
+def sparse_attention_implementation(q: torch.Tensor, kernel: str, dropout: float = 0.0):
+    """The implementation of `sparse_attention` for these queries under the config's `sea_kernel` setting (and
+    an attention `dropout` in training, which only the PyTorch path applies)."""
     if kernel == "torch":
         return sparse_attention
     reason = kernel_unavailable_reason(q)
+    if dropout and reason is None:
+        reason = f"it has no attention dropout (training with p = {dropout}; set the attention dropout to 0 to use it)"
     if kernel == "triton":
         if reason is not None:
             raise RuntimeError(f"sea_kernel='triton' was requested, but {reason}. Use sea_kernel='auto' or 'torch'.")
@@ -705,6 +709,7 @@ class SeaAttention(nn.Module):
         selection: SeaSelection | None = None,
         state: SeaCausalState | None = None,
         need_probs: bool = True,
+        dropout: float = 0.0,
     ) -> SeaAttentionOutput:
         """q: (N, H, T, D) queries of the last T positions; k, v: (N, H_kv, T_all, D) keys and values of every
         position so far (T_all = T without a cache); key_valid: (N, T_all) bool, True for real tokens (None: no
@@ -713,7 +718,9 @@ class SeaAttention(nn.Module):
         passes with the same keys). Without `need_probs` the output's `sparse_probs` is None, which spares the
         (N, H, T, S) probabilities and lets the Triton kernel skip writing them; causal layers with query blocks
         then also estimate only the rows that choose keys (the first of every block): `estimate_log_probs` has
-        one row per block. Training losses and plots ask for probabilities and get every row."""
+        one row per block. Training losses and plots ask for probabilities and get every row. `dropout`: the
+        attention dropout of the sparse probabilities, which the model passes in training only (as transformers'
+        attention does); it changes the context, not the returned probabilities."""
         n, _, t, _ = q.shape
         unpadded = key_valid is None
         if unpadded:
@@ -737,7 +744,7 @@ class SeaAttention(nn.Module):
                 selection = self.select(estimate_log_probs, counts, positions, leading_rows_only)
         if not self.causal and self.gates is not None:
             gate = self.output_gate(encoding, bidirectional_average_context(v, key_valid, estimate_log_probs, positions))
-        implementation = sparse_attention_implementation(q, self.kernel)
+        implementation = sparse_attention_implementation(q, self.kernel, dropout)
         if (gate is not None and implementation is sparse_attention_triton and selection.rows_per_block > 1
                 and not need_probs and not torch.is_grad_enabled()):
             # Inference: the kernel applies the gate as it writes, into the offset's memory (no other buffer of
@@ -746,7 +753,10 @@ class SeaAttention(nn.Module):
             context = gated_block_attention_triton(q, k, v, selection, scaling, scale.float().contiguous(),
                                                    offset.to(q.dtype).contiguous())
             return SeaAttentionOutput(context, None, selection, estimate_log_probs, state)
-        probs, context = implementation(q, k, v, selection, scaling, need_probs)
+        if dropout:  # only the PyTorch path drops probabilities (`sparse_attention_implementation` chose it)
+            probs, context = sparse_attention(q, k, v, selection, scaling, need_probs, dropout)
+        else:
+            probs, context = implementation(q, k, v, selection, scaling, need_probs)
         if gate is not None:
             scale, offset = gate[0].to(context.dtype), gate[1]
             context = context * scale + offset

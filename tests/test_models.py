@@ -118,6 +118,29 @@ def test_a_changed_config_acts_at_once_and_as_it_is_saved(tmp_path):
     torch.testing.assert_close(reloaded, out.logits)
 
 
+@pytest.mark.parametrize("family", ["opt", "llama", "bert"])
+def test_attention_dropout_acts_in_training_only(family):
+    """The family's attention dropout (hidden dropout off) changes the outputs from call to call in train() and
+    never in eval(), as in transformers' own models."""
+    from conftest import TINY_BERT, TINY_OPT
+    from sea.configuration_sea import SeaBertConfig, SeaLlamaConfig, SeaOptConfig
+    from sea.modeling_sea import SeaBertForSequenceClassification, SeaLlamaForCausalLM, SeaOptForCausalLM
+
+    sea_options = dict(sea_key_budget=4, sea_compressed_width=8)
+    model = {
+        "opt": lambda: SeaOptForCausalLM(SeaOptConfig(**{**TINY_OPT, "attention_dropout": 0.5}, **sea_options)),
+        "llama": lambda: SeaLlamaForCausalLM(SeaLlamaConfig(**{**TINY_LLAMA, "attention_dropout": 0.5}, **sea_options)),
+        "bert": lambda: SeaBertForSequenceClassification(
+            SeaBertConfig(**{**TINY_BERT, "attention_probs_dropout_prob": 0.5}, num_labels=3, **sea_options)),
+    }[family]()
+    ids = random_ids(2, 30)
+    with torch.no_grad():
+        model.train()
+        assert not torch.allclose(model(ids).logits, model(ids).logits)
+        model.eval()
+        torch.testing.assert_close(model(ids).logits, model(ids).logits)
+
+
 def test_changing_future_tokens_never_changes_earlier_logits():
     _, sea = converted_opt(sea_key_budget=5, sea_compressed_width=8)
     randomize_sea_gates(sea)

@@ -310,6 +310,24 @@ def test_first_bin_anchor_reads_the_first_key_when_rows_see_fewer_keys_than_bins
         assert read_first_key.any(-1).all(), f"T = {t}: queries that never read key 0"
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_attention_dropout_is_unbiased_and_leaves_the_returned_probabilities(causal):
+    """Dropout p = 0.5 on the sparse probabilities: each call's context differs, their mean over many calls is the
+    context without dropout (probabilities scaled by 1 / (1 - p)), and the returned probabilities are the ones
+    before dropout."""
+    op = make_operator(causal, 6)
+    q, k, v = torch.randn(3, 1, H, 24, D).unbind(0)
+    with torch.no_grad():
+        plain = op(q, k, v, None, D**-0.5)
+        dropped = [op(q, k, v, None, D**-0.5, selection=plain.selection, dropout=0.5) for _ in range(400)]
+    torch.testing.assert_close(dropped[0].sparse_probs, plain.sparse_probs)
+    assert not torch.allclose(dropped[0].context, dropped[1].context)
+    # The mean of 400 draws is ~0.045 from the context without dropout (sampling noise, measured); unscaled dropped
+    # probabilities would leave it ~0.3 away.
+    mean = torch.stack([out.context for out in dropped]).mean(0)
+    assert (mean - plain.context).norm() / plain.context.norm() < 0.1
+
+
 def test_training_after_inference_mode_with_query_blocks():
     """A causal layer with query blocks run first under torch.inference_mode (as pipelines do), then trained
     without probabilities: the second forward's backward (context and estimate, as distillation does) works."""

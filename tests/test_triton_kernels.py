@@ -365,6 +365,18 @@ def test_forced_kernel_without_a_usable_triton_is_a_clear_error():
     assert "sea_kernel='triton' was requested" in out.stderr and "not on a CUDA device" in out.stderr
 
 
+def test_attention_dropout_in_training_takes_the_pytorch_path_or_refuses_a_forced_kernel():
+    """The kernels have no attention dropout: in training with dropout, `auto` uses the PyTorch path (its
+    probabilities dropped) and a forced kernel is a clear error."""
+    from sea.sea_attention import sparse_attention_implementation
+
+    q = torch.randn(1, 2, 8, 16, device=DEVICE)
+    assert sparse_attention_implementation(q, "auto", dropout=0.1) is sparse_attention
+    with pytest.raises(RuntimeError, match="no attention dropout.*set the attention dropout to 0"):
+        sparse_attention_implementation(q, "triton", dropout=0.1)
+    assert sparse_attention_implementation(q, "triton") is sparse_attention_triton
+
+
 def test_batch_times_heads_past_the_grid_limit_takes_the_pytorch_path():
     """The sparse kernels launch one grid row per (batch, head): past CUDA's 65535 the reason says so (the layer
     then takes the PyTorch path with one warning, as for every reason) instead of failing to launch."""
