@@ -26,7 +26,9 @@ def _is_integer(value) -> bool:
 @dataclass(kw_only=True, repr=False)
 class SeaConfigMixin:
     r"""
-    SEA fields shared by every family:
+    SEA fields shared by every family. The ones that shape no weight (`sea_key_budget`, `sea_budget_rule`,
+    `sea_anchor_bins`, `sea_query_block_size`, `sea_kernel`, `sea_baseline`) are read at every call: changing them
+    on a loaded model's config acts at once (and is what `save_pretrained` writes).
 
     sea_key_budget (`int`, defaults to 64):
         Keys each query may attend to, per head. With `sea_budget_rule="constant"` this is a hard cap that holds
@@ -60,8 +62,9 @@ class SeaConfigMixin:
         a cached generation may read slightly different keys than one forward over the same text.
     sea_kernel (`str`, defaults to `"auto"`):
         Which implementation computes the sparse attention: `"auto"` picks the Triton kernel on CUDA when it can
-        run (else the PyTorch path, with one warning saying why), `"triton"` always uses it (an error when it cannot
-        run), `"torch"` always uses the PyTorch reference path. With `"auto"` on CUDA or `"triton"`, causal layers
+        run (else the PyTorch path, with one warning saying why: e.g. training with attention dropout, which only
+        the PyTorch path applies), `"triton"` always uses it (an error when it cannot run), `"torch"` always uses
+        the PyTorch reference path. With `"auto"` on CUDA or `"triton"`, causal layers
         that need no gradient also estimate with Triton kernels (head_dim 64, and 128 in half precision; other
         sizes and dtypes warn once and use the PyTorch estimate).
     sea_baseline (`str`, *optional*):
