@@ -116,6 +116,44 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_opt_lm):
     assert summary["evaluation"]["teacher (dense)"]["tokens_scored"] == 511
 
 
+def test_teacher_fine_tuning_killed_midway_resumes_to_the_same_teacher(tmp_path, minilm_path):
+    """A BERT checkpoint without a classification head: its task fine-tuning checkpoints like the distillation, and
+    a run killed during it resumes there and ends with the teacher an uninterrupted run fine-tunes."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from conftest import TINY_BERT
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    torch.manual_seed(0)
+    headless = tmp_path / "headless-bert"
+    BertModel(BertConfig(**{**TINY_BERT, "vocab_size": tokenizer.vocab_size})).save_pretrained(headless)
+    tokenizer.save_pretrained(headless)
+    common = ["--model", str(headless), "--teacher-finetune-steps", "60", "--save-steps", "5", "--max-steps", "2",
+              "--per-device-train-batch-size", "4", "--baseline", "false", "--max-length", "32"]
+    reference = tmp_path / "uninterrupted"
+    run(common + ["--output-dir", str(reference)])
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, DISTILL] + common + ["--output-dir", str(killed)], cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first_checkpoint = Path(f"{killed}-checkpoints") / "teacher-run" / "checkpoint-5" / "trainer_state.json"
+    deadline = time.time() + 300
+    while not first_checkpoint.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert first_checkpoint.exists(), "the run ended before the teacher's first checkpoint"
+    teacher = Path(f"{killed}-checkpoints") / "teacher" / "model.safetensors"
+    assert not teacher.exists(), "the teacher finished before the kill; the test needs a longer fine-tuning"
+
+    run(common + ["--output-dir", str(killed), "--resume"])
+    resumed, uninterrupted = load_file(teacher), weights(Path(f"{reference}-checkpoints") / "teacher")
+    assert resumed.keys() == uninterrupted.keys()
+    for name in resumed:
+        torch.testing.assert_close(resumed[name], uninterrupted[name], rtol=0, atol=1e-6, msg=name)
+
+
 def test_lora_run_merges_adapters_and_logs_to_tensorboard(tmp_path, tiny_bert_classifier):
     run(["--model", tiny_bert_classifier, *FAST, "--output-dir", str(tmp_path / "out"), "--report-to", "tensorboard",
          "--train-parameters", "lora", "--learning-rate", "1e-2"])
