@@ -108,7 +108,7 @@ class SeaConfigMixin:
             )
         factor = self.sea_performer_nb_factor
         if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
-            raise ValueError(f"`sea_performer_nb_factor` must be a number > 0, got {self.sea_performer_nb_factor!r}.")
+            raise ValueError(f"`sea_performer_nb_factor` must be a number > 0, got {factor!r}.")
         if self.sea_budget_rule not in SEA_BUDGET_RULES:
             raise ValueError(f"`sea_budget_rule` must be one of {SEA_BUDGET_RULES}, got {self.sea_budget_rule!r}.")
         for flag in ("sea_anchor_bins", "sea_output_gates"):

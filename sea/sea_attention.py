@@ -438,6 +438,11 @@ class SeaRowCnn(nn.Module):
         return self.output_norm(self.to_heads(refined)), memory
 
 
+def _config_setting(field: str) -> property:
+    """A read-only attribute of `SeaAttention` that reads `field` from its config at every access."""
+    return property(lambda self: getattr(self.config, field), doc=f"`config.{field}`, read at every call")
+
+
 class SeaAttention(nn.Module):
     """The SEA parameters of one attention layer and its forward pass (see the module docstring).
 
@@ -471,29 +476,12 @@ class SeaAttention(nn.Module):
         self.cnn = SeaRowCnn(num_heads, self.width, causal)
         self.gates = nn.Linear(2 * head_dim, 2) if config.sea_output_gates else None
 
-    @property
-    def budget(self) -> int:
-        return self.config.sea_key_budget
-
-    @property
-    def budget_rule(self) -> str:
-        return self.config.sea_budget_rule
-
-    @property
-    def baseline(self) -> str | None:
-        return self.config.sea_baseline
-
-    @property
-    def anchor_bins(self) -> bool:
-        return self.config.sea_anchor_bins
-
-    @property
-    def kernel(self) -> str:
-        return self.config.sea_kernel
-
-    @property
-    def query_block_size(self) -> int:
-        return self.config.sea_query_block_size
+    budget = _config_setting("sea_key_budget")
+    budget_rule = _config_setting("sea_budget_rule")
+    baseline = _config_setting("sea_baseline")
+    anchor_bins = _config_setting("sea_anchor_bins")
+    kernel = _config_setting("sea_kernel")
+    query_block_size = _config_setting("sea_query_block_size")
 
     @torch.no_grad()
     def init_sea_weights(self):

@@ -883,8 +883,8 @@ def estimate_kernel_unavailable_reason(q: torch.Tensor, head_dim: int) -> str | 
     # triton-lang/triton#11366); at 256 the features' projection alone would fill shared memory.
     if head_dim not in (64, 128):
         return f"head_dim {head_dim} is not 64 or 128"
-    # Compiled for an H200 with Triton 3.6: the encoder's float32 (128, 256) weight operand alone takes 256 KB of
-    # shared memory (227 KB per block there); half precision takes half.
+    # In float32 at head_dim 128 the encoder kernel asks for 256 KB of shared memory (compiled for sm_90 with
+    # Triton 3.9); an H200 gives a block 227 KB, and with Triton 3.6 there every launch config failed.
     if head_dim == 128 and q.dtype == torch.float32:
         return "float32 at head_dim 128 needs more shared memory than a GPU has; bfloat16 and float16 run them"
     return None

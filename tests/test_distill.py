@@ -34,6 +34,19 @@ def run(args: list[str], launcher: list[str] | None = None, env: dict | None = N
     return result
 
 
+def kill_once_written(args: list[str], marker: Path):
+    """Run distill.py in a fresh process and SIGKILL it as soon as `marker` (a checkpoint file) exists."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, DISTILL] + args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not marker.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert marker.exists(), f"the run ended before writing {marker}"
+
+
 def weights(output_dir) -> dict[str, torch.Tensor]:
     return load_file(Path(output_dir) / "model.safetensors")
 
@@ -87,16 +100,8 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_opt_lm):
     run(common + ["--output-dir", str(reference)])
 
     killed = tmp_path / "killed"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, DISTILL] + common + ["--output-dir", str(killed)], cwd=REPO, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first_checkpoint = Path(f"{killed}-checkpoints") / "sea" / "checkpoint-10" / "trainer_state.json"
-    deadline = time.time() + 300
-    while not first_checkpoint.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert first_checkpoint.exists(), "the run ended before its first checkpoint"
+    kill_once_written(common + ["--output-dir", str(killed)], first_checkpoint)
     assert not killed.exists(), "the run finished before it was killed; the test needs a longer run"
 
     # A later checkpoint cut short by a kill while saving: no trainer state yet, truncated weights.
@@ -134,16 +139,8 @@ def test_teacher_fine_tuning_killed_midway_resumes_to_the_same_teacher(tmp_path,
     run(common + ["--output-dir", str(reference)])
 
     killed = tmp_path / "killed"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, DISTILL] + common + ["--output-dir", str(killed)], cwd=REPO, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first_checkpoint = Path(f"{killed}-checkpoints") / "teacher-run" / "checkpoint-5" / "trainer_state.json"
-    deadline = time.time() + 300
-    while not first_checkpoint.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert first_checkpoint.exists(), "the run ended before the teacher's first checkpoint"
+    kill_once_written(common + ["--output-dir", str(killed)], first_checkpoint)
     teacher = Path(f"{killed}-checkpoints") / "teacher" / "model.safetensors"
     assert not teacher.exists(), "the teacher finished before the kill; the test needs a longer fine-tuning"
 

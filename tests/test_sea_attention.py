@@ -323,7 +323,7 @@ def test_attention_dropout_is_unbiased_and_leaves_the_returned_probabilities(cau
     torch.testing.assert_close(dropped[0].sparse_probs, plain.sparse_probs)
     assert not torch.allclose(dropped[0].context, dropped[1].context)
     # The mean of 400 draws is ~0.045 from the context without dropout (sampling noise, measured); unscaled dropped
-    # probabilities would leave it ~0.3 away.
+    # probabilities would leave it ~0.4 away (measured: 0.41 causal, 0.45 bidirectional).
     mean = torch.stack([out.context for out in dropped]).mean(0)
     assert (mean - plain.context).norm() / plain.context.norm() < 0.1
 
