@@ -14,6 +14,7 @@ of the packaged MiniLM fine-tuned as teacher, its SEA conversion, and that SEA m
 
     python benchmarks/quality.py                       # both parts, resumable, in --work-dir
     python benchmarks/quality.py --part llama --stage prepare   # tokenise the text only (needs gensim, not a GPU)
+    python benchmarks/quality.py --part llama --stage distil    # and distil the estimator (benchmarks/retrieval.py)
 
 Every stage writes its result into --work-dir and is skipped when that result exists, and training resumes from
 its last Trainer checkpoint, so a killed run continues where it stopped. The report goes to --results (JSON and
@@ -79,7 +80,8 @@ def parse_arguments(argv=None):
     parser.add_argument("--gguf-file", default=GGUF_FILE, help="GGUF file in --model ('' for a safetensors folder)")
     parser.add_argument("--work-dir", default="outputs/quality-smollm2")
     parser.add_argument("--part", choices=("llama", "bert", "all"), default="all")
-    parser.add_argument("--stage", choices=("prepare", "all"), default="all")
+    parser.add_argument("--stage", choices=("prepare", "distil", "all"), default="all",
+                        help="prepare: tokenise only; distil: also distil the SEA estimator (its weights in --work-dir)")
     parser.add_argument("--results", default="benchmarks/results/quality_smollm2", help="report path without suffix")
     parser.add_argument("--bert-results", default="benchmarks/results/quality_minilm_cv", help="BERT report path")
     parser.add_argument("--bert-folds", type=int, default=5)
@@ -458,7 +460,7 @@ def main(argv=None):
         llama_report(args, work, argv)
 
 
-def run_record(work: Path, argv) -> dict:
+def run_record(work: Path, argv, script: str = "quality.py") -> dict:
     """Device, versions and command of the run that measured the results in `work`, written by its first call, so
     that a later call (a resumed run, or one that only writes the report and the published folder on another
     machine) reports where the numbers come from."""
@@ -467,7 +469,7 @@ def run_record(work: Path, argv) -> dict:
         record = {
             "device": device_name(),
             "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
-            "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "command": f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:]),
         }
         path.write_text(json.dumps(record, indent=1))
     return json.loads(path.read_text())
@@ -489,6 +491,10 @@ def llama_report(args, work: Path, argv):
     def measure(row: str, file_name: str, build, attention_stats=True):
         perplexity[row] = evaluate(file_name, build, held_out, args, work, teacher if attention_stats else None)
 
+    if args.stage == "distil":
+        _, cost = distilled_sea(teacher, train, args, work)
+        print(f"distilled estimator in {work / 'sea-distilled.safetensors'}: {cost}")
+        return
     perplexity = {}
     measure(TEACHER, "teacher", lambda: teacher, attention_stats=False)
     measure("sea (converted, untrained)", "sea-untrained", lambda: sea_model(teacher, args))

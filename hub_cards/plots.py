@@ -10,8 +10,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from sea.sea_attention import bin_edges, visible_key_counts  # noqa: E402
-from training.sea_trainer import record_sea_layers, record_teacher_queries_keys, teacher_attention  # noqa: E402
+from sea.sea_attention import bin_edges, exact_attention, visible_key_counts  # noqa: E402
+from training.sea_trainer import record_sea_layers, record_teacher_queries_keys  # noqa: E402
 
 BENCHMARK_RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
@@ -69,7 +69,7 @@ def attention_maps(student, teacher, inputs: dict, layer: int, head: int) -> dic
     valid = key_valid[:1].cpu()
     q, k = (teacher_layers[layer][name][:1, head : head + 1].double().cpu() for name in ("q", "k"))
     t = q.shape[2]
-    teacher_map, visible = teacher_attention(q, k, valid, module.causal, slice(0, t))
+    teacher_map, visible = exact_attention(q, k, valid, module.causal, q.shape[-1] ** -0.5, slice(0, t))
     teacher_map, visible = teacher_map[0, 0], visible[0]
 
     counts = visible_key_counts(valid, module.causal, t)[0]

@@ -11,7 +11,7 @@ SEA_BUDGET_RULES = ("constant", "reference")
 SEA_KERNELS = ("auto", "triton", "torch")
 # 1, or block sizes the Triton kernel's matrix products take (tl.dot needs at least 16 rows).
 SEA_QUERY_BLOCK_SIZES = (1, 16, 32, 64, 128)
-SEA_BASELINES = (None, "kernel_attention", "local_window", "random_mask")
+SEA_BASELINES = (None, "kernel_attention", "local_window", "random_mask", "oracle", "key_means", "key_bounds")
 
 # Width reduction of the row decoder before the CNN (see `SeaAttention`): causal models decode M/4 bins in 2
 # channels per head, bidirectional ones M/2 bins in 4 channels, as in the reference implementation.
@@ -71,8 +71,13 @@ class SeaConfigMixin:
         `None` for SEA. The other values turn the model into a comparison baseline with the same weights and key
         budget: `"kernel_attention"` outputs the kernel (Performer) linear attention of the values instead of sparse
         attention; `"local_window"` attends to the most recent bins instead of the estimated ones (a sliding
-        window); `"random_mask"` attends to randomly chosen bins (SEA with a random mask of the same sparsity).
-        `sea_anchor_bins` applies to the two mask baselines as well (a local window with anchors is a "sink +
+        window); `"random_mask"` attends to randomly chosen bins (SEA with a random mask of the same sparsity);
+        `"oracle"` attends to the bins that hold the most of the layer's exact dense attention mass (computed from
+        its queries and keys at O(T^2) cost, in chunks of rows): the upper bound of any bin selector at this budget;
+        two training-free content-based selectors rank bins from the keys alone at O(M D) per query: `"key_means"`
+        by the query's score against each bin's mean key (MoBA's gate), `"key_bounds"` by Quest's upper bound of
+        the query's score over each bin's keys (from their per-channel minima and maxima).
+        `sea_anchor_bins` applies to the mask baselines as well (a local window with anchors is a "sink +
         window" attention).
     """
 

@@ -125,6 +125,15 @@ class SeaPreTrainedMixin:
     _supports_flex_attn = False
     _supports_attention_backend = False
 
+    def __init__(self, config, *args, **kwargs):
+        # The dense parent's constructor builds its own submodules, whose `post_init` consumes the legacy
+        # `gradient_checkpointing: true` config flag (transformers deletes it once honoured) before the SEA
+        # submodules replace them: put it back, so this model's own `post_init` honours it on the SEA modules.
+        legacy_checkpointing = getattr(config, "gradient_checkpointing", False)
+        super().__init__(config, *args, **kwargs)
+        if legacy_checkpointing:
+            config.gradient_checkpointing = True
+
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)

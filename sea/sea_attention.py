@@ -47,6 +47,9 @@ SCAN_COLUMNS_IN_PLACE = 1 << 16
 ESTIMATE_ROWS_PER_PASS = 4096
 # Upper bound on gathered key/value elements per chunk of query rows in `sparse_attention`.
 GATHER_CHUNK_ELEMENTS = 1 << 22
+# Upper bound on the elements of one chunk of query rows of the bin scores (`BIN_SCORES`): large, as few chunks
+# keep these many-row passes from being bound by launches.
+SCORE_CHUNK_ELEMENTS = 1 << 26
 # Added to kernel features so that no normaliser is exactly zero.
 FEATURE_EPS = {True: 1e-3, False: 1e-4}
 
@@ -180,6 +183,123 @@ def bin_edges(counts: torch.Tensor, width: int) -> torch.Tensor:
     [floor(b L / M), floor((b + 1) L / M)); bins are empty when L < M."""
     b = torch.arange(width + 1, device=counts.device)
     return torch.div(counts.unsqueeze(-1) * b, width, rounding_mode="floor")
+
+
+def exact_attention(q, k, key_valid, causal: bool, scaling: float, rows: slice):
+    """Dense softmax attention probabilities (N, H, C, T_all), at least float32, of query rows `rows` of q
+    (N, H, T, D), the queries of the last T of the T_all key positions, over k (N, H_kv, T_all, D) (query head i
+    reads key head i // (H / H_kv)); zero on keys a row does not see. Also which keys each row sees (N, C, T_all).
+    O(C x T_all) per call: the teacher of the distillation losses and the oracle selection."""
+    n, _, t, _ = q.shape
+    t_all = k.shape[2]
+    visible = key_valid[:, None, :].expand(n, rows.stop - rows.start, t_all)
+    if causal:
+        query_positions = torch.arange(rows.start, rows.stop, device=q.device) + (t_all - t)
+        visible = visible & (torch.arange(t_all, device=q.device) <= query_positions[:, None])
+    grouped_q = at_least_float32(q[:, :, rows]).unflatten(1, (k.shape[1], -1))
+    scores = (grouped_q @ at_least_float32(k).unsqueeze(2).transpose(-1, -2)).flatten(1, 2) * scaling
+    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    return torch.softmax(scores, -1).nan_to_num(0.0), visible
+
+
+def bin_edge_prefix_lengths(key_valid: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """(N, 1, T, M + 1) for `edges` (N, T, M + 1) from `bin_edges`: how many key positions lie before the key of
+    each edge's rank, so that a bin's share of a row of probabilities over positions is a difference of the row's
+    prefix sums at two of these (ranks skip padded keys; rank 0 starts at length 0)."""
+    n, t, edge_count = edges.shape
+    after_rank = F.pad(valid_key_positions(key_valid) + 1, (1, 0))  # (N, T_all + 1): positions through rank r - 1
+    return after_rank.gather(1, edges.reshape(n, -1)).view(n, 1, t, edge_count)
+
+
+def binned_rows(probs: torch.Tensor, edge_prefix: torch.Tensor) -> torch.Tensor:
+    """(N, H, C, M) mass of each bin in rows of probabilities over key positions (N, H, C, T_all), given the rows'
+    `bin_edge_prefix_lengths` (N, 1, C, M + 1)."""
+    n, h, c, _ = probs.shape
+    prefix = F.pad(probs.cumsum(-1), (1, 0))
+    at_edges = prefix.gather(-1, edge_prefix.expand(n, h, c, edge_prefix.shape[-1]))
+    return at_edges.diff(dim=-1).clamp_min(0)
+
+
+def exact_bin_log_mass(q, k, key_valid, counts, causal: bool, scaling: float, width: int) -> torch.Tensor:
+    """(N, H, T, M) log of the dense attention mass in each of every query's M bins, computed exactly in chunks of
+    query rows (nothing T x T at once, but O(T x T_all) work): what the oracle selection ranks bins by, an upper
+    bound for any bin selector at the same budget."""
+    n, h, t, _ = q.shape
+    edge_prefix = bin_edge_prefix_lengths(key_valid, bin_edges(counts, width))
+    rows_per_chunk = max(1, SCORE_CHUNK_ELEMENTS // max(1, n * h * k.shape[2]))
+    masses = []
+    for r0 in range(0, t, rows_per_chunk):
+        rows = slice(r0, min(t, r0 + rows_per_chunk))
+        probs, _ = exact_attention(q, k, key_valid, causal, scaling, rows)
+        masses.append(binned_rows(probs, edge_prefix[:, :, rows]))
+    return torch.cat(masses, 2).clamp_min(torch.finfo(torch.float32).tiny).log()
+
+
+def keys_by_rank(k: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+    """k (N, H_kv, T_all, D) reordered so that position r holds the key of rank r (padded keys last), float32+."""
+    k = at_least_float32(k)
+    if key_valid.all():
+        return k
+    positions = valid_key_positions(key_valid)[:, None, :, None].expand_as(k)
+    return k.gather(2, positions)
+
+
+def grouped_scores(q: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
+    """q (N, H, C, D) against per-row bin summaries (N, H_kv, C, M, D) of its key/value head: (N, H, C, M)."""
+    grouped = at_least_float32(q).unflatten(1, (summaries.shape[1], -1))
+    return torch.einsum("ngcd,ncmd->ngcm", grouped.flatten(0, 1), summaries.flatten(0, 1)).unflatten(0, grouped.shape[:2]).flatten(1, 2)
+
+
+def key_mean_scores(q, k, key_valid, counts, causal: bool, scaling: float, width: int) -> torch.Tensor:
+    """(N, H, T, M) q . (mean key of each bin), from prefix sums of the keys: O(M D) per query (MoBA's gate, on
+    SEA's bins). A training-free content-based bin ranking."""
+    n, h, t, d = q.shape
+    prefix = F.pad(keys_by_rank(k, key_valid).cumsum(2), (0, 0, 1, 0))  # (N, H_kv, T_all + 1, D)
+    edges = bin_edges(counts, width)
+    rows_per_chunk = max(1, SCORE_CHUNK_ELEMENTS // max(1, n * k.shape[1] * (width + 1) * d))
+    scores = []
+    for r0 in range(0, t, rows_per_chunk):
+        chunk = edges[:, r0 : r0 + rows_per_chunk]  # (N, C, M + 1)
+        at_edges = prefix.gather(2, chunk.reshape(n, 1, -1, 1).expand(n, k.shape[1], -1, d))
+        sums = at_edges.view(n, k.shape[1], -1, width + 1, d).diff(dim=3)
+        means = sums / chunk.diff(dim=-1).clamp_min(1)[:, None, :, :, None]
+        scores.append(grouped_scores(q[:, :, r0 : r0 + rows_per_chunk], means) * scaling)
+    return torch.cat(scores, 2)
+
+
+def key_bound_scores(q, k, key_valid, counts, causal: bool, scaling: float, width: int) -> torch.Tensor:
+    """(N, H, T, M) Quest's upper bound of q . k over each bin's keys, sum_d max(q_d min_d, q_d max_d) with the
+    per-channel min and max of the bin's keys, read in O(M D) per query from a sparse table of range minima and
+    maxima over key ranks (levels of 1, 2, 4, .. keys up to the largest bin: O(T_all D log(T_all / M)) memory).
+    A training-free content-based bin ranking."""
+    n, h, t, d = q.shape
+    kv_heads, t_all = k.shape[1], k.shape[2]
+    ranked = keys_by_rank(k, key_valid)
+    lows, highs = [ranked], [ranked]
+    while (1 << len(lows)) <= max(1, t_all // width):
+        step = 1 << (len(lows) - 1)
+        low, high = lows[-1], highs[-1]
+        lows.append(torch.minimum(low, torch.cat([low[:, :, step:], low[:, :, -1:].expand(-1, -1, step, -1)], 2)))
+        highs.append(torch.maximum(high, torch.cat([high[:, :, step:], high[:, :, -1:].expand(-1, -1, step, -1)], 2)))
+    lows, highs = torch.cat(lows, 2), torch.cat(highs, 2)  # (N, H_kv, levels * T_all, D)
+    edges = bin_edges(counts, width)
+    smallest = (counts // width).clamp_min(1)
+    level = (torch.log2(smallest.float()).floor().long()).clamp_max(lows.shape[2] // t_all - 1)  # (N, T)
+    rows_per_chunk = max(1, SCORE_CHUNK_ELEMENTS // max(1, n * kv_heads * width * d))
+    scores = []
+    for r0 in range(0, t, rows_per_chunk):
+        rows = slice(r0, min(t, r0 + rows_per_chunk))
+        starts, ends = edges[:, rows, :-1], edges[:, rows, 1:]
+        offset = (level[:, rows] * t_all).unsqueeze(-1)
+        second = torch.maximum(ends - (1 << level[:, rows]).unsqueeze(-1), starts)
+        index = torch.cat([starts, second], -1).clamp_max(t_all - 1) + offset  # (N, C, 2M)
+        flat = index.reshape(n, 1, -1, 1).expand(n, kv_heads, -1, d)
+        low = lows.gather(2, flat).view(n, kv_heads, -1, 2, width, d).amin(3)
+        high = highs.gather(2, flat).view(n, kv_heads, -1, 2, width, d).amax(3)
+        q_rows = q[:, :, rows]
+        bound = grouped_scores(q_rows.clamp_min(0), high) + grouped_scores(q_rows.clamp_max(0), low)
+        scores.append(bound * scaling)
+    return torch.cat(scores, 2)
 
 
 def positional_code(key_valid: torch.Tensor, head_dim: int, table: torch.Tensor | None, num_new: int) -> torch.Tensor:
@@ -629,9 +749,9 @@ class SeaAttention(nn.Module):
         return self.encoder[1:](hidden)
 
     def bin_ranking(self, estimate_log_probs: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
-        """What `select_keys` ranks bins by: SEA's estimate, or a baseline's fixed or random order, with the
-        anchor bins (first and last, when enabled) first and the empty bins (from `edges`) last."""
-        if self.baseline is None:
+        """What `select_keys` ranks bins by: SEA's estimate (or a `BIN_SCORES` ranking, given in its place), or a baseline's fixed or random order, with the anchor bins (first and last, when enabled) first and
+        the empty bins (from `edges`) last."""
+        if self.baseline is None or self.baseline in BIN_SCORES:
             ranking = estimate_log_probs
         elif self.baseline == "local_window":
             ranking = torch.arange(self.width, device=estimate_log_probs.device, dtype=estimate_log_probs.dtype)
@@ -729,7 +849,11 @@ class SeaAttention(nn.Module):
             return SeaAttentionOutput(kernel_context, nothing.to(q.dtype), selection, estimate_log_probs, state)
         if selection is None:
             with torch.no_grad():
-                selection = self.select(estimate_log_probs, counts, positions, leading_rows_only)
+                ranked = estimate_log_probs
+                if self.baseline in BIN_SCORES:
+                    ranked = BIN_SCORES[self.baseline](q, k, key_valid, counts, self.causal, scaling, self.width)
+                    ranked = ranked[:, :, :: self.query_block_size] if leading_rows_only else ranked
+                selection = self.select(ranked, counts, positions, leading_rows_only)
         if not self.causal and self.gates is not None:
             gate = self.output_gate(encoding, bidirectional_average_context(v, key_valid, estimate_log_probs, positions))
         implementation = sparse_attention_implementation(q, self.kernel, dropout)
@@ -752,8 +876,13 @@ class SeaAttention(nn.Module):
         return SeaAttentionOutput(context, probs, selection, estimate_log_probs, state)
 
 
+# Baselines that rank bins by a score computed from the queries and keys instead of the estimate.
+BIN_SCORES = {"oracle": exact_bin_log_mass, "key_means": key_mean_scores, "key_bounds": key_bound_scores}
+
+
 def orthogonal_gaussian_features(num_features: int, dim: int) -> torch.Tensor:
-    """(F, D) FAVOR+ projection: stacked random orthogonal blocks, rows scaled to Gaussian norms."""
-    blocks = [torch.linalg.qr(torch.randn(dim, dim))[0].t() for _ in range(math.ceil(num_features / dim))]
+    """(F, D) FAVOR+ projection: stacked random orthogonal blocks, rows scaled to Gaussian norms. Drawn in float32
+    whatever the default dtype (a model built in half precision: CPU QR has no half-precision kernel)."""
+    blocks = [torch.linalg.qr(torch.randn(dim, dim, dtype=torch.float32))[0].t() for _ in range(math.ceil(num_features / dim))]
     rows = torch.cat(blocks)[:num_features]
-    return rows * torch.randn(num_features, dim).norm(dim=-1, keepdim=True)
+    return rows * torch.randn(num_features, dim, dtype=torch.float32).norm(dim=-1, keepdim=True)

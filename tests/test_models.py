@@ -241,3 +241,68 @@ def test_masked_lm_head_loads_dense_weights_and_matches_at_full_budget():
     ids = random_ids(2, 60)
     with torch.no_grad():
         torch.testing.assert_close(sea(ids).logits, dense(ids).logits, atol=1e-4, rtol=0)
+
+
+def tiny_sea_model_classes():
+    from sea.configuration_sea import SeaLlamaConfig
+    from sea.modeling_sea import SeaBertForSequenceClassification, SeaLlamaForCausalLM, SeaOptForCausalLM
+
+    return {
+        "opt": (SeaOptForCausalLM, lambda: tiny_opt_config(sea_key_budget=6, sea_compressed_width=8)),
+        "llama": (SeaLlamaForCausalLM, lambda: SeaLlamaConfig(**TINY_LLAMA, sea_key_budget=6, sea_compressed_width=8)),
+        "bert": (SeaBertForSequenceClassification, lambda: tiny_bert_config(sea_key_budget=6, sea_compressed_width=8)),
+    }
+
+
+@pytest.mark.parametrize("family", ["opt", "llama", "bert"])
+def test_legacy_gradient_checkpointing_config_flag_turns_checkpointing_on(family):
+    """A config carrying the legacy `gradient_checkpointing: true` (which transformers' own models still honour)
+    enables checkpointing in every SEA class too, and is consumed as it is there: a training step then runs each
+    layer's attention twice (forward, and again in backward)."""
+    model_class, make_config = tiny_sea_model_classes()[family]
+    config = make_config()
+    config.gradient_checkpointing = True
+    model = model_class(config)
+    assert not hasattr(model.config, "gradient_checkpointing")
+    calls = []
+    sea_layer = next(m for m in model.modules() if isinstance(m, SeaAttention))
+    sea_layer.register_forward_hook(lambda *args: calls.append(1))
+    model.train()
+    ids = random_ids(2, 24)
+    output = model(ids, labels=ids if family != "bert" else torch.tensor([0, 1]))
+    assert len(calls) == 1
+    output.loss.backward()
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("family", ["opt", "llama", "bert"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_built_from_config_in_half_precision_on_the_cpu(family, dtype):
+    """`from_config(config, dtype=bfloat16)` (what `AutoModel*.from_config` calls): every weight in that dtype, the
+    random-feature projection still orthogonal blocks of Gaussian-norm rows (drawn in float32), a finite forward."""
+    model_class, make_config = tiny_sea_model_classes()[family]
+    model = model_class._from_config(make_config(), dtype=dtype).eval()
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    projection = next(m for m in model.modules() if isinstance(m, SeaAttention)).feature_projection.float()
+    block = projection[: projection.shape[1]]
+    directions = block / block.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(directions @ directions.t(), torch.eye(len(block)), atol=2e-2, rtol=0)
+    with torch.no_grad():
+        logits = model(random_ids(2, 24)).logits
+    assert logits.dtype == dtype and torch.isfinite(logits).all()
+
+
+def test_the_model_loss_trains_the_gates_but_not_the_bin_ranking():
+    """What the README's limitations say: the selection is discrete, so the loss alone gives the modules that only
+    rank bins (row decoder, CNN) no gradient (distillation's attention losses train them), while the output gates
+    and the encoder they read get one."""
+    _, sea = converted_opt(sea_key_budget=6, sea_compressed_width=8)
+    randomize_sea_gates(sea)
+    sea.train()
+    ids = random_ids(2, 40)
+    sea(ids, labels=ids).loss.backward()
+    ranking_only = {n: p for n, p in sea.named_parameters() if ".sea.row_decoder." in n or ".sea.cnn." in n}
+    read_by_gates = {n: p for n, p in sea.named_parameters() if ".sea.gates." in n or ".sea.encoder." in n}
+    assert ranking_only and read_by_gates
+    assert all(p.grad is None or not p.grad.any() for p in ranking_only.values())
+    assert all(p.grad is not None and p.grad.any() for p in read_by_gates.values())

