@@ -55,11 +55,8 @@ FEATURE_EPS = {True: 1e-3, False: 1e-4}
 
 
 def prefix_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """cumsum along `dim`. On CUDA, PyTorch scans an inner dimension with one sequential thread per column: slow
-    for few columns and long sequences (the running value sums, 768 columns of 32k rows, were once the largest
-    cost of a SEA layer), where moving `dim` last runs a scan that is parallel within each row. With many columns
-    (the kernel-attention block sums of 32 heads x 128: 630k columns) the column scan is the fast one, and the
-    row scan of the moved copy took 44% of the layer's GPU time (measured on an H100)."""
+    """cumsum along `dim`, in the layout CUDA scans fastest: moved last (a parallel scan per row) for few columns,
+    in place (one thread per column) for many (benchmarks/results/kernel_notes.md)."""
     if x.numel() >= SCAN_COLUMNS_IN_PLACE * x.shape[dim]:
         return x.cumsum(dim)
     return x.movedim(dim, -1).cumsum(-1).movedim(-1, dim)
@@ -691,8 +688,7 @@ class SeaAttention(nn.Module):
     def _kernel_encoding_in_passes(self, q, k_new, v_new, code, new_valid, counts, sums, rows):
         """`_torch_kernel_encoding` of a long causal input at inference, in passes of `ESTIMATE_ROWS_PER_PASS`
         rows that carry the sums from one to the next: the same result, with the kernel attention's per-block
-        intermediates (N, H, T / 64, F, 2D) held for one pass at a time (at 32 heads x 128 they were ~1.6 GB per
-        tensor at 32k tokens)."""
+        intermediates (N, H, T / 64, F, 2D) held for one pass at a time (benchmarks/results/kernel_notes.md)."""
         t = q.shape[2]
         firsts = list(range(0, t, ESTIMATE_ROWS_PER_PASS))
         # Where each pass's rows begin among the sorted `rows` (one wait for the GPU, not one per pass).

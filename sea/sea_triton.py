@@ -879,12 +879,10 @@ def estimate_kernel_unavailable_reason(q: torch.Tensor, head_dim: int) -> str | 
     reason = kernel_unavailable_reason(q)
     if reason is not None:
         return reason
-    # Measured on an H100 with Triton 3.6: smaller heads compile to an illegal shared-memory read (cf.
-    # triton-lang/triton#11366); at 256 the features' projection alone would fill shared memory.
+    # Other sizes fail to compile or fill shared memory (benchmarks/results/kernel_notes.md).
     if head_dim not in (64, 128):
         return f"head_dim {head_dim} is not 64 or 128"
-    # In float32 at head_dim 128 the encoder kernel asks for 256 KB of shared memory (compiled for sm_90 with
-    # Triton 3.9); an H200 gives a block 227 KB, and with Triton 3.6 there every launch config failed.
+    # The float32 encoder at head_dim 128 needs more shared memory than a block gets (kernel_notes.md).
     if head_dim == 128 and q.dtype == torch.float32:
         return "float32 at head_dim 128 needs more shared memory than a GPU has; bfloat16 and float16 run them"
     return None
@@ -893,12 +891,8 @@ def estimate_kernel_unavailable_reason(q: torch.Tensor, head_dim: int) -> str | 
 def _estimate_precision(x: torch.Tensor) -> str:
     """Precision of the estimate kernels' float32 products (the kernel attention and, for float32 inputs, the
     encoder): exact in the interpreter; on the GPU's matrix units, three TF32 passes (float32 accuracy) for float32
-    inputs and one pass for half-precision inputs, whose operands TF32 holds with more mantissa than they had
-    (measured on an H100: the estimate kernel 3x faster at 128k tokens, 1.3% of the selected bins change, as many
-    as three passes change against the float32 PyTorch path; on an H200, one pass for the carried sums too: the
-    32 x 128 causal layer 1.19x faster at 128k tokens, its sums as close to float32's as with three passes, 3e-3,
-    which the bf16 inputs set). Exact float32 products are no option on a GPU: at head_dim 128 the encoder's
-    (64, 256) x (256, 256) product compiles to scalar multiply-adds for over 4 minutes per launch config."""
+    inputs and one pass for half-precision inputs, whose operands TF32 holds with more mantissa than they had;
+    exact float32 products compile for minutes per launch config on a GPU (benchmarks/results/kernel_notes.md)."""
     if not x.is_cuda:
         return "ieee"
     return "tf32x3" if x.dtype == torch.float32 else "tf32"
