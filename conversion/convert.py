@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -107,6 +109,37 @@ def convert_to_sea(
     return sea
 
 
+def sea_options_problem(dense_config, sea_options: dict) -> str | None:
+    """Why `sea_options` cannot make a SEA config of `dense_config`, each field named by the command-line flag that
+    sets it (`sea_key_budget` -> --key-budget), or None: checked before any weights load."""
+    try:
+        sea_config_for(dense_config, **sea_options)
+    except ValueError as error:
+        message = str(error)
+        for name in sea_options:
+            message = message.replace(f"`{name}`", "--" + name.removeprefix("sea_").replace("_", "-"))
+        return message
+    return None
+
+
+def model_path_problem(model: str, gguf_file: str | None = None) -> str | None:
+    """Why `--model` (and `--gguf-file`) cannot be what the user meant, judged without the Hub, or None. A folder
+    that exists is local; a missing one that reads as a Hub id (`name` or `namespace/name`) is left to the Hub;
+    any other missing path (`./x`, `/x`, `~/x`, `a/b/c`) is a mistake that the Hub would only answer slowly."""
+    path = Path(model)
+    if path.is_dir():
+        if gguf_file is not None and not (path / gguf_file).is_file():
+            return f"--gguf-file {gguf_file}: no such file in {model}"
+        return None
+    if path.exists():
+        return f"--model {model} is a file: pass the folder that holds it (a GGUF file's name goes to --gguf-file)"
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        return f"--model {model}: no such folder (nor a Hub id, which reads name or namespace/name)"
+    return None
+
+
 def save_atomically(
     model: PreTrainedModel, output_dir: str | os.PathLike, tokenizer=None, overwrite: bool = False,
     populate: Callable[[Path], None] | None = None,
@@ -156,6 +189,23 @@ def sea_options_from(args: argparse.Namespace) -> dict:
     }
 
 
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """Refuse, naming the flag, what would otherwise fail only after the dense model's slow load: a missing
+    path, a config that cannot be read or converted, SEA options it refuses, an output folder in the way."""
+    if Path(args.output_dir).exists() and not args.overwrite_output_dir:
+        parser.error(f"{args.output_dir} already exists; pass --overwrite-output-dir to replace it.")
+    problem = model_path_problem(args.model, args.gguf_file)
+    if problem is not None:
+        parser.error(problem)
+    try:
+        config = AutoConfig.from_pretrained(args.model, **({"gguf_file": args.gguf_file} if args.gguf_file else {}))
+    except (OSError, ValueError) as error:  # no config.json, or one transformers cannot read
+        parser.error(f"--model {args.model}: cannot load its config ({error})")
+    problem = sea_options_problem(config, sea_options_from(args))
+    if problem is not None:
+        parser.error(problem)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="local path or Hub id of a dense OPT/Llama causal LM or BERT")
@@ -170,8 +220,7 @@ def main(argv=None):
     parser.add_argument("--overwrite-output-dir", action="store_true", help="replace an existing output folder")
     add_sea_arguments(parser)
     args = parser.parse_args(argv)
-    if Path(args.output_dir).exists() and not args.overwrite_output_dir:
-        parser.error(f"{args.output_dir} already exists; pass --overwrite-output-dir to replace it.")
+    check_arguments(parser, args)
     sea = convert_to_sea(
         args.model, num_labels=args.num_labels, gguf_file=args.gguf_file, dtype=DTYPES[args.dtype],
         **sea_options_from(args),

@@ -1,13 +1,15 @@
-"""conversion/convert.py's command line: the dtype of the model it saves."""
+"""conversion/convert.py's command line: the saved dtype and the checks made before the dense model loads."""
 
 import json
+import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, LlamaConfig, LlamaForCausalLM
 
 from conftest import TINY_LLAMA
-from conversion.convert import main as convert_main
+from conversion.convert import convert_to_sea, main as convert_main, model_path_problem
 from test_hub_roundtrip import run_without_project
 
 
@@ -57,3 +59,56 @@ def test_dtype_auto_keeps_the_checkpoints_own(tmp_path):
     assert convert(saved_llama(tmp_path / "fp32", torch.float32), tmp_path / "out32")["dtype"] == "float32"
     assert convert(saved_llama(tmp_path / "bf16", torch.bfloat16), tmp_path / "out16")["dtype"] == "bfloat16"
     assert load_file(tmp_path / "out16" / "model.safetensors")["model.embed_tokens.weight"].dtype == torch.bfloat16
+
+
+def expect_refusal(argv, capsys, *fragments):
+    """The command line stops with a usage error holding every fragment, before any weights load (< 5 s)."""
+    start = time.monotonic()
+    with pytest.raises(SystemExit) as exit_info:
+        convert_main(argv)
+    assert exit_info.value.code == 2
+    assert time.monotonic() - start < 5
+    message = capsys.readouterr().err.strip().splitlines()[-1]  # argparse's usage lines, then one error line
+    assert ": error: " in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_missing_local_path_is_refused_naming_the_flag(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # "./sea-opt" is relative to here, and missing
+    out = ["--output-dir", str(tmp_path / "out")]
+    expect_refusal(["--model", "./sea-opt", *out], capsys, "--model ./sea-opt", "no such folder")
+    expect_refusal(["--model", str(tmp_path / "missing"), *out], capsys, "--model", "no such folder")
+    dense = saved_llama(tmp_path / "dense")
+    expect_refusal(["--model", dense, "--gguf-file", "model.gguf", *out], capsys, "--gguf-file model.gguf")
+    expect_refusal(["--model", f"{dense}/model.safetensors", *out], capsys, "is a file")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("model", ["facebook/opt-125m", "gpt2", "HuggingFaceTB/SmolLM2-135M-Instruct"])
+def test_a_hub_id_is_not_taken_for_a_missing_path(model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert model_path_problem(model) is None
+
+
+@pytest.mark.parametrize("model", ["./opt", "../opt", "/nowhere/opt", "~/opt", "outputs/sea/opt"])
+def test_a_missing_path_that_is_no_hub_id_is_a_mistake(model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert f"--model {model}: no such folder" in model_path_problem(model)
+
+
+def test_bad_sea_options_and_models_are_refused_before_the_weights_load(tmp_path, capsys):
+    dense = saved_llama(tmp_path / "dense")
+    # Unreadable weights: a command that loaded them before checking its options would fail on them instead.
+    (tmp_path / "dense" / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(Exception, match="header"):
+        convert_to_sea(dense)
+    out = ["--output-dir", str(tmp_path / "out")]
+    expect_refusal(["--model", dense, "--key-budget", "0", *out], capsys, "--key-budget must be an integer >= 1")
+    expect_refusal(["--model", dense, "--compressed-width", "10", *out], capsys, "--compressed-width", "multiple of 4")
+    expect_refusal(["--model", dense, "--performer-nb-factor", "0", *out], capsys, "--performer-nb-factor")
+    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path / "gpt2")
+    expect_refusal(["--model", str(tmp_path / "gpt2"), *out], capsys, "'gpt2'", "supported types")
+    (tmp_path / "no-config").mkdir()
+    expect_refusal(["--model", str(tmp_path / "no-config"), *out], capsys, "--model", "cannot load its config")
+    assert not (tmp_path / "out").exists()
