@@ -140,6 +140,15 @@ def model_path_problem(model: str, gguf_file: str | None = None) -> str | None:
     return None
 
 
+def apply_umask(folder: Path):
+    """Give `folder` and everything in it the modes a plain mkdir and open give (mkdtemp makes the folder 0700 and
+    safetensors writes its files 0600), so the saved model is as readable as the user's other files."""
+    umask = os.umask(0)  # the portable way to read it: set, then straight back
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def save_atomically(
     model: PreTrainedModel, output_dir: str | os.PathLike, tokenizer=None, overwrite: bool = False,
     populate: Callable[[Path], None] | None = None,
@@ -157,6 +166,7 @@ def save_atomically(
             tokenizer.save_pretrained(staging)
         if populate is not None:
             populate(staging)
+        apply_umask(staging)
         if output_dir.exists():
             shutil.rmtree(output_dir)
         staging.rename(output_dir)

@@ -1,15 +1,18 @@
-"""conversion/convert.py's command line: the saved dtype and the checks made before the dense model loads."""
+"""conversion/convert.py's command line: the saved dtype, the checks made before the dense model loads, and the
+modes of the folder it writes."""
 
 import json
+import os
+import stat
 import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import GPT2Config, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, LlamaConfig, LlamaForCausalLM, OPTForCausalLM
 
-from conftest import TINY_LLAMA
-from conversion.convert import convert_to_sea, main as convert_main, model_path_problem
+from conftest import TINY_LLAMA, tiny_opt_config
+from conversion.convert import convert_to_sea, main as convert_main, model_path_problem, save_atomically
 from test_hub_roundtrip import run_without_project
 
 
@@ -112,3 +115,28 @@ def test_bad_sea_options_and_models_are_refused_before_the_weights_load(tmp_path
     (tmp_path / "no-config").mkdir()
     expect_refusal(["--model", str(tmp_path / "no-config"), *out], capsys, "--model", "cannot load its config")
     assert not (tmp_path / "out").exists()
+
+
+def modes(folder) -> dict[str, int]:
+    return {str(path.relative_to(folder)): stat.S_IMODE(path.stat().st_mode) for path in [folder, *folder.rglob("*")]}
+
+
+def add_plots(folder):
+    (folder / "plots").mkdir()
+    (folder / "plots" / "attention.svg").write_text("<svg/>")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=oct)
+def test_written_folders_follow_the_umask(umask, tmp_path):
+    previous = os.umask(umask)
+    try:
+        convert(saved_llama(tmp_path / "dense"), tmp_path / "converted")
+        # distill.py's final folder: save_atomically with a plots subfolder added by `populate`.
+        save_atomically(OPTForCausalLM(tiny_opt_config(dense=True)), tmp_path / "distilled", populate=add_plots)
+    finally:
+        os.umask(previous)
+    for folder in (tmp_path / "converted", tmp_path / "distilled"):
+        got = modes(folder)
+        assert "model.safetensors" in got
+        want = {name: (0o777 if (folder / name).is_dir() else 0o666) & ~umask for name in got}
+        assert got == want
