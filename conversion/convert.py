@@ -3,7 +3,8 @@
 Every dense weight is copied; the new SEA parameters are initialised so that, with a key budget covering every
 key, the SEA model computes exactly what the dense model computes (its gates start neutral).
 
-    python conversion/convert.py --model PATH_OR_HUB_ID --output-dir DIR [--gguf-file NAME] [--key-budget 64 ...]
+    python conversion/convert.py --model PATH_OR_HUB_ID --output-dir DIR [--gguf-file NAME] [--dtype bfloat16]
+        [--key-budget 64 ...]
 """
 
 import argparse
@@ -13,6 +14,9 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -39,6 +43,10 @@ CAUSAL_TYPES = ("opt", "llama")
 NOT_INHERITED = (
     "model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", "dtype", "quantization_config",
 )
+# --dtype: "auto" is from_pretrained's own rule, the checkpoint's `dtype` (`torch_dtype`) from its config, else the
+# dtype its weights are stored in; a GGUF file of quantised blocks (SmolLM2's Q4_1) has neither and is dequantised
+# to float32.
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def family_of(model_type: str):
@@ -47,16 +55,20 @@ def family_of(model_type: str):
     return SEA_FAMILIES[model_type]
 
 
-def load_dense(model: str | os.PathLike, num_labels: int | None = None, gguf_file: str | None = None) -> PreTrainedModel:
+def load_dense(
+    model: str | os.PathLike, num_labels: int | None = None, gguf_file: str | None = None,
+    dtype: torch.dtype | str = "auto",
+) -> PreTrainedModel:
     """Load the dense checkpoint with the class SEA mirrors (a BERT encoder gets a fresh classification head).
-    `gguf_file` names a GGUF file inside `model` (quantised weights are dequantised to float by transformers)."""
+    `gguf_file` names a GGUF file inside `model` (quantised weights are dequantised to float32 by transformers).
+    `dtype` is from_pretrained's: "auto" keeps the checkpoint's own (see DTYPES)."""
     gguf = {} if gguf_file is None else {"gguf_file": gguf_file}
     config = AutoConfig.from_pretrained(model, **gguf)
     family_of(config.model_type)
     if config.model_type in CAUSAL_TYPES:
-        return AutoModelForCausalLM.from_pretrained(model, **gguf)
+        return AutoModelForCausalLM.from_pretrained(model, dtype=dtype, **gguf)
     extra = {} if num_labels is None else {"num_labels": num_labels}
-    return AutoModelForSequenceClassification.from_pretrained(model, **extra, **gguf)
+    return AutoModelForSequenceClassification.from_pretrained(model, dtype=dtype, **extra, **gguf)
 
 
 def sea_config_for(dense_config, **sea_options):
@@ -68,20 +80,23 @@ def sea_config_for(dense_config, **sea_options):
 
 def convert_to_sea(
     dense: PreTrainedModel | str | os.PathLike, num_labels: int | None = None, gguf_file: str | None = None,
-    **sea_options,
+    dtype: torch.dtype | str = "auto", **sea_options,
 ):
     """Return the SEA model of `dense` (a model object, or a path / Hub id to load, optionally a GGUF file in it).
 
     `sea_options` are `SeaOptConfig`/`SeaBertConfig` fields (`sea_key_budget=...`); None keeps the default.
     `num_labels` sets the size of a fresh BERT classification head when the checkpoint has none.
+    `dtype` is the SEA model's; "auto" keeps the dense model's (for a path, the checkpoint's own: see DTYPES).
     """
     if not isinstance(dense, PreTrainedModel):
-        dense = load_dense(dense, num_labels, gguf_file)
+        # A quantised GGUF file is dequantised to float32 whatever dtype is asked (another one only adds a warning
+        # about its packed-weight kernels): it is cast below, as the SEA model is built.
+        dense = load_dense(dense, num_labels, gguf_file, "auto" if gguf_file else dtype)
     _, sea_class, matching_class = family_of(dense.config.model_type)
     config = sea_config_for(dense.config, **sea_options)
     if num_labels is not None and config.model_type == "sea_bert":
         config.num_labels = num_labels
-    sea = sea_class(config).to(device=dense.device, dtype=dense.dtype)
+    sea = sea_class(config).to(device=dense.device, dtype=dense.dtype if dtype == "auto" else dtype)
     whole_model = type(dense).__name__ == matching_class
     target, source = (sea, dense) if whole_model else (sea.base_model, dense.base_model)
     missing, unexpected = target.load_state_dict(source.state_dict(), strict=False)
@@ -92,6 +107,46 @@ def convert_to_sea(
         raise ValueError(f"{type(dense).__name__} lacks weights that {sea_class.__name__} needs: {not_sea}")
     sea.eval()
     return sea
+
+
+def sea_options_problem(dense_config, sea_options: dict) -> str | None:
+    """Why `sea_options` cannot make a SEA config of `dense_config`, each field named by the command-line flag that
+    sets it (`sea_key_budget` -> --key-budget), or None: checked before any weights load."""
+    try:
+        sea_config_for(dense_config, **sea_options)
+    except ValueError as error:
+        message = str(error)
+        for name in sea_options:
+            message = message.replace(f"`{name}`", "--" + name.removeprefix("sea_").replace("_", "-"))
+        return message
+    return None
+
+
+def model_path_problem(model: str, gguf_file: str | None = None) -> str | None:
+    """Why `--model` (and `--gguf-file`) cannot be what the user meant, judged without the Hub, or None. A folder
+    that exists is local; a missing one that reads as a Hub id (`name` or `namespace/name`) is left to the Hub;
+    any other missing path (`./x`, `/x`, `~/x`, `a/b/c`) is a mistake that the Hub would only answer slowly."""
+    path = Path(model)
+    if path.is_dir():
+        if gguf_file is not None and not (path / gguf_file).is_file():
+            return f"--gguf-file {gguf_file}: no such file in {model}"
+        return None
+    if path.exists():
+        return f"--model {model} is a file: pass the folder that holds it (a GGUF file's name goes to --gguf-file)"
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        return f"--model {model}: no such folder (nor a Hub id, which reads name or namespace/name)"
+    return None
+
+
+def apply_umask(folder: Path):
+    """Give `folder` and everything in it the modes a plain mkdir and open give (mkdtemp makes the folder 0700 and
+    safetensors writes its files 0600), so the saved model is as readable as the user's other files."""
+    umask = os.umask(0)  # the portable way to read it: set, then straight back
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def save_atomically(
@@ -111,6 +166,7 @@ def save_atomically(
             tokenizer.save_pretrained(staging)
         if populate is not None:
             populate(staging)
+        apply_umask(staging)
         if output_dir.exists():
             shutil.rmtree(output_dir)
         staging.rename(output_dir)
@@ -143,18 +199,42 @@ def sea_options_from(args: argparse.Namespace) -> dict:
     }
 
 
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """Refuse, naming the flag, what would otherwise fail only after the dense model's slow load: a missing
+    path, a config that cannot be read or converted, SEA options it refuses, an output folder in the way."""
+    if Path(args.output_dir).exists() and not args.overwrite_output_dir:
+        parser.error(f"{args.output_dir} already exists; pass --overwrite-output-dir to replace it.")
+    problem = model_path_problem(args.model, args.gguf_file)
+    if problem is not None:
+        parser.error(problem)
+    try:
+        config = AutoConfig.from_pretrained(args.model, **({"gguf_file": args.gguf_file} if args.gguf_file else {}))
+    except (OSError, ValueError) as error:  # no config.json, or one transformers cannot read
+        parser.error(f"--model {args.model}: cannot load its config ({error})")
+    problem = sea_options_problem(config, sea_options_from(args))
+    if problem is not None:
+        parser.error(problem)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="local path or Hub id of a dense OPT/Llama causal LM or BERT")
     parser.add_argument("--gguf-file", help="a GGUF file inside --model to load the dense weights from")
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default="auto",
+        help="dtype of the saved SEA weights (default auto: the checkpoint's own, from its config or else its "
+             "weights; float32 for a GGUF file, which transformers dequantises)",
+    )
     parser.add_argument("--output-dir", required=True, help="folder to write the SEA model to")
     parser.add_argument("--num-labels", type=int, help="labels of a fresh BERT classification head")
     parser.add_argument("--overwrite-output-dir", action="store_true", help="replace an existing output folder")
     add_sea_arguments(parser)
     args = parser.parse_args(argv)
-    if Path(args.output_dir).exists() and not args.overwrite_output_dir:
-        parser.error(f"{args.output_dir} already exists; pass --overwrite-output-dir to replace it.")
-    sea = convert_to_sea(args.model, num_labels=args.num_labels, gguf_file=args.gguf_file, **sea_options_from(args))
+    check_arguments(parser, args)
+    sea = convert_to_sea(
+        args.model, num_labels=args.num_labels, gguf_file=args.gguf_file, dtype=DTYPES[args.dtype],
+        **sea_options_from(args),
+    )
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model, **({"gguf_file": args.gguf_file} if args.gguf_file else {}))
     except (OSError, ValueError):

@@ -49,7 +49,9 @@ from transformers import (
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import sort_checkpoints
 
-from conversion.convert import CAUSAL_TYPES, SEA_FAMILIES, SUPPORTED, convert_to_sea, save_atomically, sea_config_for
+from conversion.convert import (
+    CAUSAL_TYPES, SEA_FAMILIES, SUPPORTED, convert_to_sea, save_atomically, sea_options_problem,
+)
 from hub_cards.card import write_card
 from hub_cards.plots import plot_layer_cost_and_attention
 from hub_cards.push import TRANSPORT_ERRORS, PushError, push_to_hub
@@ -182,13 +184,9 @@ def preflight(args: DistillArguments, training: TrainingArguments, push_repo: st
         fail(f"cannot load the model {model!r}: {error}. If the Hub is unreachable, pass a local checkpoint folder.")
     if config.model_type not in SEA_FAMILIES:
         fail(f"cannot distil a model of type {config.model_type!r}: supported types are {SUPPORTED}")
-    try:
-        sea_config_for(config, **args.sea_options())
-    except ValueError as error:  # named after the flag that set the field: `sea_key_budget` -> --key-budget
-        message = str(error)
-        for name in args.sea_options():
-            message = message.replace(f"`{name}`", "--" + name.removeprefix("sea_").replace("_", "-"))
-        fail(message)
+    problem = sea_options_problem(config, args.sea_options())
+    if problem is not None:
+        fail(problem)
     task = args.task or next(t for t, families in TASKS.items() if config.model_type in families)
     if task not in TASKS:
         fail(f"--task must be one of {sorted(TASKS)}, not {task!r}")
