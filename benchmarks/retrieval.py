@@ -6,10 +6,10 @@ Three synthetic tasks, built from the packaged Wikipedia excerpt's held-out arti
 - copy: a 64-token span of the filler repeated at the end: given its first 48 tokens again, continue with the
   next 16 (a lookup by content, what induction heads do).
 A trial is correct when greedy decoding would produce the whole answer: every answer token is the argmax given the
-prompt and the answer tokens before it (one forward of prompt + answer). Every prompt of a (task, length) has
-exactly `length` tokens, so trials run in batches without padding.
+prompt and the answer tokens before it (one forward of prompt + answer). Prompt + answer of a (task, length) have
+exactly `length` tokens (so 8192 fits SmolLM2's positions), and trials run in batches without padding.
 
-Rows (each sparse row at every key budget, a share of the prompt's length): the dense teacher; SEA right after
+Rows (each sparse row at every key budget, a share of the length): the dense teacher; SEA right after
 conversion; SEA with its estimator distilled (`benchmarks/quality.py`'s recipe, its weights file); sink + local
 window and random bins + anchors (SEA's first and last bin); the oracle: the bins holding the most of each
 layer's exact attention mass (`sea_baseline="oracle"`), the upper bound of any bin selector at that budget; and
