@@ -8,10 +8,13 @@ key, the SEA model computes exactly what the dense model computes (its gates sta
 """
 
 import argparse
+import inspect
 import os
+import typing
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -25,7 +28,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from sea.configuration_sea import SEA_BUDGET_RULES, SeaBertConfig, SeaLlamaConfig, SeaOptConfig
+from sea.configuration_sea import SEA_FIELD_RULES, SeaBertConfig, SeaConfigMixin, SeaLlamaConfig, SeaOptConfig
 from sea.modeling_sea import SeaBertForSequenceClassification, SeaLlamaForCausalLM, SeaOptForCausalLM
 
 # model_type of the dense checkpoint -> (SEA config, SEA model, dense class whose weights match it one to one)
@@ -47,6 +50,10 @@ NOT_INHERITED = (
 # dtype its weights are stored in; a GGUF file of quantised blocks (SmolLM2's Q4_1) has neither and is dequantised
 # to float32.
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The command-line flag of every SEA config field: its name without `sea_` (`sea_key_budget` -> --key-budget), but
+# --sea-baseline, since distill.py's --baseline already switches its kernel-attention comparison run on and off.
+SEA_FLAGS = {field.name: "--" + field.name.removeprefix("sea_").replace("_", "-") for field in fields(SeaConfigMixin)}
+SEA_FLAGS["sea_baseline"] = "--sea-baseline"
 
 
 def family_of(model_type: str):
@@ -117,7 +124,7 @@ def sea_options_problem(dense_config, sea_options: dict) -> str | None:
     except ValueError as error:
         message = str(error)
         for name in sea_options:
-            message = message.replace(f"`{name}`", "--" + name.removeprefix("sea_").replace("_", "-"))
+            message = message.replace(f"`{name}`", SEA_FLAGS[name])
         return message
     return None
 
@@ -176,27 +183,47 @@ def save_atomically(
     return output_dir
 
 
+def sea_field_descriptions() -> dict[str, str]:
+    """Each SEA field's description in `SeaConfigMixin`'s docstring, joined into one line."""
+    descriptions, name = {}, None
+    for line in inspect.cleandoc(SeaConfigMixin.__doc__).splitlines():
+        if line.startswith("sea_"):  # `sea_key_budget (`int`, defaults to 64):`, its description indented below
+            name = line.split()[0]
+            descriptions[name] = []
+        elif name is not None and line.strip():
+            descriptions[name].append(line.strip())
+    return {name: " ".join(lines) for name, lines in descriptions.items()}
+
+
+def value_type(field) -> type:
+    """The type a field's values have on the command line: its annotation, less the None of an optional one."""
+    return next(kind for kind in typing.get_args(field.type) or (field.type,) if kind is not type(None))
+
+
 def add_sea_arguments(parser: argparse.ArgumentParser):
-    """SEA options shared by the conversion and distillation command lines (None keeps the config default)."""
-    group = parser.add_argument_group("SEA attention")
-    group.add_argument("--key-budget", type=int, help="keys each query attends to, per head (default 64)")
-    group.add_argument("--compressed-width", type=int, help="bins M of the estimated attention row (default 128)")
-    group.add_argument("--performer-nb-factor", type=float, help="kernel features = D ln D / factor (default 8)")
-    group.add_argument("--budget-rule", choices=SEA_BUDGET_RULES, help="constant (default) or reference")
-    group.add_argument(
-        "--no-output-gates", dest="output_gates", action="store_false", default=None,
-        help="drop the learned gates and the average context",
-    )
+    """A flag for every SEA config field (SEA_FLAGS, also spelled with underscores as HfArgumentParser spells its
+    own), with the config's default, its docstring's description and the choices of its rule in SEA_FIELD_RULES:
+    the SEA options of both the conversion and the distillation command lines."""
+    group = parser.add_argument_group("SEA attention (the config's sea_* fields)")
+    descriptions = sea_field_descriptions()
+    for field in fields(SeaConfigMixin):
+        flag = SEA_FLAGS[field.name]
+        names = dict.fromkeys([flag, "--" + flag.removeprefix("--").replace("-", "_")])
+        # argparse formats help strings with %: a literal one in a description must be doubled.
+        help = descriptions[field.name].replace("%", "%%") + " (default: %(default)s)"
+        kind = value_type(field)
+        if kind is bool:
+            action = argparse.BooleanOptionalAction
+            group.add_argument(*names, dest=field.name, action=action, default=field.default, help=help)
+            continue
+        choices = SEA_FIELD_RULES[field.name].choices
+        if choices is not None:
+            choices = [choice for choice in choices if choice is not None]  # None (a default) is no word to type
+        group.add_argument(*names, dest=field.name, type=kind, choices=choices, default=field.default, help=help)
 
 
 def sea_options_from(args: argparse.Namespace) -> dict:
-    return {
-        "sea_key_budget": args.key_budget,
-        "sea_compressed_width": args.compressed_width,
-        "sea_performer_nb_factor": args.performer_nb_factor,
-        "sea_budget_rule": args.budget_rule,
-        "sea_output_gates": args.output_gates,
-    }
+    return {name: getattr(args, name) for name in SEA_FLAGS}
 
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace):

@@ -50,7 +50,8 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import sort_checkpoints
 
 from conversion.convert import (
-    CAUSAL_TYPES, SEA_FAMILIES, SUPPORTED, convert_to_sea, save_atomically, sea_options_problem,
+    CAUSAL_TYPES, SEA_FAMILIES, SUPPORTED, add_sea_arguments, convert_to_sea, save_atomically, sea_options_from,
+    sea_options_problem,
 )
 from hub_cards.card import write_card
 from hub_cards.plots import plot_layer_cost_and_attention
@@ -110,18 +111,10 @@ class DistillArguments:
     baseline: bool = field(default=True, metadata={"help": "also distil a kernel-attention-only baseline"})
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in OUTPUT_DIR-checkpoints"})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "replace an existing output and checkpoints"})
-    key_budget: int | None = field(default=8, metadata={"help": "SEA keys per query and head"})
-    compressed_width: int | None = field(default=16, metadata={"help": "SEA bins M of the estimated attention"})
-    performer_nb_factor: float | None = field(default=None, metadata={"help": "kernel features = D ln D / factor"})
-    budget_rule: str | None = field(default=None, metadata={"help": "constant or reference"})
     base_model_id: str | None = field(
         default=None, metadata={"help": "Hub id of --model for the model card, when --model is a local folder"}
     )
     license: str | None = field(default=None, metadata={"help": "license for the model card (default: the base model's)"})
-
-    def sea_options(self) -> dict:
-        return {"sea_key_budget": self.key_budget, "sea_compressed_width": self.compressed_width,
-                "sea_performer_nb_factor": self.performer_nb_factor, "sea_budget_rule": self.budget_rule}
 
 
 TRAINING_DEFAULTS = dict(
@@ -129,6 +122,9 @@ TRAINING_DEFAULTS = dict(
     warmup_steps=10, logging_steps=10, save_steps=50, save_total_limit=2, report_to="none", seed=0,
     include_num_input_tokens_seen=True,
 )
+# The packaged run's sentences are at most 128 tokens (--max-length): the config's 64 keys per query would read most
+# of each one (and all of a shorter one), where 8 keys in 16 bins keep its attention sparse.
+SEA_DEFAULTS = dict(sea_key_budget=8, sea_compressed_width=16)
 
 
 def parse_arguments(argv=None):
@@ -139,16 +135,18 @@ def parse_arguments(argv=None):
         (DistillArguments, SeaDistillationArguments, TrainingArguments),
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.set_defaults(**TRAINING_DEFAULTS)
+    add_sea_arguments(parser)
+    parser.set_defaults(**TRAINING_DEFAULTS, **SEA_DEFAULTS)
     try:
-        args, distillation, training = parser.parse_args_into_dataclasses(rest)
+        # The SEA options are no dataclass's fields: HfArgumentParser returns them last, in their own namespace.
+        args, distillation, training, sea = parser.parse_args_into_dataclasses(rest)
     except ValueError as error:  # a value the argument dataclasses refuse, e.g. every loss weight 0
         fail(str(error))
     if not training.use_cpu and not torch.accelerator.is_available():
         # No accelerator: say so, so that N launched processes (e.g. `accelerate launch --multi_gpu`, which runs
         # torchrun) form one gloo group instead of N independent runs.
         training = dataclasses.replace(training, use_cpu=True)
-    return args, distillation, training, known.push_repo
+    return args, sea_options_from(sea), distillation, training, known.push_repo
 
 
 def fail(message: str):
@@ -160,7 +158,7 @@ def checkpoints_dir(training: TrainingArguments) -> Path:
     return Path(f"{training.output_dir.rstrip('/')}-checkpoints")
 
 
-def preflight(args: DistillArguments, training: TrainingArguments, push_repo: str | None):
+def preflight(args: DistillArguments, sea_options: dict, training: TrainingArguments, push_repo: str | None):
     """Every check that can fail before a single training step, with what to change."""
     output, checkpoints = Path(training.output_dir), checkpoints_dir(training)
     if args.train_parameters not in TRAINABLE:
@@ -184,7 +182,7 @@ def preflight(args: DistillArguments, training: TrainingArguments, push_repo: st
         fail(f"cannot load the model {model!r}: {error}. If the Hub is unreachable, pass a local checkpoint folder.")
     if config.model_type not in SEA_FAMILIES:
         fail(f"cannot distil a model of type {config.model_type!r}: supported types are {SUPPORTED}")
-    problem = sea_options_problem(config, args.sea_options())
+    problem = sea_options_problem(config, sea_options)
     if problem is not None:
         fail(problem)
     task = args.task or next(t for t, families in TASKS.items() if config.model_type in families)
@@ -415,8 +413,8 @@ def print_table(results: dict, task: str):
 
 def main(argv=None):
     start = time.time()
-    args, distillation, training, push_repo = parse_arguments(argv)
-    model_path, config, task = preflight(args, training, push_repo)
+    args, sea_options, distillation, training, push_repo = parse_arguments(argv)
+    model_path, config, task = preflight(args, sea_options, training, push_repo)
     set_seed(training.seed)  # a fresh classification head, and the new SEA parameters, start the same everywhere
     state = PartialState()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -429,8 +427,8 @@ def main(argv=None):
     teacher = load_teacher(model_path, task, num_labels, train, tokenizer, args, training).eval()
 
     set_seed(training.seed)
-    untrained = convert_to_sea(teacher, **args.sea_options())
-    student = make_trainable(convert_to_sea(teacher, **args.sea_options()), args)
+    untrained = convert_to_sea(teacher, **sea_options)
+    student = make_trainable(convert_to_sea(teacher, **sea_options), args)
     trainer, result = distil(student, teacher, train, collator, training, student_losses(distillation, args), "sea",
                              args.resume)
     student = trainer.model
@@ -439,7 +437,7 @@ def main(argv=None):
     checksums = gather_object([weights_checksum(student)])
     models = {"teacher (dense)": teacher, "sea (converted, untrained)": untrained, "sea (distilled)": student}
     if args.baseline:
-        baseline = convert_to_sea(teacher, sea_baseline="kernel_attention", **args.sea_options())
+        baseline = convert_to_sea(teacher, **{**sea_options, "sea_baseline": "kernel_attention"})
         baseline_trainer, _ = distil(baseline, teacher, train, collator, training, baseline_losses(distillation),
                                      "kernel-baseline", args.resume)
         models["kernel-attention baseline (distilled)"] = baseline_trainer.model

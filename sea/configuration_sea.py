@@ -3,6 +3,7 @@
 Each SEA config is the backbone's own config (OPT, BERT) plus the `sea_*` fields read by `SeaAttention`.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from transformers import BertConfig, LlamaConfig, OPTConfig
@@ -21,6 +22,49 @@ SEA_DECODER_WIDTH_DIVISOR = {True: 4, False: 2}
 def _is_integer(value) -> bool:
     """An int that is not a bool (True would pass `isinstance(value, int)`)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class SeaFieldRule:
+    """The values one SEA field accepts: those `accepts(value, divisor)` holds for (`divisor`: the config's
+    `SEA_DECODER_WIDTH_DIVISOR`), which `allowed` names in words (formatted with `divisor` and the `config` class
+    name); `choices` lists them when they are a finite set, for the command lines to offer."""
+
+    accepts: Callable[[object, int], bool]
+    allowed: str
+    choices: tuple | None = None
+
+
+def _one_of(choices: tuple) -> SeaFieldRule:
+    return SeaFieldRule(lambda value, divisor: value in choices, f"one of {choices}", choices)
+
+
+def _is_flag(value, divisor) -> bool:
+    return isinstance(value, bool)
+
+
+# The one definition of what each SEA field accepts: `SeaConfigMixin.validate_sea_fields` checks them in this order
+# and names the first field that breaks its rule. (huggingface_hub's `validated_field` would check each assignment,
+# not construction and save, could not see the config's causality, and rewords the errors.)
+SEA_FIELD_RULES = {
+    "sea_key_budget": SeaFieldRule(
+        lambda budget, divisor: _is_integer(budget) and budget >= 1, "an integer >= 1 (keys per query and head)"
+    ),
+    "sea_compressed_width": SeaFieldRule(
+        lambda width, divisor: _is_integer(width) and width >= divisor and width % divisor == 0,
+        "a positive multiple of {divisor} for {config}",
+    ),
+    "sea_performer_nb_factor": SeaFieldRule(
+        lambda factor, divisor: not isinstance(factor, bool) and isinstance(factor, (int, float)) and factor > 0,
+        "a number > 0",
+    ),
+    "sea_budget_rule": _one_of(SEA_BUDGET_RULES),
+    "sea_anchor_bins": SeaFieldRule(_is_flag, "True or False"),
+    "sea_output_gates": SeaFieldRule(_is_flag, "True or False"),
+    "sea_query_block_size": _one_of(SEA_QUERY_BLOCK_SIZES),
+    "sea_kernel": _one_of(SEA_KERNELS),
+    "sea_baseline": _one_of(SEA_BASELINES),
+}
 
 
 @dataclass(kw_only=True, repr=False)
@@ -103,28 +147,12 @@ class SeaConfigMixin:
 
     def validate_sea_fields(self):
         """Raise a `ValueError` naming the first SEA field whose value is outside its allowed range."""
-        if not _is_integer(self.sea_key_budget) or self.sea_key_budget < 1:
-            raise ValueError(f"`sea_key_budget` must be an integer >= 1 (keys per query and head), got {self.sea_key_budget!r}.")
         divisor = SEA_DECODER_WIDTH_DIVISOR[self.sea_causal]
-        width = self.sea_compressed_width
-        if not _is_integer(width) or width < divisor or width % divisor:
-            raise ValueError(
-                f"`sea_compressed_width` must be a positive multiple of {divisor} for {type(self).__name__}, got {width!r}."
-            )
-        factor = self.sea_performer_nb_factor
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
-            raise ValueError(f"`sea_performer_nb_factor` must be a number > 0, got {factor!r}.")
-        if self.sea_budget_rule not in SEA_BUDGET_RULES:
-            raise ValueError(f"`sea_budget_rule` must be one of {SEA_BUDGET_RULES}, got {self.sea_budget_rule!r}.")
-        for flag in ("sea_anchor_bins", "sea_output_gates"):
-            if not isinstance(getattr(self, flag), bool):
-                raise ValueError(f"`{flag}` must be True or False, got {getattr(self, flag)!r}.")
-        if self.sea_query_block_size not in SEA_QUERY_BLOCK_SIZES:
-            raise ValueError(f"`sea_query_block_size` must be one of {SEA_QUERY_BLOCK_SIZES}, got {self.sea_query_block_size!r}.")
-        if self.sea_kernel not in SEA_KERNELS:
-            raise ValueError(f"`sea_kernel` must be one of {SEA_KERNELS}, got {self.sea_kernel!r}.")
-        if self.sea_baseline not in SEA_BASELINES:
-            raise ValueError(f"`sea_baseline` must be one of {SEA_BASELINES}, got {self.sea_baseline!r}.")
+        for name, rule in SEA_FIELD_RULES.items():
+            value = getattr(self, name)
+            if not rule.accepts(value, divisor):
+                allowed = rule.allowed.format(divisor=divisor, config=type(self).__name__)
+                raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
         if getattr(self, "head_dim", None) is None and self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"`hidden_size` ({self.hidden_size}) must be a multiple of `num_attention_heads` "

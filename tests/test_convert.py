@@ -5,6 +5,7 @@ import json
 import os
 import stat
 import time
+from dataclasses import fields
 
 import pytest
 import torch
@@ -12,8 +13,31 @@ from safetensors.torch import load_file
 from transformers import GPT2Config, LlamaConfig, LlamaForCausalLM, OPTForCausalLM
 
 from conftest import TINY_LLAMA, tiny_opt_config
-from conversion.convert import convert_to_sea, main as convert_main, model_path_problem, save_atomically
+from conversion.convert import SEA_FLAGS, convert_to_sea, main as convert_main, model_path_problem, save_atomically
+from sea.configuration_sea import SEA_FIELD_RULES, SeaConfigMixin, SeaLlamaConfig
 from test_hub_roundtrip import run_without_project
+
+SEA_DEFAULTS = {field.name: field.default for field in fields(SeaConfigMixin)}
+# A value other than the config's default for every SEA field, all accepted by a causal model together.
+SEA_NON_DEFAULTS = dict(
+    sea_key_budget=5, sea_compressed_width=8, sea_performer_nb_factor=4.0, sea_budget_rule="reference",
+    sea_output_gates=False, sea_anchor_bins=False, sea_query_block_size=16, sea_kernel="torch",
+    sea_baseline="local_window",
+)
+# A value the command lines refuse for each flag added for the fields they did not reach before.
+BAD_NEW_FLAGS = [["--query-block-size", "3"], ["--kernel", "cuda"], ["--sea-baseline", "sea"], ["--anchor-bins=no"]]
+
+
+def sea_flags(options: dict) -> list[str]:
+    """The command-line flags that set the SEA fields to `options`."""
+    argv = []
+    for name, value in options.items():
+        flag = SEA_FLAGS[name]
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag.removeprefix("--"))
+        else:
+            argv += [flag, str(value)]
+    return argv
 
 
 def saved_llama(folder, dtype=torch.float32) -> str:
@@ -75,6 +99,28 @@ def expect_refusal(argv, capsys, *fragments):
     assert ": error: " in message, message
     for fragment in fragments:
         assert fragment in message, message
+
+
+def test_every_sea_field_has_one_rule_and_one_flag():
+    assert set(SEA_FIELD_RULES) == set(SEA_FLAGS) == set(SEA_NON_DEFAULTS) == set(SEA_DEFAULTS)
+    assert all(SEA_NON_DEFAULTS[name] != default for name, default in SEA_DEFAULTS.items())
+
+
+def test_every_sea_field_reaches_the_saved_config_with_the_configs_default(tmp_path):
+    dense = saved_llama(tmp_path / "dense")
+    convert(dense, tmp_path / "default")
+    config = SeaLlamaConfig.from_pretrained(tmp_path / "default")  # config.json holds only what differs from them
+    assert {name: getattr(config, name) for name in SEA_DEFAULTS} == SEA_DEFAULTS
+    saved = convert(dense, tmp_path / "set", *sea_flags(SEA_NON_DEFAULTS))
+    assert {name: saved[name] for name in SEA_DEFAULTS} == SEA_NON_DEFAULTS
+    # The underscore spelling of distill.py's HfArgumentParser flags works here too.
+    assert convert(dense, tmp_path / "underscore", "--key_budget", "7")["sea_key_budget"] == 7
+
+
+@pytest.mark.parametrize("bad", BAD_NEW_FLAGS, ids=lambda bad: bad[0])
+def test_a_bad_value_of_a_new_sea_flag_is_refused_naming_it(bad, tmp_path, capsys):
+    flag = bad[0].split("=")[0]
+    expect_refusal(["--model", str(tmp_path), "--output-dir", str(tmp_path / "out"), *bad], capsys, flag)
 
 
 def test_missing_local_path_is_refused_naming_the_flag(tmp_path, capsys, monkeypatch):

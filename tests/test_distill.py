@@ -17,6 +17,7 @@ from transformers import GPT2Config
 
 from conversion import distill
 from conversion.convert import convert_to_sea
+from test_convert import BAD_NEW_FLAGS, SEA_DEFAULTS, SEA_NON_DEFAULTS, sea_flags
 from training.data import packaged_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,6 +180,18 @@ def expect_error(argv, capsys, *fragments):
     message = capsys.readouterr().err
     for fragment in fragments:
         assert fragment in message, message
+
+
+def test_every_sea_field_is_a_flag_with_the_configs_default():
+    """Only the packaged run's key budget and bin count are distill.py's own (SEA_DEFAULTS says why)."""
+    assert distill.parse_arguments([])[1] == {**SEA_DEFAULTS, **distill.SEA_DEFAULTS}
+    assert distill.parse_arguments(sea_flags(SEA_NON_DEFAULTS))[1] == SEA_NON_DEFAULTS
+    assert distill.parse_arguments(["--key_budget", "7"])[1]["sea_key_budget"] == 7  # HfArgumentParser's spelling
+
+
+@pytest.mark.parametrize("bad", BAD_NEW_FLAGS, ids=lambda bad: bad[0])
+def test_a_bad_value_of_a_new_sea_flag_is_refused_naming_it(bad, tmp_path, capsys):
+    expect_error([*bad, "--output-dir", str(tmp_path / "out")], capsys, bad[0].split("=")[0])
 
 
 def test_errors_before_training(tmp_path, capsys, tiny_bert_classifier, tiny_opt_lm, monkeypatch):
