@@ -74,7 +74,9 @@ def heads_to_hidden(context: torch.Tensor) -> torch.Tensor:
 def prepare_causal_inputs(decoder, input_ids, inputs_embeds, attention_mask, given, use_cache):
     """What a causal SEA decoder starts from: the input embeddings, the `SeaCache` to continue (None without
     caching), the number of cached positions, and the (N, T_all) key-validity mask of every position so far (also
-    stored in the cache, so a decode step without `attention_mask` keeps the prompt's padding)."""
+    stored in the cache, so a decode step without `attention_mask` keeps the prompt's padding). The mask is None
+    when no position can be padding (no `attention_mask`, nothing cached): the layers then skip every padding
+    step, and nothing waits on its values (which `torch.export` could not trace)."""
     if (input_ids is None) ^ (inputs_embeds is not None):
         raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
     if inputs_embeds is None:
@@ -83,6 +85,14 @@ def prepare_causal_inputs(decoder, input_ids, inputs_embeds, attention_mask, giv
     n, t = inputs_embeds.shape[:2]
     if t == 0:
         raise ValueError("The input is empty: SEA models need at least one token.")
+    if torch.compiler.is_exporting():
+        # An exported program's outputs are tensors (or registered containers): SEA's cache is neither.
+        if use_cache or given is not None:
+            raise ValueError(
+                "SEA models export without a cache: a SeaCache cannot be an input or output of an exported "
+                "program. Export with `use_cache=False` and no `cache`/`past_key_values`, and generate eagerly."
+            )
+        use_cache = False
     use_cache = config.use_cache if use_cache is None else use_cache
     if decoder.training and any(layer.gradient_checkpointing for layer in decoder.layers):
         # transformers' checkpointed layers drop the cache (a replayed layer would write it twice; 5.17 drops it
@@ -101,13 +111,14 @@ def prepare_causal_inputs(decoder, input_ids, inputs_embeds, attention_mask, giv
             f"{past + t} tokens exceed max_position_embeddings={config.max_position_embeddings} of this model "
             "(the positions SEA's estimator knows); truncate the input or generate fewer tokens."
         )
+    new_valid = torch.ones(n, t, dtype=torch.bool, device=inputs_embeds.device)
+    key_valid = None
     if attention_mask is not None:
         key_valid = padding_mask_to_key_valid(attention_mask, n, past + t)
-    else:
-        new_valid = torch.ones(n, t, dtype=torch.bool, device=inputs_embeds.device)
-        key_valid = new_valid if not past else torch.cat([cache.key_valid, new_valid], dim=1)
+    elif past:
+        key_valid = torch.cat([cache.key_valid, new_valid], dim=1)
     if cache is not None:
-        cache.key_valid = key_valid
+        cache.key_valid = new_valid if key_valid is None else key_valid
     return inputs_embeds, cache, past, key_valid
 
 
@@ -211,10 +222,12 @@ class SeaOptDecoder(SeaOptPreTrainedModel, OPTDecoder):
         inputs_embeds, cache, past, key_valid = prepare_causal_inputs(
             self, input_ids, inputs_embeds, attention_mask, given_cache(cache, past_key_values), use_cache
         )
-        if position_ids is None:  # OPT's rule: positions count the tokens, not the padding
+        if position_ids is None and key_valid is None:
+            position_ids = torch.arange(past, past + inputs_embeds.shape[1], device=inputs_embeds.device)[None]
+        elif position_ids is None:  # OPT's rule: positions count the tokens, not the padding
             mask = key_valid.long()
             position_ids = (mask.cumsum(-1) * mask - 1)[:, past:]
-        pos_embeds = self.embed_positions(key_valid.long(), past, position_ids=position_ids)
+        pos_embeds = self.embed_positions(None, past, position_ids=position_ids)
         if self.project_in is not None:
             inputs_embeds = self.project_in(inputs_embeds)
         hidden_states = inputs_embeds + pos_embeds.to(inputs_embeds.device)

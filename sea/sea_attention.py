@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-from transformers.utils import logging
+from transformers.utils import is_torchdynamo_compiling, logging
 
 from .configuration_sea import SEA_DECODER_WIDTH_DIVISOR
 from .sea_triton import (
@@ -76,6 +76,7 @@ class SeaSelection:
     or beyond its own visible-key count `row_counts` (N, T) (in a causal block, the keys after the row). Slot s of
     a row is the s-th rank of that concatenation; `key_positions` (N, T_all) maps ranks to key positions (None
     when every key is valid: then rank and position are the same, and the Triton kernel reads keys contiguously).
+    `max_slots`, when known, bounds `slots` from shapes and the budget rule alone.
     """
 
     starts: torch.Tensor
@@ -83,10 +84,15 @@ class SeaSelection:
     key_positions: torch.Tensor | None
     row_counts: torch.Tensor
     rows_per_block: int
+    max_slots: int | None = None
 
     @functools.cached_property
     def slots(self) -> int:
-        """Slots per row: the longest concatenation of a block's ranges."""
+        """Slots per row: the longest concatenation of a block's ranges. A traced graph (torch.export,
+        torch.compile) cannot size tensors by that data, so it takes `max_slots`: the extra slots are unused, which
+        leaves every result the same."""
+        if self.max_slots is not None and is_torchdynamo_compiling():
+            return self.max_slots
         return int(self.lengths.sum(-1).max()) if self.lengths.numel() else 0
 
     def rows(self, first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -519,8 +525,10 @@ class SeaRowCnn(nn.Module):
         every `block` rows and for its memory of the last rows, and where those first rows are among them. Run on
         just these rows (with the same state), the CNN gives the same output there and the same memory: each first
         row comes with the `reach` rows its two convolutions read above it (row 0 reads the state), and so does the
-        last row. Built from host integers, so no step waits for the GPU, and kept per length (read-only)."""
-        return _causal_cnn_rows(block, 2 * self.rows_above, num_rows, device)
+        last row. Built from host integers, so no step waits for the GPU, and kept per length (read-only), except
+        while tracing (torch.export, torch.compile), whose tensors must not outlive the trace."""
+        build = _causal_cnn_rows.__wrapped__ if is_torchdynamo_compiling() else _causal_cnn_rows
+        return build(block, 2 * self.rows_above, num_rows, device)
 
     def _conv(self, conv: nn.Conv2d, x: torch.Tensor, row_valid: torch.Tensor, above: torch.Tensor | None):
         """Causal: `above` holds the rows before `x` (zeros at the start of a sequence). Bidirectional: zero
@@ -769,6 +777,7 @@ class SeaAttention(nn.Module):
         estimate_log_probs: torch.Tensor,
         counts: torch.Tensor,
         positions: torch.Tensor | None,
+        num_keys: int,
         leading_rows_only: bool = False,
     ) -> SeaSelection:
         """The keys of every query: bins ranked by `bin_ranking`, expanded by `select_keys`, shared by blocks of
@@ -778,12 +787,16 @@ class SeaAttention(nn.Module):
         plus one range holding the keys after that row's, which each row reads up to itself: a row reads at most
         budget + block size - 1 keys. A bidirectional block ranks bins by the estimate averaged (in probability)
         over its rows that see keys, with the bins of the row that sees the most keys. `leading_rows_only`: the
-        (causal) estimate holds only the first row of every block."""
+        (causal) estimate holds only the first row of every block. `num_keys`: the key positions (T_all).
+
+        A row's ranges are disjoint ranks of the keys it sees, so it reads at most `num_keys` of them, and under the
+        "constant" rule at most the budget plus the rest of its block: the selection's `max_slots`."""
         block = self.query_block_size
+        max_slots = min(num_keys, self.budget + block - 1) if self.budget_rule == "constant" else num_keys
         if block == 1:
             edges = bin_edges(counts, self.width)
             starts, lengths = select_keys(self.bin_ranking(estimate_log_probs, edges), edges, self.budget, self.budget_rule)
-            return SeaSelection(starts, lengths, positions, counts, 1)
+            return SeaSelection(starts, lengths, positions, counts, 1, max_slots)
         pad = (-counts.shape[1]) % block
         block_counts = F.pad(counts, (0, pad)).unflatten(1, (-1, block))  # (N, R, B)
         if self.causal:
@@ -801,7 +814,7 @@ class SeaAttention(nn.Module):
             per_head = (*starts.shape[:-1], 1)
             starts = torch.cat([starts, first_counts[:, None, :, None].expand(per_head)], -1)
             lengths = torch.cat([lengths, newest[:, None, :, None].expand(per_head)], -1)
-        return SeaSelection(starts, lengths, positions, counts, block)
+        return SeaSelection(starts, lengths, positions, counts, block, max_slots)
 
     def forward(
         self,
@@ -826,14 +839,23 @@ class SeaAttention(nn.Module):
         attention dropout of the sparse probabilities, which the model passes in training only (as transformers'
         attention does); it changes the context, not the returned probabilities."""
         n, _, t, _ = q.shape
+        if torch.compiler.is_exporting() and not isinstance(k.shape[2], int):
+            raise ValueError(
+                "SEA models export with a static sequence length: the chunked passes of the estimate and of the "
+                "sparse attention are laid out by it. Export without `dynamic_shapes` for the sequence dimension, "
+                "once per length you need."
+            )
         unpadded = key_valid is None
         if unpadded:
             key_valid = torch.ones(n, k.shape[2], dtype=torch.bool, device=q.device)
         if self.causal and state is None:
             state = self.initial_state(n, v.dtype, v.device)
         counts = visible_key_counts(key_valid, self.causal, t)
-        # No padding: a key's rank is its position. (A mask of all ones is checked, which waits for the GPU.)
-        positions = None if unpadded or key_valid.all() else valid_key_positions(key_valid)
+        # No padding: a key's rank is its position. A given mask of all ones is checked, which waits for the GPU,
+        # and is data that a traced graph (torch.export, torch.compile) cannot branch on: there a given mask takes
+        # the general path, which gives the same result.
+        unpadded = unpadded or (not is_torchdynamo_compiling() and bool(key_valid.all()))
+        positions = None if unpadded else valid_key_positions(key_valid)
         v_new = v[:, :, -t:]
         leading_rows_only = self.causal and self.query_block_size > 1 and not need_probs
         estimate_log_probs, encoding, state, kernel_context, gate = self.estimate(
@@ -849,7 +871,7 @@ class SeaAttention(nn.Module):
                 if self.baseline in BIN_SCORES:
                     ranked = BIN_SCORES[self.baseline](q, k, key_valid, counts, self.causal, scaling, self.width)
                     ranked = ranked[:, :, :: self.query_block_size] if leading_rows_only else ranked
-                selection = self.select(ranked, counts, positions, leading_rows_only)
+                selection = self.select(ranked, counts, positions, k.shape[2], leading_rows_only)
         if not self.causal and self.gates is not None:
             gate = self.output_gate(encoding, bidirectional_average_context(v, key_valid, estimate_log_probs, positions))
         implementation = sparse_attention_implementation(q, self.kernel, dropout)
