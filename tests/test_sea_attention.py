@@ -372,7 +372,11 @@ def test_oracle_reads_the_bins_of_most_dense_attention_mass(causal):
             bin_of_key = torch.where(seen, ranks // size, -1)
             for head in range(4):
                 mass = torch.stack([probs[n, head, row][bin_of_key == b].sum() for b in range(width)])
-                top = mass.topk(min(width, budget // size)).indices
+                taken = min(width, budget // size)
+                ordered = mass.sort(descending=True).values
+                if taken < width and ordered[taken - 1] - ordered[taken] < 1e-4:
+                    continue  # a near tie at the budget's edge: float32 rounding may pick either bin
+                top = mass.topk(taken).indices
                 assert set(chosen[n, head, row].nonzero().flatten().tolist()) == set(torch.isin(bin_of_key, top).nonzero().flatten().tolist())
                 checked += 1
     assert checked >= 12
