@@ -223,7 +223,7 @@ def binned_rows(probs: torch.Tensor, edge_prefix: torch.Tensor) -> torch.Tensor:
     return at_edges.diff(dim=-1).clamp_min(0)
 
 
-def exact_bin_log_mass(q, k, key_valid, counts, causal: bool, scaling: float, width: int) -> torch.Tensor:
+def exact_bin_log_mass(q, k, key_valid, positions, counts, causal: bool, scaling: float, width: int) -> torch.Tensor:
     """(N, H, T, M) log of the dense attention mass in each of every query's M bins, computed exactly in chunks of
     query rows (nothing T x T at once, but O(T x T_all) work): what the oracle selection ranks bins by, an upper
     bound for any bin selector at the same budget."""
@@ -238,26 +238,27 @@ def exact_bin_log_mass(q, k, key_valid, counts, causal: bool, scaling: float, wi
     return torch.cat(masses, 2).clamp_min(torch.finfo(torch.float32).tiny).log()
 
 
-def keys_by_rank(k: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
-    """k (N, H_kv, T_all, D) reordered so that position r holds the key of rank r (padded keys last), float32+."""
+def keys_by_rank(k: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    """k (N, H_kv, T_all, D) reordered so that position r holds the key of rank r (padded keys last), float32+;
+    `positions` from `valid_key_positions`, None when every key is valid (then ranks are positions)."""
     k = at_least_float32(k)
-    if key_valid.all():
+    if positions is None:
         return k
-    positions = valid_key_positions(key_valid)[:, None, :, None].expand_as(k)
-    return k.gather(2, positions)
+    return k.gather(2, positions[:, None, :, None].expand_as(k))
 
 
 def grouped_scores(q: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
     """q (N, H, C, D) against per-row bin summaries (N, H_kv, C, M, D) of its key/value head: (N, H, C, M)."""
     grouped = at_least_float32(q).unflatten(1, (summaries.shape[1], -1))
-    return torch.einsum("ngcd,ncmd->ngcm", grouped.flatten(0, 1), summaries.flatten(0, 1)).unflatten(0, grouped.shape[:2]).flatten(1, 2)
+    scores = torch.einsum("ngcd,ncmd->ngcm", grouped.flatten(0, 1), summaries.flatten(0, 1))
+    return scores.unflatten(0, grouped.shape[:2]).flatten(1, 2)
 
 
-def key_mean_scores(q, k, key_valid, counts, causal: bool, scaling: float, width: int) -> torch.Tensor:
+def key_mean_scores(q, k, key_valid, positions, counts, causal: bool, scaling: float, width: int) -> torch.Tensor:
     """(N, H, T, M) q . (mean key of each bin), from prefix sums of the keys: O(M D) per query (MoBA's gate, on
     SEA's bins). A training-free content-based bin ranking."""
     n, h, t, d = q.shape
-    prefix = F.pad(keys_by_rank(k, key_valid).cumsum(2), (0, 0, 1, 0))  # (N, H_kv, T_all + 1, D)
+    prefix = F.pad(keys_by_rank(k, positions).cumsum(2), (0, 0, 1, 0))  # (N, H_kv, T_all + 1, D)
     edges = bin_edges(counts, width)
     rows_per_chunk = max(1, SCORE_CHUNK_ELEMENTS // max(1, n * k.shape[1] * (width + 1) * d))
     scores = []
@@ -270,14 +271,14 @@ def key_mean_scores(q, k, key_valid, counts, causal: bool, scaling: float, width
     return torch.cat(scores, 2)
 
 
-def key_bound_scores(q, k, key_valid, counts, causal: bool, scaling: float, width: int) -> torch.Tensor:
+def key_bound_scores(q, k, key_valid, positions, counts, causal: bool, scaling: float, width: int) -> torch.Tensor:
     """(N, H, T, M) Quest's upper bound of q . k over each bin's keys, sum_d max(q_d min_d, q_d max_d) with the
     per-channel min and max of the bin's keys, read in O(M D) per query from a sparse table of range minima and
     maxima over key ranks (levels of 1, 2, 4, .. keys up to the largest bin: O(T_all D log(T_all / M)) memory).
     A training-free content-based bin ranking."""
     n, h, t, d = q.shape
     kv_heads, t_all = k.shape[1], k.shape[2]
-    ranked = keys_by_rank(k, key_valid)
+    ranked = keys_by_rank(k, positions)
     lows, highs = [ranked], [ranked]
     while (1 << len(lows)) <= max(1, t_all // width):
         step = 1 << (len(lows) - 1)
@@ -753,8 +754,9 @@ class SeaAttention(nn.Module):
         return self.encoder[1:](hidden)
 
     def bin_ranking(self, estimate_log_probs: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
-        """What `select_keys` ranks bins by: SEA's estimate (or a `BIN_SCORES` ranking, given in its place), or a baseline's fixed or random order, with the anchor bins (first and last, when enabled) first and
-        the empty bins (from `edges`) last."""
+        """What `select_keys` ranks bins by: SEA's estimate (or a `BIN_SCORES` ranking, given in its place), or a
+        baseline's fixed or random order, with the anchor bins (first and last, when enabled) first and the empty
+        bins (from `edges`) last."""
         if self.baseline is None or self.baseline in BIN_SCORES:
             ranking = estimate_log_probs
         elif self.baseline == "local_window":
@@ -869,7 +871,8 @@ class SeaAttention(nn.Module):
             with torch.no_grad():
                 ranked = estimate_log_probs
                 if self.baseline in BIN_SCORES:
-                    ranked = BIN_SCORES[self.baseline](q, k, key_valid, counts, self.causal, scaling, self.width)
+                    score = BIN_SCORES[self.baseline]
+                    ranked = score(q, k, key_valid, positions, counts, self.causal, scaling, self.width)
                     ranked = ranked[:, :, :: self.query_block_size] if leading_rows_only else ranked
                 selection = self.select(ranked, counts, positions, k.shape[2], leading_rows_only)
         if not self.causal and self.gates is not None:
@@ -894,7 +897,8 @@ class SeaAttention(nn.Module):
         return SeaAttentionOutput(context, probs, selection, estimate_log_probs, state)
 
 
-# Baselines that rank bins by a score computed from the queries and keys instead of the estimate.
+# Baselines that rank bins by a score computed from the queries and keys instead of the estimate. They take the same
+# arguments (`positions` from `valid_key_positions`, None without padding) and each reads what it needs.
 BIN_SCORES = {"oracle": exact_bin_log_mass, "key_means": key_mean_scores, "key_bounds": key_bound_scores}
 
 

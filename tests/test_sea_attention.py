@@ -396,8 +396,9 @@ def test_key_summary_scores_match_each_bins_keys(causal):
     k = torch.randn(N, 2, t, 16, dtype=torch.float64)
     valid = random_padding(t)
     counts = visible_key_counts(valid, causal, t)
-    means = sea_attention.key_mean_scores(q, k, valid, counts, causal, 0.5, width)
-    bounds = sea_attention.key_bound_scores(q, k, valid, counts, causal, 0.5, width)
+    positions = sea_attention.valid_key_positions(valid)
+    means = sea_attention.key_mean_scores(q, k, valid, positions, counts, causal, 0.5, width)
+    bounds = sea_attention.key_bound_scores(q, k, valid, positions, counts, causal, 0.5, width)
     edges = sea_attention.bin_edges(counts, width)
     for n in range(N):
         ranked = k[n][:, valid[n]]  # (H_kv, L, D): keys in rank order
