@@ -240,6 +240,15 @@ def kernel_baseline(teacher, train, args, work: Path):
                    lambda name: True)
 
 
+@torch.no_grad()
+def held_out_perplexity(model, held_out: list[int], context: int, tokens: int) -> dict:
+    """Sliding-window perplexity of `tokens` held-out tokens at `context`, stride context / 16, each scored token
+    with at least 15/16 of the window before it."""
+    stride = context // 16
+    scored = held_out[: tokens + context - stride]
+    return sliding_window_perplexity(model, scored, context, stride, long_context_only=True)
+
+
 def evaluate(name: str, build, held_out: list[int], args, work: Path, teacher=None) -> dict:
     """Perplexity of the model `build()` returns at every context (stride = context / 16); for SEA models also
     the teacher's attention mass on the selected keys per layer, on the first 4 windows of the longest context.
@@ -251,9 +260,7 @@ def evaluate(name: str, build, held_out: list[int], args, work: Path, teacher=No
     result = {}
     with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=torch.cuda.is_available()):
         for context in args.contexts:
-            stride = context // 16
-            scored = held_out[: args.eval_tokens + context - stride]
-            result[str(context)] = sliding_window_perplexity(model, scored, context, stride, long_context_only=True)
+            result[str(context)] = held_out_perplexity(model, held_out, context, args.eval_tokens)
         if teacher is not None:
             context = max(args.contexts)
             sample = held_out[: context + 3 * (context // 16)]

@@ -37,9 +37,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conversion.convert import convert_to_sea, load_dense  # noqa: E402
-from quality import load_tokenizer, model_source, run_record, wikipedia_articles, with_trained_weights  # noqa: E402
+from quality import (  # noqa: E402
+    HELD_OUT_SHARE,
+    load_tokenizer,
+    model_source,
+    run_record,
+    wikipedia_articles,
+    with_trained_weights,
+)
+from quality import held_out_perplexity as perplexity  # noqa: E402
 from sea.sea_attention import SeaAttention, bin_edges, exact_attention, visible_key_counts  # noqa: E402
-from training.evaluation import sliding_window_perplexity  # noqa: E402
 
 TASKS = ("passkey", "multikey", "copy")
 INSTRUCTION = ("There is important information hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -167,7 +174,7 @@ def prepare(args, work: Path):
         return torch.load(path)
     tokenizer = load_tokenizer(args)
     articles = wikipedia_articles()
-    cut = int(len(articles) * 0.9)  # quality.py's held-out share: filler never seen in distillation
+    cut = int(len(articles) * (1 - HELD_OUT_SHARE))  # quality.py's held-out articles: never seen in distillation
     corpus = []
     for text in articles[cut:]:
         corpus += tokens_of(tokenizer, text) + [tokenizer.eos_token_id]
@@ -195,13 +202,6 @@ def accuracy(model, trials: dict, batch_tokens: int) -> dict:
         token_share.append(right.float().mean(-1).cpu())
     return {"accuracy": float(torch.cat(exact).float().mean()), "answer_tokens_right": float(torch.cat(token_share).mean()),
             "trials": len(ids)}
-
-
-def perplexity(model, held_out: list[int], length: int, tokens: int) -> float:
-    stride = length // 16
-    scored = held_out[: tokens + length - stride]
-    with torch.no_grad():
-        return sliding_window_perplexity(model, scored, length, stride, long_context_only=True)["perplexity"]
 
 
 NEEDLE_WINDOW = 24  # tokens from a needle's start that hold its sentence
@@ -389,7 +389,7 @@ def measure(args, work: Path, data: dict):
         with torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda"):
             if task == "ppl":
                 result = measure_cell(cell_path(work, row, share, task, length),
-                                      lambda: {"perplexity": perplexity(model, held_out, length, args.ppl_tokens)})
+                                      lambda: {"perplexity": perplexity(model, held_out, length, args.ppl_tokens)["perplexity"]})
             else:
                 trials = data["trials"][f"{task}-{length}"]
                 result = measure_cell(cell_path(work, row, share, task, length),
