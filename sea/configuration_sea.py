@@ -59,6 +59,9 @@ SEA_FIELD_RULES = {
         "a number > 0",
     ),
     "sea_budget_rule": _one_of(SEA_BUDGET_RULES),
+    "sea_candidate_factor": SeaFieldRule(
+        lambda factor, divisor: _is_integer(factor) and factor >= 1, "an integer >= 1 (1: no exact re-ranking)"
+    ),
     "sea_anchor_bins": SeaFieldRule(_is_flag, "True or False"),
     "sea_output_gates": SeaFieldRule(_is_flag, "True or False"),
     "sea_query_block_size": _one_of(SEA_QUERY_BLOCK_SIZES),
@@ -71,7 +74,7 @@ SEA_FIELD_RULES = {
 class SeaConfigMixin:
     r"""
     SEA fields shared by every family. The ones that shape no weight (`sea_key_budget`, `sea_budget_rule`,
-    `sea_anchor_bins`, `sea_query_block_size`, `sea_kernel`, `sea_baseline`) are read at every call: changing them
+    `sea_candidate_factor`, `sea_anchor_bins`, `sea_query_block_size`, `sea_kernel`, `sea_baseline`) are read at every call: changing them
     on a loaded model's config acts at once (and is what `save_pretrained` writes).
 
     sea_key_budget (`int`, defaults to 64):
@@ -88,6 +91,11 @@ class SeaConfigMixin:
         `"reference"`: `round(sea_key_budget * M / L)` bins are taken whole for a row of `L` visible keys, as in
         the reference implementation; a query then reads about `sea_key_budget` keys while `L <= sea_key_budget * M`
         and more beyond.
+    sea_candidate_factor (`int`, defaults to 1):
+        With a factor c > 1, the bins holding the best-ranked `c * sea_key_budget` keys are candidates, and each
+        query keeps those of them that hold the most of its exact softmax attention over the candidates' keys
+        (computed over those keys only, at c times the sparse attention's cost). The ranking finds the region, the
+        exact scores of its keys decide. 1 keeps the ranking as it is.
     sea_output_gates (`bool`, defaults to `True`):
         Learned per-query gates that scale the sparse attention and mix in an average context carrying
         information from keys outside the mask. They start neutral (scale 1, mix 0).
@@ -129,6 +137,7 @@ class SeaConfigMixin:
     sea_compressed_width: int = 128
     sea_performer_nb_factor: float = 8.0
     sea_budget_rule: str = "constant"
+    sea_candidate_factor: int = 1
     sea_output_gates: bool = True
     sea_anchor_bins: bool = True
     sea_query_block_size: int = 1

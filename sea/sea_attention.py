@@ -382,8 +382,9 @@ def linear_attention(phi_q, phi_k, values, causal: bool, kv_sum=None, k_sum=None
     return out, (kv_through[..., -1, :, :], k_through[..., -1, :])
 
 
-def select_keys(ranking: torch.Tensor, edges: torch.Tensor, budget: int, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The best-ranked bins of every row (or block of rows) as rank ranges: starts and lengths (..., K), best first.
+def select_keys(ranking: torch.Tensor, edges: torch.Tensor, budget: int, rule: str) -> tuple[torch.Tensor, ...]:
+    """The best-ranked bins of every row (or block of rows) as rank ranges: starts and lengths (..., K), best first,
+    and the bin of each range.
 
     ranking (N, H, R, M) with empty bins at -inf; edges (N, R, M + 1) from `bin_edges`. "constant": bins are taken
     whole in ranking order until `budget` keys are filled (the overflowing bin gives its first keys), so a row of
@@ -399,9 +400,30 @@ def select_keys(ranking: torch.Tensor, edges: torch.Tensor, budget: int, rule: s
     if rule == "reference":
         counts = edges[..., -1:].unsqueeze(1)
         bins = torch.round(budget * width / counts.clamp_min(1)).clamp(1, width)
-        return top_starts, top_sizes * (torch.arange(top, device=order.device) < bins)
+        return top_starts, top_sizes * (torch.arange(top, device=order.device) < bins), order
     before = top_sizes.cumsum(-1) - top_sizes
-    return top_starts, top_sizes.clamp_max((budget - before).clamp_min(0))
+    return top_starts, top_sizes.clamp_max((budget - before).clamp_min(0)), order
+
+
+def range_log_mass(q, k, v, starts, lengths, positions, counts, scaling: float, attend) -> torch.Tensor:
+    """(N, H, R, K) log of the share of each query row's exact softmax attention, taken over the keys of its K rank
+    ranges only, that each range holds: the attention of `attend` (`sparse_attention` or its kernel) summed per
+    range. q (N, H, R, D) has one row per row of ranges `starts`, `lengths` (N, H, R, K), which see `counts` (N, R)
+    keys; `positions` as in `SeaSelection`. O(sum of lengths x D) per row, in chunks of rows so that the
+    probabilities stay a bounded size."""
+    n, h, r, _ = starts.shape
+    slots = max(1, int(lengths.sum(-1).max()) if lengths.numel() else 1)
+    rows_per_chunk = max(1, SCORE_CHUNK_ELEMENTS // max(1, n * h * slots))
+    masses = []
+    for r0 in range(0, r, rows_per_chunk):
+        rows = slice(r0, min(r, r0 + rows_per_chunk))
+        part_lengths = lengths[:, :, rows]
+        selection = SeaSelection(starts[:, :, rows], part_lengths, positions, counts[:, rows], 1)
+        probs, _ = attend(q[:, :, rows].contiguous(), k, v, selection, scaling, True)
+        prefix = F.pad(at_least_float32(probs).cumsum(-1), (1, 0))
+        ends = part_lengths.cumsum(-1)
+        masses.append(prefix.gather(-1, ends) - prefix.gather(-1, ends - part_lengths))
+    return torch.cat(masses, 2).clamp_min(torch.finfo(torch.float32).tiny).log()
 
 
 def sparse_attention(q, k, v, selection: SeaSelection, scaling: float, need_probs: bool = True, dropout: float = 0.0):
@@ -586,7 +608,8 @@ class SeaAttention(nn.Module):
         if num_heads % self.num_key_value_heads:
             raise ValueError(f"{num_heads} query heads cannot be grouped over {self.num_key_value_heads} key/value heads.")
         self.head_dim = head_dim
-        # The SEA settings that shape no weight (key budget, rule, baseline, anchors, kernel, query blocks) are read
+        # The SEA settings that shape no weight (key budget, rule, candidates, baseline, anchors, kernel, query
+        # blocks) are read
         # from the config at every call: a changed config acts at once, as it is saved.
         self.config = config
         self.width = config.sea_compressed_width
@@ -604,6 +627,7 @@ class SeaAttention(nn.Module):
 
     budget = _config_setting("sea_key_budget")
     budget_rule = _config_setting("sea_budget_rule")
+    candidate_factor = _config_setting("sea_candidate_factor")
     baseline = _config_setting("sea_baseline")
     anchor_bins = _config_setting("sea_anchor_bins")
     kernel = _config_setting("sea_kernel")
@@ -755,8 +779,7 @@ class SeaAttention(nn.Module):
 
     def bin_ranking(self, estimate_log_probs: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
         """What `select_keys` ranks bins by: SEA's estimate (or a `BIN_SCORES` ranking, given in its place), or a
-        baseline's fixed or random order, with the anchor bins (first and last, when enabled) first and the empty
-        bins (from `edges`) last."""
+        baseline's fixed or random order, through `anchored`."""
         if self.baseline is None or self.baseline in BIN_SCORES:
             ranking = estimate_log_probs
         elif self.baseline == "local_window":
@@ -764,6 +787,11 @@ class SeaAttention(nn.Module):
             ranking = ranking.expand_as(estimate_log_probs)
         else:  # "random_mask"
             ranking = torch.rand_like(estimate_log_probs)
+        return self.anchored(ranking, edges)
+
+    def anchored(self, ranking: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+        """`ranking` with the anchor bins (first and last, when enabled) first and the empty bins (from `edges`)
+        last."""
         sizes = edges.diff(dim=-1)  # (N, T, M) keys per bin
         if self.anchor_bins:
             ranking = ranking.clone()
@@ -774,22 +802,35 @@ class SeaAttention(nn.Module):
             ranking[..., -1] = float("inf")  # the newest bin first: with room for one bin only, a query sees itself
         return ranking.masked_fill((sizes == 0).unsqueeze(1), float("-inf"))
 
+    def reranked(self, ranking: torch.Tensor, edges: torch.Tensor, candidate_log_mass) -> torch.Tensor:
+        """With `sea_candidate_factor` c > 1: the bins of the best-ranked c x budget keys, ranked again by the
+        exact attention mass they hold among those keys (`candidate_log_mass(starts, lengths)`, by
+        `range_log_mass`), the other bins last; `ranking` itself otherwise."""
+        if self.candidate_factor == 1:
+            return ranking
+        starts, lengths, bins = select_keys(ranking, edges, self.candidate_factor * self.budget, "constant")
+        mass = candidate_log_mass(starts, lengths).masked_fill(lengths == 0, float("-inf"))
+        exact = torch.full_like(ranking, float("-inf"), dtype=mass.dtype).scatter_(-1, bins, mass)
+        return self.anchored(exact, edges)
+
     def select(
         self,
         estimate_log_probs: torch.Tensor,
         counts: torch.Tensor,
         positions: torch.Tensor | None,
         num_keys: int,
+        rows_log_mass,
         leading_rows_only: bool = False,
     ) -> SeaSelection:
-        """The keys of every query: bins ranked by `bin_ranking`, expanded by `select_keys`, shared by blocks of
-        `sea_query_block_size` consecutive queries.
+        """The keys of every query: bins ranked by `bin_ranking` (then `reranked`), expanded by `select_keys`,
+        shared by blocks of `sea_query_block_size` consecutive queries.
 
         A causal block takes the bins of its first row (they depend on no later token, so the model stays causal)
         plus one range holding the keys after that row's, which each row reads up to itself: a row reads at most
         budget + block size - 1 keys. A bidirectional block ranks bins by the estimate averaged (in probability)
         over its rows that see keys, with the bins of the row that sees the most keys. `leading_rows_only`: the
         (causal) estimate holds only the first row of every block. `num_keys`: the key positions (T_all).
+        `rows_log_mass(step, starts, lengths, counts)`: `range_log_mass` of every `step`-th query row.
 
         A row's ranges are disjoint ranks of the keys it sees, so it reads at most `num_keys` of them, and under the
         "constant" rule at most the budget plus the rest of its block: the selection's `max_slots`."""
@@ -797,20 +838,32 @@ class SeaAttention(nn.Module):
         max_slots = min(num_keys, self.budget + block - 1) if self.budget_rule == "constant" else num_keys
         if block == 1:
             edges = bin_edges(counts, self.width)
-            starts, lengths = select_keys(self.bin_ranking(estimate_log_probs, edges), edges, self.budget, self.budget_rule)
+            ranking = self.reranked(self.bin_ranking(estimate_log_probs, edges), edges,
+                                    lambda starts, lengths: rows_log_mass(1, starts, lengths, counts))
+            starts, lengths, _ = select_keys(ranking, edges, self.budget, self.budget_rule)
             return SeaSelection(starts, lengths, positions, counts, 1, max_slots)
         pad = (-counts.shape[1]) % block
         block_counts = F.pad(counts, (0, pad)).unflatten(1, (-1, block))  # (N, R, B)
         if self.causal:
             first_counts = block_counts[..., 0]
             block_estimate = estimate_log_probs if leading_rows_only else estimate_log_probs[:, :, ::block]
+
+            def block_log_mass(starts, lengths):
+                return rows_log_mass(block, starts, lengths, first_counts)
         else:
             first_counts = block_counts.amax(-1)
             sees_keys = (block_counts > 0)[:, None, :, :, None]
             rows = F.pad(estimate_log_probs, (0, 0, 0, pad)).unflatten(2, (-1, block))
             block_estimate = rows.masked_fill(~sees_keys, float("-inf")).logsumexp(3)
+
+            def block_log_mass(starts, lengths):  # every row's mass in the block's ranges, averaged over the block
+                t = counts.shape[1]
+                per_row = rows_log_mass(1, *(x.repeat_interleave(block, 2)[:, :, :t] for x in (starts, lengths)), counts)
+                per_block = F.pad(per_row, (0, 0, 0, pad), value=float("-inf")).unflatten(2, (-1, block))
+                return per_block.masked_fill(~sees_keys, float("-inf")).logsumexp(3)
         edges = bin_edges(first_counts, self.width)
-        starts, lengths = select_keys(self.bin_ranking(block_estimate, edges), edges, self.budget, self.budget_rule)
+        ranking = self.reranked(self.bin_ranking(block_estimate, edges), edges, block_log_mass)
+        starts, lengths, _ = select_keys(ranking, edges, self.budget, self.budget_rule)
         if self.causal:  # the newest range: ranks first_count .. (the block's largest count - 1)
             newest = block_counts.amax(-1) - first_counts
             per_head = (*starts.shape[:-1], 1)
@@ -874,7 +927,12 @@ class SeaAttention(nn.Module):
                     score = BIN_SCORES[self.baseline]
                     ranked = score(q, k, key_valid, positions, counts, self.causal, scaling, self.width)
                     ranked = ranked[:, :, :: self.query_block_size] if leading_rows_only else ranked
-                selection = self.select(ranked, counts, positions, k.shape[2], leading_rows_only)
+                attend = sparse_attention_implementation(q, self.kernel)
+
+                def rows_log_mass(step, starts, lengths, row_counts):
+                    return range_log_mass(q[:, :, ::step], k, v, starts, lengths, positions, row_counts, scaling, attend)
+
+                selection = self.select(ranked, counts, positions, k.shape[2], rows_log_mass, leading_rows_only)
         if not self.causal and self.gates is not None:
             gate = self.output_gate(encoding, bidirectional_average_context(v, key_valid, estimate_log_probs, positions))
         implementation = sparse_attention_implementation(q, self.kernel, dropout)

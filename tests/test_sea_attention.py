@@ -414,3 +414,78 @@ def test_key_summary_scores_match_each_bins_keys(causal):
                 bound = torch.maximum(query * low, query * high).sum(-1) * 0.5
                 torch.testing.assert_close(bounds[n, :, row, b], bound)
                 assert (bounds[n, :, row, b] >= (keys @ query.unsqueeze(-1)).squeeze(-1).amax(-1) * 0.5 - 1e-9).all()
+
+
+def exact_bin_masses(q, k, valid, causal, width, n, head, row):
+    """Dense float64 attention mass of each of a query's bins and how many keys each bin holds."""
+    scores = (q[n, head] @ k[n, head // (q.shape[1] // k.shape[1])].T) * 0.25
+    seen = visibility(valid, causal)[n, 0, row]
+    probs = torch.softmax(scores[row].masked_fill(~seen, float("-inf")), -1)
+    length = int(seen.sum())
+    ranks = valid[n].long().cumsum(0) - 1
+    bin_of_key = torch.where(seen, (ranks * width) // length, -1)
+    return torch.stack([probs[bin_of_key == b].sum() for b in range(width)]), bin_of_key
+
+
+@pytest.mark.parametrize("block", [1, 16], ids=["per-query", "blocks"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_candidates_covering_every_key_rerank_like_the_oracle(causal, block):
+    """With candidates that cover every visible key, the exact re-ranking of any ranking (here random bins) reads
+    what the oracle baseline reads: the same bins, with anchors, blocks, grouped heads and padding."""
+    from conftest import tiny_bert_config, tiny_opt_config
+
+    make_config = tiny_opt_config if causal else tiny_bert_config
+    t, width, budget = 64, 8, 16
+    fields = dict(sea_key_budget=budget, sea_compressed_width=width, sea_query_block_size=block)
+    reranked = SeaAttention(make_config(sea_baseline="random_mask", sea_candidate_factor=t, **fields), 4, 16, causal, 2)
+    oracle = SeaAttention(make_config(sea_baseline="oracle", **fields), 4, 16, causal, 2)
+    for op in (reranked, oracle):
+        op.init_sea_weights()
+        op.double()
+    q = torch.randn(N, 4, t, 16, dtype=torch.float64) * 2
+    k, v = (torch.randn(N, 2, t, 16, dtype=torch.float64) * 2 for _ in range(2))
+    valid = random_padding(t)
+    got = selected_matrix(reranked(q, k, v, valid, 0.25).selection, t)
+    want = selected_matrix(oracle(q, k, v, valid, 0.25).selection, t)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_reranking_keeps_the_candidates_of_most_exact_attention(causal):
+    """Candidates from a local window (the bins of the newest 2 x budget keys): every query keeps
+    its anchors and, of the other candidate bins, those with the most dense float64 attention mass; never a bin
+    outside the candidates, however much mass it holds."""
+    from conftest import tiny_bert_config, tiny_opt_config
+
+    make_config = tiny_opt_config if causal else tiny_bert_config
+    width, budget, t = 16, 12, 64
+    config = make_config(sea_baseline="local_window", sea_candidate_factor=2, sea_key_budget=budget,
+                         sea_compressed_width=width)
+    op = SeaAttention(config, 4, 16, causal, num_key_value_heads=2)
+    op.init_sea_weights()
+    op.double()
+    q = torch.randn(N, 4, t, 16, dtype=torch.float64) * 2
+    k, v = (torch.randn(N, 2, t, 16, dtype=torch.float64) * 2 for _ in range(2))
+    valid = random_padding(t)
+    chosen = selected_matrix(op(q, k, v, valid, 0.25).selection, t) > 0
+    checked = 0
+    for n in range(N):
+        for row in range(t):
+            seen = visibility(valid, causal)[n, 0, row]
+            length = int(seen.sum())
+            if not valid[n, row] or length < width or length % width or budget % (length // width):
+                continue  # equal whole bins only, the budget a whole number of them
+            size = length // width
+            kept, candidates = budget // size, min(width, 2 * budget // size)
+            if kept >= width or candidates == kept:
+                continue
+            for head in range(4):
+                mass, bin_of_key = exact_bin_masses(q, k, valid, causal, width, n, head, row)
+                # Candidates: the anchors (bin 0 and the newest bin), then the newest other bins.
+                pool = sorted(range(width - candidates + 1, width - 1), key=lambda b: -mass[b])
+                if mass[pool[kept - 3]] - mass[pool[kept - 2]] < 1e-9:
+                    continue  # a tie at the budget's edge
+                want = torch.isin(bin_of_key, torch.tensor([0, width - 1, *pool[: kept - 2]]))
+                assert torch.equal(chosen[n, head, row], want)
+                checked += 1
+    assert checked >= 12

@@ -322,10 +322,10 @@ def tiny_llama_config(**sea):
     [(SeaOptForCausalLM, tiny_opt_config), (SeaLlamaForCausalLM, tiny_llama_config)],
     ids=["opt", "llama-grouped-query"],
 )
-@pytest.mark.parametrize("block", [1, 16], ids=["per-query", "blocks"])
-def test_model_with_the_kernel_equals_the_pytorch_path(model_class, make_config, block):
+@pytest.mark.parametrize("block, candidates", [(1, 1), (16, 1), (1, 2)], ids=["per-query", "blocks", "reranked"])
+def test_model_with_the_kernel_equals_the_pytorch_path(model_class, make_config, block, candidates):
     torch.manual_seed(0)
-    sea = dict(sea_key_budget=8, sea_compressed_width=8, sea_query_block_size=block)
+    sea = dict(sea_key_budget=8, sea_compressed_width=8, sea_query_block_size=block, sea_candidate_factor=candidates)
     reference = model_class(make_config(**sea, sea_kernel="torch")).to(DEVICE).eval()
     kernel = model_class(make_config(**sea, sea_kernel="triton")).to(DEVICE).eval()
     kernel.load_state_dict(reference.state_dict())
