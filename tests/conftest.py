@@ -28,13 +28,14 @@ TINY_BERT = dict(
 # The attention shapes of each family's smallest real checkpoint (no Qwen or Mistral weights can be downloaded here:
 # the weights are random): Qwen2-0.5B's 14 query / 2 key-value heads of 64 (and its q/k/v biases), Qwen3-0.6B's
 # 16 / 8 heads of 128 (and its q/k norms), Mistral-7B's heads of 128 in groups of 4, 8 / 2 of them instead of
-# 32 / 8. Two layers, a narrow feed-forward block and a small vocabulary keep them fast on the CPU.
+# 32 / 8. One layer (the layers' shared forward is tested over two by Llama's tiny shape), a narrow feed-forward
+# block and a small vocabulary keep them fast on the CPU.
 REAL_SMALL_SHAPES = {
     "qwen2": dict(hidden_size=896, num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
     "qwen3": dict(hidden_size=1024, num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
     "mistral": dict(hidden_size=1024, num_attention_heads=8, num_key_value_heads=2, head_dim=128),
 }
-SMALL_LAYERS = dict(num_hidden_layers=2, intermediate_size=512, vocab_size=120, max_position_embeddings=512, pad_token_id=0)
+SMALL_LAYERS = dict(num_hidden_layers=1, intermediate_size=512, vocab_size=120, max_position_embeddings=512, pad_token_id=0)
 # model_type -> the fields of its dense test config.
 DENSE_TEST_CONFIGS = {
     "opt": TINY_OPT,
