@@ -1,4 +1,5 @@
-"""Convert a pretrained dense OPT or Llama causal LM, or a BERT encoder, into a SEA model.
+"""Convert a pretrained dense model of a family in `sea.configuration_sea.SEA_FAMILIES` (OPT, Llama, Qwen2, Qwen3 or
+Mistral causal LMs, BERT encoders) into a SEA model.
 
 Every dense weight is copied; the new SEA parameters are initialised so that, with a key budget covering every
 key, the SEA model computes exactly what the dense model computes (its gates start neutral).
@@ -18,30 +19,15 @@ from dataclasses import fields
 from pathlib import Path
 
 import torch
+import transformers
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    PreTrainedModel,
-)
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
-from sea.configuration_sea import SEA_FIELD_RULES, SeaBertConfig, SeaConfigMixin, SeaLlamaConfig, SeaOptConfig
-from sea.modeling_sea import SeaBertForSequenceClassification, SeaLlamaForCausalLM, SeaOptForCausalLM
+from sea.configuration_sea import SEA_FAMILIES, SEA_FIELD_RULES, SeaConfigMixin, SeaFamily
+from sea.modeling_sea import converted_class
 
-# model_type of the dense checkpoint -> (SEA config, SEA model, dense class whose weights match it one to one)
-SEA_FAMILIES = {
-    "opt": (SeaOptConfig, SeaOptForCausalLM, "OPTForCausalLM"),
-    "llama": (SeaLlamaConfig, SeaLlamaForCausalLM, "LlamaForCausalLM"),
-    "bert": (SeaBertConfig, SeaBertForSequenceClassification, "BertForSequenceClassification"),
-}
-SUPPORTED = (
-    "'opt' and 'llama' (OPTForCausalLM / LlamaForCausalLM checkpoints, also Llama GGUF files) and 'bert' (BERT "
-    "encoders, with or without a classification head)"
-)
-CAUSAL_TYPES = ("opt", "llama")
+SUPPORTED = ", ".join(f"{model_type!r} ({family.dense_class})" for model_type, family in SEA_FAMILIES.items())
 # Config entries that describe the dense checkpoint itself rather than the architecture.
 NOT_INHERITED = (
     "model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", "dtype", "quantization_config",
@@ -56,7 +42,8 @@ SEA_FLAGS = {field.name: "--" + field.name.removeprefix("sea_").replace("_", "-"
 SEA_FLAGS["sea_baseline"] = "--sea-baseline"
 
 
-def family_of(model_type: str):
+def family_of(model_type: str) -> SeaFamily:
+    """The family of a dense checkpoint's `model_type`; a `ValueError` naming the supported ones for any other."""
     if model_type not in SEA_FAMILIES:
         raise ValueError(f"Cannot convert a model of type {model_type!r} to SEA: supported types are {SUPPORTED}.")
     return SEA_FAMILIES[model_type]
@@ -71,18 +58,15 @@ def load_dense(
     `dtype` is from_pretrained's: "auto" keeps the checkpoint's own (see DTYPES)."""
     gguf = {} if gguf_file is None else {"gguf_file": gguf_file}
     config = AutoConfig.from_pretrained(model, **gguf)
-    family_of(config.model_type)
-    if config.model_type in CAUSAL_TYPES:
-        return AutoModelForCausalLM.from_pretrained(model, dtype=dtype, **gguf)
-    extra = {} if num_labels is None else {"num_labels": num_labels}
-    return AutoModelForSequenceClassification.from_pretrained(model, dtype=dtype, **extra, **gguf)
+    family = family_of(config.model_type)
+    extra = {} if num_labels is None or family.causal else {"num_labels": num_labels}
+    return getattr(transformers, family.auto_class).from_pretrained(model, dtype=dtype, **extra, **gguf)
 
 
 def sea_config_for(dense_config, **sea_options):
-    config_class, _, _ = family_of(dense_config.model_type)
     fields = {k: v for k, v in dense_config.to_dict().items() if k not in NOT_INHERITED}
     fields.update({k: v for k, v in sea_options.items() if v is not None})
-    return config_class(**fields)
+    return family_of(dense_config.model_type).config_class(**fields)
 
 
 def convert_to_sea(
@@ -91,7 +75,7 @@ def convert_to_sea(
 ):
     """Return the SEA model of `dense` (a model object, or a path / Hub id to load, optionally a GGUF file in it).
 
-    `sea_options` are `SeaOptConfig`/`SeaBertConfig` fields (`sea_key_budget=...`); None keeps the default.
+    `sea_options` are `SeaConfigMixin` fields (`sea_key_budget=...`); None keeps the default.
     `num_labels` sets the size of a fresh BERT classification head when the checkpoint has none.
     `dtype` is the SEA model's; "auto" keeps the dense model's (for a path, the checkpoint's own: see DTYPES).
     """
@@ -99,12 +83,13 @@ def convert_to_sea(
         # A quantised GGUF file is dequantised to float32 whatever dtype is asked (another one only adds a warning
         # about its packed-weight kernels): it is cast below, as the SEA model is built.
         dense = load_dense(dense, num_labels, gguf_file, "auto" if gguf_file else dtype)
-    _, sea_class, matching_class = family_of(dense.config.model_type)
+    family = family_of(dense.config.model_type)
+    sea_class = converted_class(family)
     config = sea_config_for(dense.config, **sea_options)
-    if num_labels is not None and config.model_type == "sea_bert":
+    if num_labels is not None and not family.causal:
         config.num_labels = num_labels
     sea = sea_class(config).to(device=dense.device, dtype=dense.dtype if dtype == "auto" else dtype)
-    whole_model = type(dense).__name__ == matching_class
+    whole_model = type(dense).__name__ == family.dense_class
     target, source = (sea, dense) if whole_model else (sea.base_model, dense.base_model)
     missing, unexpected = target.load_state_dict(source.state_dict(), strict=False)
     if unexpected:
@@ -245,7 +230,7 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="local path or Hub id of a dense OPT/Llama causal LM or BERT")
+    parser.add_argument("--model", required=True, help=f"local path or Hub id of a dense model: {SUPPORTED}")
     parser.add_argument("--gguf-file", help="a GGUF file inside --model to load the dense weights from")
     parser.add_argument(
         "--dtype", choices=DTYPES, default="auto",

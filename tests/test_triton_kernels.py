@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import TINY_LLAMA, assert_same_layer_outputs, layer_in_two_calls, tiny_opt_config
-from sea.configuration_sea import SeaLlamaConfig
-from sea.modeling_sea import SeaLlamaForCausalLM, SeaOptForCausalLM
+from conftest import CAUSAL, assert_same_layer_outputs, layer_in_two_calls, sea_test_config, tiny_opt_config
+from sea.configuration_sea import SEA_FAMILIES
+from sea.modeling_sea import converted_class
 from sea.sea_attention import SeaSelection, sparse_attention
 from sea.sea_triton import DECODE_SPLIT_SLOTS, _read_in_place, kernel_unavailable_reason, sparse_attention_triton
 
@@ -313,21 +313,25 @@ def test_decode_kernel_matches_the_float64_reference_path(kv_heads, padded):
     assert torch.all(context[1, 2, 3] == 0)
 
 
-def tiny_llama_config(**sea):
-    return SeaLlamaConfig(**TINY_LLAMA, **sea)
+# (causal family, query block size, candidate factor): both selection modes for the tiny OPT and Llama (and the
+# exact re-ranking of candidates once), one for each of the other families at its real small shape, whose
+# interpreted kernels take a minute or more on a CPU per mode (Qwen2's head_dim 64 also takes the estimate kernels).
+KERNEL_CASES = [("opt", 1, 1), ("opt", 16, 1), ("llama", 1, 1), ("llama", 16, 1), ("llama", 1, 2), ("qwen2", 1, 1),
+                ("qwen3", 16, 1), ("mistral", 1, 1)]
 
 
-@pytest.mark.parametrize(
-    "model_class, make_config",
-    [(SeaOptForCausalLM, tiny_opt_config), (SeaLlamaForCausalLM, tiny_llama_config)],
-    ids=["opt", "llama-grouped-query"],
-)
-@pytest.mark.parametrize("block, candidates", [(1, 1), (16, 1), (1, 2)], ids=["per-query", "blocks", "reranked"])
-def test_model_with_the_kernel_equals_the_pytorch_path(model_class, make_config, block, candidates):
+def test_every_causal_family_runs_the_kernels():
+    assert {model_type for model_type, _, _ in KERNEL_CASES} == set(CAUSAL)
+
+
+@pytest.mark.parametrize("model_type, block, candidates", KERNEL_CASES,
+                         ids=[f"{m}-block{b}" + (f"-candidates{c}" if c > 1 else "") for m, b, c in KERNEL_CASES])
+def test_model_with_the_kernel_equals_the_pytorch_path(model_type, block, candidates):
     torch.manual_seed(0)
     sea = dict(sea_key_budget=8, sea_compressed_width=8, sea_query_block_size=block, sea_candidate_factor=candidates)
-    reference = model_class(make_config(**sea, sea_kernel="torch")).to(DEVICE).eval()
-    kernel = model_class(make_config(**sea, sea_kernel="triton")).to(DEVICE).eval()
+    model_class = converted_class(SEA_FAMILIES[model_type])
+    reference = model_class(sea_test_config(model_type, **sea, sea_kernel="torch")).to(DEVICE).eval()
+    kernel = model_class(sea_test_config(model_type, **sea, sea_kernel="triton")).to(DEVICE).eval()
     kernel.load_state_dict(reference.state_dict())
     ids = torch.randint(3, 120, (2, 30), device=DEVICE)
     mask = torch.ones_like(ids).index_fill_(1, torch.arange(4, device=DEVICE), 0)

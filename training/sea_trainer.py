@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from transformers import Trainer
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from sea.configuration_sea import SEA_FAMILIES
 from sea.sea_attention import (
     SeaAttention,
     at_least_float32,
@@ -110,39 +111,42 @@ def record_sea_layers(model):
             handle.remove()
 
 
-def teacher_projections(teacher):
-    """(attention module, query projection, key projection, head_dim) of every self-attention layer of a dense
-    OPT, Llama or BERT teacher."""
-    layers = []
-    for module in teacher.modules():
-        if hasattr(module, "q_proj") and hasattr(module, "k_proj"):
-            layers.append((module, module.q_proj, module.k_proj, module.head_dim))
-        elif hasattr(module, "query") and hasattr(module, "key") and hasattr(module, "attention_head_size"):
-            layers.append((module, module.query, module.key, module.attention_head_size))
-    return layers
+def teacher_queries_keys_modules(teacher):
+    """(attention module, module giving its queries, module giving its keys) of every self-attention layer of a
+    dense teacher, by the names its family's registry record gives (`SeaFamily.query_key_modules`)."""
+    query_name, key_name = SEA_FAMILIES[teacher.config.model_type].query_key_modules
+    return [
+        (module, getattr(module, query_name), getattr(module, key_name))
+        for module in teacher.modules()
+        if hasattr(module, query_name) and hasattr(module, key_name)
+    ]
 
 
 @contextlib.contextmanager
 def record_teacher_queries_keys(teacher):
     """Collects each teacher layer's queries (N, H, T, D) and keys (N, H_kv, T, D), unscaled, during a forward;
-    layers given rotary `position_embeddings` (Llama) record them rotated, as their attention scores use them."""
+    layers given rotary `position_embeddings` (the Llama-like families) record them rotated, as their attention
+    scores use them."""
+    config = teacher.config
+    # transformers' rule for every family: an explicit head_dim (Qwen3's is not hidden_size / heads), else the split.
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     records = []
     handles = []
-    for attention, q_proj, k_proj, head_dim in teacher_projections(teacher):
+    for attention, query_module, key_module in teacher_queries_keys_modules(teacher):
         entry = {}
         records.append(entry)
 
-        def keep(name, entry=entry, head_dim=head_dim):
-            def hook(module, args, output):
-                n, t, _ = output.shape
-                entry[name] = output.view(n, t, -1, head_dim).transpose(1, 2)
+        def keep(name, entry=entry):
+            def hook(module, args, output):  # (N, T, heads x D) from a projection, (N, T, heads, D) from a norm
+                n, t = output.shape[:2]
+                entry[name] = output.reshape(n, t, -1, head_dim).transpose(1, 2)
             return hook
 
         def rotate(module, args, kwargs, output, entry=entry):
             if kwargs.get("position_embeddings") is not None:
                 entry["q"], entry["k"] = apply_rotary_pos_emb(entry["q"], entry["k"], *kwargs["position_embeddings"])
 
-        handles += [q_proj.register_forward_hook(keep("q")), k_proj.register_forward_hook(keep("k")),
+        handles += [query_module.register_forward_hook(keep("q")), key_module.register_forward_hook(keep("k")),
                     attention.register_forward_hook(rotate, with_kwargs=True)]
     try:
         yield records
