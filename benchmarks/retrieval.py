@@ -14,9 +14,9 @@ conversion; SEA with its estimator distilled (`benchmarks/quality.py`'s recipe, 
 window and random bins + anchors (SEA's first and last bin); the oracle: the bins holding the most of each
 layer's exact attention mass (`sea_baseline="oracle"`), the upper bound of any bin selector at that budget; and
 two training-free content-based rankings of the same bins + anchors, by each bin's mean key (MoBA-style) and by
-Quest's per-channel bound of the bin's scores (`sea_baseline="key_means"` / `"key_bounds"`); and the bounds'
-best 4x or 2x budget keys as candidates, whose bins each query re-ranks by its exact attention over them
-(`sea_candidate_factor`).
+Quest's per-channel bound of the bin's scores (`sea_baseline="key_means"` / `"key_bounds"`); and the best 4x or 2x
+budget keys of the bounds (or of the better of both rankings, `"key_summaries"`) as candidates, whose bins each
+query re-ranks by its exact attention over them (`sea_candidate_factor`).
 Perplexity on held-out text at the same lengths and budgets comes from the same run. `--diagnose` also reports, for
 the passkey, which layers and heads put attention on the key and how SEA's estimate ranks the bin holding it.
 
@@ -68,6 +68,7 @@ ROWS = {
     "key bounds + anchors (Quest-style)": dict(sea_baseline="key_bounds"),
     "key bounds, 4x candidates re-ranked exactly": dict(sea_baseline="key_bounds", sea_candidate_factor=4),
     "key bounds, 2x candidates re-ranked exactly": dict(sea_baseline="key_bounds", sea_candidate_factor=2),
+    "key means or bounds, 4x candidates re-ranked exactly": dict(sea_baseline="key_summaries", sea_candidate_factor=4),
 }
 # What a row's fields replace: every sparse row starts from these.
 ROW_DEFAULTS = dict(sea_anchor_bins=True, sea_candidate_factor=1)

@@ -18,7 +18,8 @@ SEA_BUDGET_RULES = ("constant", "reference")
 SEA_KERNELS = ("auto", "triton", "torch")
 # 1, or block sizes the Triton kernel's matrix products take (tl.dot needs at least 16 rows).
 SEA_QUERY_BLOCK_SIZES = (1, 16, 32, 64, 128)
-SEA_BASELINES = (None, "kernel_attention", "local_window", "random_mask", "oracle", "key_means", "key_bounds")
+SEA_BASELINES = (None, "kernel_attention", "local_window", "random_mask", "oracle", "key_means", "key_bounds",
+                 "key_summaries")
 
 # Width reduction of the row decoder before the CNN (see `SeaAttention`): causal models decode M/4 bins in 2
 # channels per head, bidirectional ones M/2 bins in 4 channels, as in the reference implementation.
@@ -134,7 +135,8 @@ class SeaConfigMixin:
         its queries and keys at O(T^2) cost, in chunks of rows): the upper bound of any bin selector at this budget;
         two training-free content-based selectors rank bins from the keys alone at O(M D) per query: `"key_means"`
         by the query's score against each bin's mean key (MoBA's gate), `"key_bounds"` by Quest's upper bound of
-        the query's score over each bin's keys (from their per-channel minima and maxima).
+        the query's score over each bin's keys (from their per-channel minima and maxima), and `"key_summaries"` by
+        each bin's better place under those two rankings.
         `sea_anchor_bins` applies to the mask baselines as well (a local window with anchors is a "sink +
         window" attention).
     """

@@ -306,6 +306,18 @@ def key_bound_scores(q, k, key_valid, positions, counts, causal: bool, scaling: 
     return torch.cat(scores, 2)
 
 
+def key_summary_scores(q, k, key_valid, positions, counts, causal: bool, scaling: float, width: int) -> torch.Tensor:
+    """(N, H, T, M) each bin's better place under `key_mean_scores` and `key_bound_scores`, negated (higher is
+    better): the best c bins hold the best c/2 of each ranking, at least. The two fail on different bins (a mean
+    blurs one matching key among many, a bound is loosened by any outlying channel), so their union misses less."""
+
+    def places(scores):
+        return scores.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
+
+    arguments = (q, k, key_valid, positions, counts, causal, scaling, width)
+    return -torch.minimum(places(key_mean_scores(*arguments)), places(key_bound_scores(*arguments))).float()
+
+
 def positional_code(key_valid: torch.Tensor, head_dim: int, table: torch.Tensor | None, num_new: int) -> torch.Tensor:
     """(N, num_new, D) position channel of the last `num_new` keys, fed to the kernel attention, by rank among the
     valid tokens (so padding does not shift it). Causal: a learned table. Bidirectional: a soft one-hot of the
@@ -957,7 +969,8 @@ class SeaAttention(nn.Module):
 
 # Baselines that rank bins by a score computed from the queries and keys instead of the estimate. They take the same
 # arguments (`positions` from `valid_key_positions`, None without padding) and each reads what it needs.
-BIN_SCORES = {"oracle": exact_bin_log_mass, "key_means": key_mean_scores, "key_bounds": key_bound_scores}
+BIN_SCORES = {"oracle": exact_bin_log_mass, "key_means": key_mean_scores, "key_bounds": key_bound_scores,
+              "key_summaries": key_summary_scores}
 
 
 def orthogonal_gaussian_features(num_features: int, dim: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ SEA_DEFAULTS = {field.name: field.default for field in fields(SeaConfigMixin)}
 # A value other than the config's default for every SEA field, all accepted by a causal model together.
 SEA_NON_DEFAULTS = dict(
     sea_key_budget=5, sea_compressed_width=8, sea_performer_nb_factor=4.0, sea_budget_rule="reference",
-    sea_output_gates=False, sea_anchor_bins=False, sea_query_block_size=16, sea_kernel="torch",
+    sea_candidate_factor=3, sea_output_gates=False, sea_anchor_bins=False, sea_query_block_size=16, sea_kernel="torch",
     sea_baseline="local_window",
 )
 # A value the command lines refuse for each flag added for the fields they did not reach before.

@@ -489,3 +489,20 @@ def test_reranking_keeps_the_candidates_of_most_exact_attention(causal):
                 assert torch.equal(chosen[n, head, row], want)
                 checked += 1
     assert checked >= 12
+
+
+def test_key_summaries_put_first_the_best_bins_of_both_key_rankings():
+    """The bins a budget of 2c takes under `"key_summaries"` hold the best c of the mean-key ranking and the best c
+    of the bound ranking (each computed by its own function, checked against float64 loops above)."""
+    width, t, c = 16, 80, 3
+    q = torch.randn(N, 4, t, 16, dtype=torch.float64)
+    k = torch.randn(N, 2, t, 16, dtype=torch.float64)
+    valid = torch.ones(N, t, dtype=torch.bool)
+    counts = visible_key_counts(valid, True, t)
+    arguments = (q, k, valid, None, counts, True, 0.5, width)
+    summaries = sea_attention.key_summary_scores(*arguments)
+    rows = slice(width, t)  # rows that see at least one key per bin
+    taken = summaries[:, :, rows].topk(2 * c, dim=-1).indices
+    for score in (sea_attention.key_mean_scores, sea_attention.key_bound_scores):
+        best = score(*arguments)[:, :, rows].topk(c, dim=-1).indices
+        assert (best[..., :, None] == taken[..., None, :]).any(-1).all()
