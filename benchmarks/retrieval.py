@@ -222,11 +222,11 @@ def diagnose(model, trials: dict) -> list[dict]:
     while the estimate is computed from them as usual."""
     records = []
 
-    def hook(module, args, kwargs, output):
-        q, k, key_valid = args[0], args[1], args[3]
-        records.append((module.width, q[:, :, -1:], k, key_valid, output.estimate_log_probs[0, :, -1]))
+    def hook(module, args, output):
+        records.append((module.width, output.queries[:, :, -1:], output.keys, output.key_valid,
+                        output.estimate_log_probs[0, :, -1]))
 
-    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in model.modules() if isinstance(m, SeaAttention)]
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, SeaAttention)]
     ids, length = trials["input_ids"], trials["prompt_length"]
     device = next(model.parameters()).device
     masses, ranks = [], []
@@ -237,7 +237,6 @@ def diagnose(model, trials: dict) -> list[dict]:
             window = slice(int(trials["needle_starts"][i]), int(trials["needle_starts"][i]) + NEEDLE_WINDOW)
             trial_masses, trial_ranks = [], []
             for width, q, k, key_valid, estimate in records:
-                key_valid = torch.ones(1, k.shape[2], dtype=torch.bool, device=device) if key_valid is None else key_valid
                 probs = exact_attention(q, k, key_valid, True, q.shape[-1] ** -0.5, slice(0, 1))[0][0, :, 0]
                 trial_masses.append(probs[:, window].sum(-1))
                 edges = bin_edges(visible_key_counts(key_valid, True, 1), width)[0, 0]  # no padding: rank = position

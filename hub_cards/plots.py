@@ -65,8 +65,8 @@ def attention_maps(student, teacher, inputs: dict, layer: int, head: int) -> dic
         student(**inputs)
     with record_teacher_queries_keys(teacher) as teacher_layers:
         teacher(**inputs)
-    module, output, key_valid = student_layers[layer]
-    valid = key_valid[:1].cpu()
+    module, output = student_layers[layer]
+    valid = output.key_valid[:1].cpu()
     q, k = (teacher_layers[layer][name][:1, head : head + 1].double().cpu() for name in ("q", "k"))
     t = q.shape[2]
     teacher_map, visible = exact_attention(q, k, valid, module.causal, q.shape[-1] ** -0.5, slice(0, t))

@@ -47,7 +47,7 @@ SCAN_COLUMNS_IN_PLACE = 1 << 16
 ESTIMATE_ROWS_PER_PASS = 4096
 # Upper bound on gathered key/value elements per chunk of query rows in `sparse_attention`.
 GATHER_CHUNK_ELEMENTS = 1 << 22
-# Upper bound on the elements of one chunk of query rows of the bin scores (`BIN_SCORES`): large, as few chunks
+# Upper bound on the elements of one chunk of query rows of the bin scores (`scored_ranking`): large, as few chunks
 # keep these many-row passes from being bound by launches.
 SCORE_CHUNK_ELEMENTS = 1 << 26
 # Added to kernel features so that no normaliser is exactly zero.
@@ -147,18 +147,50 @@ class SeaCausalState:
 
 
 @dataclass
+class SeaEstimate:
+    """What `SeaAttention.estimate` makes of the new queries, before any key is selected."""
+
+    log_probs: torch.Tensor
+    """(N, H, T, M) estimated attention log-probabilities over bins; with `leading_rows_only`, (N, H, R, M): the
+    first row of each causal query block only."""
+    leading_rows_only: bool
+    """Whether `log_probs` holds only the first row of each query block (the rows that choose keys)."""
+    encoding: torch.Tensor
+    """(N, H, T, 2D) the encoding of the decoded rows ([kernel attention || v] through the encoder); with
+    `leading_rows_only`, of the rows the CNN needs only. What bidirectional gates read."""
+    state: SeaCausalState | None
+    """The causal state after these queries (None for bidirectional layers)."""
+    kernel_context: torch.Tensor | None
+    """(N, H, T, D) the kernel attention of the values: the output of the "kernel_attention" baseline, computed
+    only for it (None otherwise)."""
+    gate: tuple[torch.Tensor, torch.Tensor] | None
+    """Causal layers with gates: `output_gate`'s (scale, offset) of every new row, which the estimate's pass
+    computes along the way (None otherwise; bidirectional gates read the estimate of every row, so `forward`
+    computes them)."""
+
+
+@dataclass
 class SeaAttentionOutput:
-    """context (N, H, T, D); sparse_probs (N, H, T, S) over `selection`'s slots, gate-scaled, zero in unused
-    slots (None when the forward was asked for no probabilities); estimate_log_probs (N, H, T, M) the estimated
-    compressed attention (log-probabilities over bins; without probabilities, causal query blocks give only the
-    first row of each block);
-    state: the causal state after these queries (None for bidirectional layers)."""
+    """One SEA layer's result, with the inputs it attended over (what training losses and diagnostics read)."""
 
     context: torch.Tensor
+    """(N, H, T, D) the attention output."""
     sparse_probs: torch.Tensor | None
+    """(N, H, T, S) the probabilities over `selection`'s slots, gate-scaled, zero in unused slots (None when the
+    forward was asked for no probabilities)."""
     selection: SeaSelection
+    """The keys each query attended to."""
     estimate_log_probs: torch.Tensor
-    state: SeaCausalState | None = None
+    """(N, H, T, M) the estimated compressed attention (log-probabilities over bins; without probabilities, causal
+    query blocks give only the first row of each block)."""
+    state: SeaCausalState | None
+    """The causal state after these queries (None for bidirectional layers)."""
+    queries: torch.Tensor
+    """(N, H, T, D) the queries as given (the forward multiplies their scores with the keys by its `scaling`)."""
+    keys: torch.Tensor
+    """(N, H_kv, T_all, D) the keys of every position so far."""
+    key_valid: torch.Tensor
+    """(N, T_all) bool, the key mask the forward used: all True when it was given none."""
 
     def dense_probs(self, num_keys: int) -> torch.Tensor:
         """The sparse attention as an (N, H, T, num_keys) matrix, zero outside the mask. O(T^2): for inspection."""
@@ -598,6 +630,87 @@ class SeaRowCnn(nn.Module):
         return self.output_norm(self.to_heads(refined)), memory
 
 
+@dataclass
+class SeaRankingInputs:
+    """What a bin ranking (`BIN_RANKINGS`) may read: one forward's queries and keys (as `SeaAttention.forward`
+    takes them), its estimate, and how its query rows form blocks of `block_size` rows, which share one ranking
+    (`SeaAttention.select`)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    key_valid: torch.Tensor
+    positions: torch.Tensor | None
+    """From `valid_key_positions`, None without padding."""
+    counts: torch.Tensor
+    """(N, T) from `visible_key_counts`."""
+    causal: bool
+    scaling: float
+    width: int
+    block_size: int
+    estimate: SeaEstimate
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(N, H, R, M): a ranking of the M bins for each of the R query blocks."""
+        n, h, t, _ = self.q.shape
+        return n, h, -(-t // self.block_size), self.width
+
+    @functools.cached_property
+    def block_counts(self) -> torch.Tensor:
+        """(N, R, B) `counts` by block, zero past the last row."""
+        return F.pad(self.counts, (0, (-self.counts.shape[1]) % self.block_size)).unflatten(1, (-1, self.block_size))
+
+    def per_block(self, rows: torch.Tensor) -> torch.Tensor:
+        """(N, H, R, M) a score of each block's bins from those of its rows (N, H, T, M), read as log-masses:
+        causal, its first row's; bidirectional, their probability sum over the rows that see keys."""
+        block = self.block_size
+        if block == 1:
+            return rows
+        if self.causal:
+            return rows[:, :, ::block]
+        sees_keys = (self.block_counts > 0)[:, None, :, :, None]
+        blocks = F.pad(rows, (0, 0, 0, (-rows.shape[2]) % block)).unflatten(2, (-1, block))
+        return blocks.masked_fill(~sees_keys, float("-inf")).logsumexp(3)
+
+
+def estimated_ranking(inputs: SeaRankingInputs) -> torch.Tensor:
+    """SEA: bins ranked by the estimate."""
+    log_probs = inputs.estimate.log_probs
+    return log_probs if inputs.estimate.leading_rows_only else inputs.per_block(log_probs)
+
+
+def newest_first_ranking(inputs: SeaRankingInputs) -> torch.Tensor:
+    """The local-window baseline: the newest bins first, whatever the queries."""
+    log_probs = inputs.estimate.log_probs
+    return torch.arange(inputs.width, device=log_probs.device, dtype=log_probs.dtype).expand(inputs.shape)
+
+
+def random_ranking(inputs: SeaRankingInputs) -> torch.Tensor:
+    """The random-mask baseline: bins in a random order, drawn afresh at every call."""
+    log_probs = inputs.estimate.log_probs
+    return torch.rand(inputs.shape, device=log_probs.device, dtype=log_probs.dtype)
+
+
+def scored_ranking(score, inputs: SeaRankingInputs) -> torch.Tensor:
+    """Bins ranked by a score of every query row against the keys, computed in the estimate's place: `score`
+    takes the forward's queries and keys, `positions` and `counts`, and returns (N, H, T, M)."""
+    i = inputs
+    return i.per_block(score(i.q, i.k, i.key_valid, i.positions, i.counts, i.causal, i.scaling, i.width))
+
+
+# What `SeaAttention.select` ranks bins by, per `sea_baseline` (None: SEA itself). Every ranking maps the forward's
+# `SeaRankingInputs` to one (N, H, R, M) ranking per query block; larger ranks first.
+BIN_RANKINGS = {
+    None: estimated_ranking,
+    "local_window": newest_first_ranking,
+    "random_mask": random_ranking,
+    "oracle": functools.partial(scored_ranking, exact_bin_log_mass),
+    "key_means": functools.partial(scored_ranking, key_mean_scores),
+    "key_bounds": functools.partial(scored_ranking, key_bound_scores),
+    "key_summaries": functools.partial(scored_ranking, key_summary_scores),
+}
+
+
 def _config_setting(field: str) -> property:
     """A read-only attribute of `SeaAttention` that reads `field` from its config at every access."""
     return property(lambda self: getattr(self.config, field), doc=f"`config.{field}`, read at every call")
@@ -645,6 +758,13 @@ class SeaAttention(nn.Module):
     kernel = _config_setting("sea_kernel")
     query_block_size = _config_setting("sea_query_block_size")
 
+    @property
+    def kernel_attention_only(self) -> bool:
+        """The "kernel_attention" baseline: the layer's output is the kernel attention of the values itself, with
+        no key selected and no sparse attention. Not a bin ranking (`BIN_RANKINGS`): it replaces the attention, not
+        the choice of keys, so `forward` and the estimate's pass branch on it."""
+        return self.baseline == "kernel_attention"
+
     @torch.no_grad()
     def init_sea_weights(self):
         """Initialise what a converted model adds beyond ordinary layers: fresh random features, the positional
@@ -670,13 +790,10 @@ class SeaAttention(nn.Module):
             cnn_hidden_rows=rows.clone(),
         )
 
-    def estimate(self, q, k_new, v_new, key_valid, counts, state, leading_rows_only=False):
-        """Estimated attention log-probabilities over bins (N, H, T, M) of the new queries (causal
-        `leading_rows_only`: of the first row of every query block, (N, H, R, M)), the encoding of the rows it
-        decoded (N, H, T, 2D; with `leading_rows_only`, of the rows the CNN needs), the causal state after them, the
-        kernel attention of the values (N, H, T, D; only for the kernel-attention baseline, else None) and (causal,
-        with gates) the output gate (see `kernel_encoding`). `k_new`, `v_new` are the keys and values of the new positions (the last T of
-        `key_valid`)."""
+    def estimate(self, q, k_new, v_new, key_valid, counts, state, leading_rows_only=False) -> SeaEstimate:
+        """The estimate of the new queries' attention over bins (causal `leading_rows_only`: of the first row of
+        every query block), with what its pass computes along the way (`SeaEstimate`). `k_new`, `v_new` are the
+        keys and values of the new positions (the last T of `key_valid`)."""
         n, _, t, d = v_new.shape
         h = self.num_heads
         new_valid = key_valid[:, -t:]
@@ -699,7 +816,7 @@ class SeaAttention(nn.Module):
         logits = logits.masked_fill(empty, torch.finfo(logits.dtype).min)
         if self.causal:
             state = SeaCausalState(*new_sums, *cnn_rows)
-        return torch.log_softmax(logits, dim=-1), encoding, state, kernel_context, gate
+        return SeaEstimate(torch.log_softmax(logits, dim=-1), leading_rows_only, encoding, state, kernel_context, gate)
 
     def kernel_encoding(self, q, k_new, v_new, code, new_valid, counts, state, rows=None):
         """Kernel attention of [code || v] for the new queries (causal: continuing `state`'s sums), encoded with v:
@@ -711,7 +828,7 @@ class SeaAttention(nn.Module):
         kernels; elsewhere causal inference runs the PyTorch path in passes of rows."""
         d = v_new.shape[-1]
         sums = (state.kv_sum, state.k_sum, state.value_sum) if self.causal else None
-        wants_kernels = self.causal and self.kernel != "torch" and self.baseline != "kernel_attention"
+        wants_kernels = self.causal and self.kernel != "torch" and not self.kernel_attention_only
         inference = not torch.is_grad_enabled()
         if wants_kernels and (q.is_cuda or self.kernel == "triton") and inference:
             reason = estimate_kernel_unavailable_reason(q, d)
@@ -763,7 +880,7 @@ class SeaAttention(nn.Module):
         estimate, new_sums = linear_attention(phi_q, phi_k, augmented, self.causal, *carried)
         encoding = self.encode(estimate.to(v_new.dtype), v_new.unsqueeze(2)).flatten(1, 2)
         kernel_context = None
-        if self.baseline == "kernel_attention":
+        if self.kernel_attention_only:
             kernel_context = estimate.flatten(1, 2)[..., d:].to(v_new.dtype)
         if not self.causal:
             return encoding, None, kernel_context, None
@@ -789,18 +906,6 @@ class SeaAttention(nn.Module):
         hidden = F.linear(estimate, from_estimate, first.bias) + F.linear(v_new, from_value)
         return self.encoder[1:](hidden)
 
-    def bin_ranking(self, estimate_log_probs: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
-        """What `select_keys` ranks bins by: SEA's estimate (or a `BIN_SCORES` ranking, given in its place), or a
-        baseline's fixed or random order, through `anchored`."""
-        if self.baseline is None or self.baseline in BIN_SCORES:
-            ranking = estimate_log_probs
-        elif self.baseline == "local_window":
-            ranking = torch.arange(self.width, device=estimate_log_probs.device, dtype=estimate_log_probs.dtype)
-            ranking = ranking.expand_as(estimate_log_probs)
-        else:  # "random_mask"
-            ranking = torch.rand_like(estimate_log_probs)
-        return self.anchored(ranking, edges)
-
     def anchored(self, ranking: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
         """`ranking` with the anchor bins (first and last, when enabled) first and the empty bins (from `edges`)
         last."""
@@ -825,63 +930,49 @@ class SeaAttention(nn.Module):
         exact = torch.full_like(ranking, float("-inf"), dtype=mass.dtype).scatter_(-1, bins, mass)
         return self.anchored(exact, edges)
 
-    def select(
-        self,
-        estimate_log_probs: torch.Tensor,
-        counts: torch.Tensor,
-        positions: torch.Tensor | None,
-        num_keys: int,
-        rows_log_mass,
-        leading_rows_only: bool = False,
-    ) -> SeaSelection:
-        """The keys of every query: bins ranked by `bin_ranking` (then `reranked`), expanded by `select_keys`,
-        shared by blocks of `sea_query_block_size` consecutive queries.
+    def select(self, inputs: SeaRankingInputs, rows_log_mass) -> SeaSelection:
+        """The keys of every query: bins ranked by the config's `BIN_RANKINGS` choice (through `anchored`, then
+        `reranked`), expanded by `select_keys`, shared by blocks of `sea_query_block_size` consecutive queries.
 
         A causal block takes the bins of its first row (they depend on no later token, so the model stays causal)
         plus one range holding the keys after that row's, which each row reads up to itself: a row reads at most
-        budget + block size - 1 keys. A bidirectional block ranks bins by the estimate averaged (in probability)
-        over its rows that see keys, with the bins of the row that sees the most keys. `leading_rows_only`: the
-        (causal) estimate holds only the first row of every block. `num_keys`: the key positions (T_all).
+        budget + block size - 1 keys. A bidirectional block takes the bins of the row that sees the most keys,
+        ranked as `SeaRankingInputs.per_block` combines its rows.
         `rows_log_mass(step, starts, lengths, counts)`: `range_log_mass` of every `step`-th query row.
 
-        A row's ranges are disjoint ranks of the keys it sees, so it reads at most `num_keys` of them, and under the
+        A row's ranges are disjoint ranks of the keys it sees, so it reads at most T_all of them, and under the
         "constant" rule at most the budget plus the rest of its block: the selection's `max_slots`."""
-        block = self.query_block_size
+        block, counts, num_keys = inputs.block_size, inputs.counts, inputs.k.shape[2]
         max_slots = min(num_keys, self.budget + block - 1) if self.budget_rule == "constant" else num_keys
+        ranking = BIN_RANKINGS[self.baseline](inputs)
         if block == 1:
             edges = bin_edges(counts, self.width)
-            ranking = self.reranked(self.bin_ranking(estimate_log_probs, edges), edges,
+            ranking = self.reranked(self.anchored(ranking, edges), edges,
                                     lambda starts, lengths: rows_log_mass(1, starts, lengths, counts))
             starts, lengths, _ = select_keys(ranking, edges, self.budget, self.budget_rule)
-            return SeaSelection(starts, lengths, positions, counts, 1, max_slots)
-        pad = (-counts.shape[1]) % block
-        block_counts = F.pad(counts, (0, pad)).unflatten(1, (-1, block))  # (N, R, B)
+            return SeaSelection(starts, lengths, inputs.positions, counts, 1, max_slots)
+        block_counts = inputs.block_counts
         if self.causal:
             first_counts = block_counts[..., 0]
-            block_estimate = estimate_log_probs if leading_rows_only else estimate_log_probs[:, :, ::block]
 
             def block_log_mass(starts, lengths):
                 return rows_log_mass(block, starts, lengths, first_counts)
         else:
             first_counts = block_counts.amax(-1)
-            sees_keys = (block_counts > 0)[:, None, :, :, None]
-            rows = F.pad(estimate_log_probs, (0, 0, 0, pad)).unflatten(2, (-1, block))
-            block_estimate = rows.masked_fill(~sees_keys, float("-inf")).logsumexp(3)
 
             def block_log_mass(starts, lengths):  # every row's mass in the block's ranges, averaged over the block
                 t = counts.shape[1]
                 per_row = rows_log_mass(1, *(x.repeat_interleave(block, 2)[:, :, :t] for x in (starts, lengths)), counts)
-                per_block = F.pad(per_row, (0, 0, 0, pad), value=float("-inf")).unflatten(2, (-1, block))
-                return per_block.masked_fill(~sees_keys, float("-inf")).logsumexp(3)
+                return inputs.per_block(per_row)
         edges = bin_edges(first_counts, self.width)
-        ranking = self.reranked(self.bin_ranking(block_estimate, edges), edges, block_log_mass)
+        ranking = self.reranked(self.anchored(ranking, edges), edges, block_log_mass)
         starts, lengths, _ = select_keys(ranking, edges, self.budget, self.budget_rule)
         if self.causal:  # the newest range: ranks first_count .. (the block's largest count - 1)
             newest = block_counts.amax(-1) - first_counts
             per_head = (*starts.shape[:-1], 1)
             starts = torch.cat([starts, first_counts[:, None, :, None].expand(per_head)], -1)
             lengths = torch.cat([lengths, newest[:, None, :, None].expand(per_head)], -1)
-        return SeaSelection(starts, lengths, positions, counts, block, max_slots)
+        return SeaSelection(starts, lengths, inputs.positions, counts, block, max_slots)
 
     def forward(
         self,
@@ -925,28 +1016,29 @@ class SeaAttention(nn.Module):
         positions = None if unpadded else valid_key_positions(key_valid)
         v_new = v[:, :, -t:]
         leading_rows_only = self.causal and self.query_block_size > 1 and not need_probs
-        estimate_log_probs, encoding, state, kernel_context, gate = self.estimate(
-            q, k[:, :, -t:], v_new, key_valid, counts, state, leading_rows_only
-        )
-        if self.baseline == "kernel_attention":  # the linear-attention baseline: no selection, no sparse attention
+        estimate = self.estimate(q, k[:, :, -t:], v_new, key_valid, counts, state, leading_rows_only)
+
+        def output(context, probs, selection):
+            return SeaAttentionOutput(context, probs, selection, estimate.log_probs, estimate.state, q, k, key_valid)
+
+        if self.kernel_attention_only:
             nothing = torch.zeros(n, q.shape[1], t, 0, dtype=torch.long, device=q.device)
-            selection = SeaSelection(nothing, nothing, positions, counts, 1)
-            return SeaAttentionOutput(kernel_context, nothing.to(q.dtype), selection, estimate_log_probs, state)
+            no_keys = SeaSelection(nothing, nothing, positions, counts, 1)
+            return output(estimate.kernel_context, nothing.to(q.dtype), no_keys)
         if selection is None:
             with torch.no_grad():
-                ranked = estimate_log_probs
-                if self.baseline in BIN_SCORES:
-                    score = BIN_SCORES[self.baseline]
-                    ranked = score(q, k, key_valid, positions, counts, self.causal, scaling, self.width)
-                    ranked = ranked[:, :, :: self.query_block_size] if leading_rows_only else ranked
                 attend = sparse_attention_implementation(q, self.kernel)
 
                 def rows_log_mass(step, starts, lengths, row_counts):
                     return range_log_mass(q[:, :, ::step], k, v, starts, lengths, positions, row_counts, scaling, attend)
 
-                selection = self.select(ranked, counts, positions, k.shape[2], rows_log_mass, leading_rows_only)
+                inputs = SeaRankingInputs(q, k, key_valid, positions, counts, self.causal, scaling, self.width,
+                                          self.query_block_size, estimate)
+                selection = self.select(inputs, rows_log_mass)
+        gate = estimate.gate
         if not self.causal and self.gates is not None:
-            gate = self.output_gate(encoding, bidirectional_average_context(v, key_valid, estimate_log_probs, positions))
+            average = bidirectional_average_context(v, key_valid, estimate.log_probs, positions)
+            gate = self.output_gate(estimate.encoding, average)
         implementation = sparse_attention_implementation(q, self.kernel, dropout)
         if (gate is not None and implementation is sparse_attention_triton and selection.rows_per_block > 1
                 and not need_probs and not torch.is_grad_enabled()):
@@ -955,7 +1047,7 @@ class SeaAttention(nn.Module):
             scale, offset = gate
             context = gated_block_attention_triton(q, k, v, selection, scaling, scale.float().contiguous(),
                                                    offset.to(q.dtype).contiguous())
-            return SeaAttentionOutput(context, None, selection, estimate_log_probs, state)
+            return output(context, None, selection)
         if dropout:  # only the PyTorch path drops probabilities (`sparse_attention_implementation` chose it)
             probs, context = sparse_attention(q, k, v, selection, scaling, need_probs, dropout)
         else:
@@ -964,13 +1056,7 @@ class SeaAttention(nn.Module):
             scale, offset = gate[0].to(context.dtype), gate[1]
             context = context * scale + offset
             probs = probs * scale if probs is not None else None
-        return SeaAttentionOutput(context, probs, selection, estimate_log_probs, state)
-
-
-# Baselines that rank bins by a score computed from the queries and keys instead of the estimate. They take the same
-# arguments (`positions` from `valid_key_positions`, None without padding) and each reads what it needs.
-BIN_SCORES = {"oracle": exact_bin_log_mass, "key_means": key_mean_scores, "key_bounds": key_bound_scores,
-              "key_summaries": key_summary_scores}
+        return output(context, probs, selection)
 
 
 def orthogonal_gaussian_features(num_features: int, dim: int) -> torch.Tensor:

@@ -66,8 +66,9 @@ def dense_reference(op, q, k, v, valid, selection, scaling, causal):
     probs = torch.softmax(scores.masked_fill(~chosen, float("-inf")), -1).nan_to_num(0.0)
     sparse = probs @ v
     state = op.initial_state(n, torch.float32, q.device) if causal else None
-    log_probs, encoding, _, _, _ = op.estimate(q.float(), k.float(), v.float(), valid, visible_key_counts(valid, causal, t), state)
-    gates = op.gates(encoding).double()
+    estimate = op.estimate(q.float(), k.float(), v.float(), valid, visible_key_counts(valid, causal, t), state)
+    log_probs = estimate.log_probs
+    gates = op.gates(estimate.encoding).double()
     scale, mix = 2 * torch.sigmoid(gates[..., :1]), torch.tanh(gates[..., 1:])
     seen = visibility(valid, causal).double()
     if causal:
@@ -506,3 +507,25 @@ def test_key_summaries_put_first_the_best_bins_of_both_key_rankings():
     for score in (sea_attention.key_mean_scores, sea_attention.key_bound_scores):
         best = score(*arguments)[:, :, rows].topk(c, dim=-1).indices
         assert (best[..., :, None] == taken[..., None, :]).any(-1).all()
+
+
+def test_every_baseline_but_kernel_attention_is_a_bin_ranking():
+    """`sea_baseline` picks a row of `BIN_RANKINGS` (None: SEA's estimate); only "kernel_attention", which replaces
+    the sparse attention rather than ranking bins, is handled apart."""
+    from sea.configuration_sea import SEA_BASELINES
+
+    assert set(sea_attention.BIN_RANKINGS) == set(SEA_BASELINES) - {"kernel_attention"}
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_the_output_names_the_queries_keys_and_key_mask_it_attended_over(causal):
+    """What training losses and diagnostics read from a forward hook, by name: the queries and keys as given, and
+    the key mask the forward used (all True when it was given none)."""
+    op = make_operator(causal, 4)
+    q, k, v = torch.randn(3, 2, H, 10, D).unbind(0)
+    unpadded = op(q, k, v, None, 0.25)
+    assert unpadded.queries is q and unpadded.keys is k
+    assert unpadded.key_valid.dtype == torch.bool and unpadded.key_valid.shape == (2, 10) and unpadded.key_valid.all()
+    valid = torch.ones(2, 10, dtype=torch.bool)
+    valid[1, :3] = False
+    assert op(q, k, v, valid, 0.25).key_valid is valid

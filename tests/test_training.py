@@ -78,7 +78,7 @@ def test_attention_losses_match_a_loop_reference(causal, only_some_rows):
     out = op(q, k, v, valid, d**-0.5)
     teacher_q, teacher_k = torch.randn(n, h, t, d, dtype=torch.float64), torch.randn(n, h, t, d, dtype=torch.float64)
     rows_counted = torch.rand(n, t) > 0.5 if only_some_rows else None
-    got = attention_losses(teacher_q, teacher_k, out, valid, causal, chunk=5, rows_counted=rows_counted)
+    got = attention_losses(teacher_q, teacher_k, out, causal, chunk=5, rows_counted=rows_counted)
     want = reference_losses(teacher_q, teacher_k, out, valid, causal, rows_counted)
     for name, value in want.items():
         assert float(got[name]) == pytest.approx(value, rel=1e-6, abs=1e-9), name
@@ -101,7 +101,7 @@ def test_estimate_kl_in_bins_has_the_gradient_of_the_kl_over_every_key():
         loss_of(op(q, k, v, valid, d**-0.5)).backward()
         return torch.cat([p.grad.flatten() for p in op.parameters() if p.grad is not None])
 
-    binned = gradient(lambda out: attention_losses(teacher_q, teacher_k, out, valid, True, chunk=4)["estimate_kl"])
+    binned = gradient(lambda out: attention_losses(teacher_q, teacher_k, out, True, chunk=4)["estimate_kl"])
 
     def full_kl(out):
         edges = bin_edges(visible_key_counts(valid, True, t), width)[0]

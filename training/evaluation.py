@@ -48,8 +48,8 @@ class SeaAttentionStats:
 
     def add(self, student_layers, teacher_layers, chunk: int, rows_counted=None):
         masses, fractions = [], []
-        for (module, output, key_valid), t in zip(student_layers, teacher_layers):
-            stats = attention_losses(t["q"], t["k"], output, key_valid, module.causal, chunk, rows_counted)
+        for (module, output), t in zip(student_layers, teacher_layers):
+            stats = attention_losses(t["q"], t["k"], output, module.causal, chunk, rows_counted)
             masses.append(float(stats["teacher_mass"]))
             fractions.append(float(stats["key_fraction"]))
         self.layer_mass = masses if self.layer_mass is None else [a + b for a, b in zip(self.layer_mass, masses)]

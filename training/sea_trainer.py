@@ -87,22 +87,18 @@ def is_estimator_parameter(name: str) -> bool:
 
 @contextlib.contextmanager
 def record_sea_layers(model):
-    """Collects, in layer order, each SEA layer's output (with its sparse probabilities) and key-validity mask
-    (N, T_all) during a forward; a forward without padding records an all-True mask."""
+    """Collects, in layer order, each SEA layer and its output (with its sparse probabilities, and the key mask
+    the forward used: `SeaAttentionOutput.key_valid`) during a forward."""
     records = []
 
-    def hook(module, args, kwargs, output):
-        key_valid = args[3] if len(args) > 3 else kwargs.get("key_valid")
-        if key_valid is None:
-            keys = args[1] if len(args) > 1 else kwargs["k"]
-            key_valid = torch.ones(keys.shape[0], keys.shape[2], dtype=torch.bool, device=keys.device)
-        records.append((module, output, key_valid))
+    def hook(module, args, output):
+        records.append((module, output))
 
     def need_probs(module, args, kwargs):  # the attention losses and plots read the sparse probabilities
         return args, {**kwargs, "need_probs": True}
 
     layers = [m for m in model.modules() if isinstance(m, SeaAttention)]
-    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in layers]
+    handles = [m.register_forward_hook(hook) for m in layers]
     handles += [m.register_forward_pre_hook(need_probs, with_kwargs=True) for m in layers]
     try:
         yield records
@@ -161,13 +157,14 @@ def kl_rows(target: torch.Tensor, log_pred: torch.Tensor) -> torch.Tensor:
     return terms.sum(-1)
 
 
-def attention_losses(teacher_q, teacher_k, output, key_valid, causal: bool, chunk: int, rows_counted=None) -> dict:
+def attention_losses(teacher_q, teacher_k, output, causal: bool, chunk: int, rows_counted=None) -> dict:
     """KL and MSE of the student's estimate and sparse attention against the teacher's attention for one layer,
     averaged over heads and the query rows that see a key (and, given `rows_counted` (N, T) bool, are among those);
     also (without gradient) the teacher's attention mass on the selected keys and the share of visible keys
-    selected. The teacher's T x T probabilities exist one chunk of
-    rows at a time."""
+    selected, over the keys `output.key_valid` marks. The teacher's T x T probabilities exist one chunk of rows
+    at a time."""
     n, h, t, d = teacher_q.shape
+    key_valid = output.key_valid
     width = output.estimate_log_probs.shape[-1]
     counts = visible_key_counts(key_valid, causal, t)
     edges = bin_edges(counts, width)
@@ -236,8 +233,8 @@ class SeaDistillationTrainer(Trainer):
             ).mean()
         if weights.needs_attention:
             per_layer = [
-                attention_losses(t["q"], t["k"], out, key_valid, module.causal, weights.attention_query_chunk)
-                for (module, out, key_valid), t in zip(student_layers, teacher_layers)
+                attention_losses(t["q"], t["k"], out, module.causal, weights.attention_query_chunk)
+                for (module, out), t in zip(student_layers, teacher_layers)
             ]
             for name in ("estimate_kl", "estimate_mse", "sparse_kl", "sparse_mse"):
                 parts[name] = torch.stack([torch.as_tensor(layer[name]) for layer in per_layer]).mean()
