@@ -637,20 +637,26 @@ class SeaRankingInputs:
     (`SeaAttention.select`)."""
 
     q: torch.Tensor
+    """(N, H, T, D) the queries of the last T positions."""
     k: torch.Tensor
+    """(N, H_kv, T_all, D) the keys of every position so far."""
     key_valid: torch.Tensor
+    """(N, T_all) bool, True for real tokens."""
     positions: torch.Tensor | None
-    """From `valid_key_positions`, None without padding."""
+    """(N, T_all) from `valid_key_positions`, None without padding."""
     counts: torch.Tensor
     """(N, T) from `visible_key_counts`."""
     causal: bool
     scaling: float
+    """The factor of the query-key scores."""
     width: int
+    """M, the bins per row."""
     block_size: int
+    """`sea_query_block_size`."""
     estimate: SeaEstimate
 
     @property
-    def shape(self) -> tuple[int, int, int, int]:
+    def ranking_shape(self) -> tuple[int, int, int, int]:
         """(N, H, R, M): a ranking of the M bins for each of the R query blocks."""
         n, h, t, _ = self.q.shape
         return n, h, -(-t // self.block_size), self.width
@@ -662,7 +668,8 @@ class SeaRankingInputs:
 
     def per_block(self, rows: torch.Tensor) -> torch.Tensor:
         """(N, H, R, M) a score of each block's bins from those of its rows (N, H, T, M), read as log-masses:
-        causal, its first row's; bidirectional, their probability sum over the rows that see keys."""
+        causal, its first row's; bidirectional, the log of their mass summed over the rows that see keys (which
+        ranks as their average)."""
         block = self.block_size
         if block == 1:
             return rows
@@ -682,20 +689,21 @@ def estimated_ranking(inputs: SeaRankingInputs) -> torch.Tensor:
 def newest_first_ranking(inputs: SeaRankingInputs) -> torch.Tensor:
     """The local-window baseline: the newest bins first, whatever the queries."""
     log_probs = inputs.estimate.log_probs
-    return torch.arange(inputs.width, device=log_probs.device, dtype=log_probs.dtype).expand(inputs.shape)
+    return torch.arange(inputs.width, device=log_probs.device, dtype=log_probs.dtype).expand(inputs.ranking_shape)
 
 
 def random_ranking(inputs: SeaRankingInputs) -> torch.Tensor:
     """The random-mask baseline: bins in a random order, drawn afresh at every call."""
     log_probs = inputs.estimate.log_probs
-    return torch.rand(inputs.shape, device=log_probs.device, dtype=log_probs.dtype)
+    return torch.rand(inputs.ranking_shape, device=log_probs.device, dtype=log_probs.dtype)
 
 
 def scored_ranking(score, inputs: SeaRankingInputs) -> torch.Tensor:
     """Bins ranked by a score of every query row against the keys, computed in the estimate's place: `score`
     takes the forward's queries and keys, `positions` and `counts`, and returns (N, H, T, M)."""
-    i = inputs
-    return i.per_block(score(i.q, i.k, i.key_valid, i.positions, i.counts, i.causal, i.scaling, i.width))
+    scores = score(inputs.q, inputs.k, inputs.key_valid, inputs.positions, inputs.counts, inputs.causal,
+                   inputs.scaling, inputs.width)
+    return inputs.per_block(scores)
 
 
 # What `SeaAttention.select` ranks bins by, per `sea_baseline` (None: SEA itself). Every ranking maps the forward's
@@ -1021,7 +1029,7 @@ class SeaAttention(nn.Module):
         def output(context, probs, selection):
             return SeaAttentionOutput(context, probs, selection, estimate.log_probs, estimate.state, q, k, key_valid)
 
-        if self.kernel_attention_only:
+        if self.kernel_attention_only:  # no keys to rank: the output is the kernel attention itself
             nothing = torch.zeros(n, q.shape[1], t, 0, dtype=torch.long, device=q.device)
             no_keys = SeaSelection(nothing, nothing, positions, counts, 1)
             return output(estimate.kernel_context, nothing.to(q.dtype), no_keys)
