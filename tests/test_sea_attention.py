@@ -418,10 +418,10 @@ def test_key_summary_scores_match_each_bins_keys(causal):
 
 
 def exact_bin_masses(q, k, valid, causal, width, n, head, row):
-    """Dense float64 attention mass of each of a query's bins and how many keys each bin holds."""
-    scores = (q[n, head] @ k[n, head // (q.shape[1] // k.shape[1])].T) * 0.25
+    """Dense float64 attention mass of each of a query's bins, and the bin of each key (-1: not seen)."""
+    scores = (k[n, head // (q.shape[1] // k.shape[1])] @ q[n, head, row]) * 0.25
     seen = visibility(valid, causal)[n, 0, row]
-    probs = torch.softmax(scores[row].masked_fill(~seen, float("-inf")), -1)
+    probs = torch.softmax(scores.masked_fill(~seen, float("-inf")), -1)
     length = int(seen.sum())
     ranks = valid[n].long().cumsum(0) - 1
     bin_of_key = torch.where(seen, (ranks * width) // length, -1)
