@@ -35,9 +35,12 @@ variant's peak above its weights / the smallest such dense peak.
 
 Every cell is stored in --work-dir when measured and skipped when present, so runs split by --shapes, --lengths,
 --batches, --modes and --variants (or cut at --time-limit, after which no cell starts) add up to one report, written
-from every cell stored there. A cell that runs out of memory is stored as oom, one whose warm-up alone exceeds
---cell-time-limit as over time (fewer timed repeats are run when they would not fit), one that an earlier run
-entered and never left (killed at its call's limit) as unfinished: delete its file to measure it again.
+from every cell stored there. A cell that runs out of memory is stored as oom; one whose warm-up and one round of
+timed calls (each estimated by the warm-up's time) would exceed --cell-time-limit as over time (fewer than --repeats
+rounds run when they would not fit); one that an earlier run entered and never left (killed at its call's limit) as
+unfinished: delete its file to measure it again. A cell takes about --cell-time-limit at most (unless its warm-up
+alone takes longer), so a call limited to S seconds should pass --time-limit S - 60 - --cell-time-limit (60 s for
+the start and the models).
 
     python benchmarks/end_to_end.py                                     # every cell (hours on one H200)
     python benchmarks/end_to_end.py --shapes llama-1b --lengths 8192 --batches 1 --time-limit 420
@@ -113,7 +116,8 @@ def parse_arguments(argv=None):
     parser.add_argument("--new-tokens", type=int, default=32, help="N of the decode measurement (at least 2)")
     parser.add_argument("--max-positions", type=int, default=131072 + 64, help="max_position_embeddings of every model")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per cell (medians)")
-    parser.add_argument("--cell-time-limit", type=float, default=240.0, help="seconds one cell may take")
+    parser.add_argument("--cell-time-limit", type=float, default=300.0,
+                        help="seconds one cell may take (its warm-up is the estimate of each timed call)")
     parser.add_argument("--time-limit", type=float, default=None, help="seconds; no cell starts after this")
     parser.add_argument("--work-dir", default="outputs/end-to-end")
     parser.add_argument("--output", default="benchmarks/results/end_to_end_h200", help="report path without suffix")
@@ -211,12 +215,15 @@ class OverTime(Exception):
 
 def median_seconds(calls: dict, warm_up, repeats: int, limit: float, device: str) -> dict:
     """Median seconds of each of `calls` (run in turn, `repeats` rounds or as many as fit in `limit` seconds, at
-    least one) after `warm_up()`, and the peak memory of the timed rounds."""
+    least one) after `warm_up()`, and the peak memory of the timed rounds. OverTime when the warm-up and one round,
+    each call about as long as the warm-up (the longest of them), would not fit in `limit`."""
     start = time.perf_counter()
     warm_up()
     synchronize(device)
-    if time.perf_counter() - start > limit:
-        raise OverTime(f"warm-up {time.perf_counter() - start:.0f} s > {limit:.0f} s")
+    warm = time.perf_counter() - start
+    if warm * (1 + len(calls)) > limit:
+        raise OverTime(f"warm-up {warm:.0f} s: with one round of {len(calls)} calls about "
+                       f"{warm * (1 + len(calls)):.0f} s > {limit:.0f} s")
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     times = {name: [] for name in calls}
