@@ -44,7 +44,7 @@ the start and the models).
 
     python benchmarks/end_to_end.py                                     # every cell (hours on one H200)
     python benchmarks/end_to_end.py --shapes llama-1b --lengths 8192 --batches 1 --time-limit 420
-    python benchmarks/end_to_end.py --report-only                       # the report of the stored cells
+    python benchmarks/end_to_end.py --report-only                       # the report of the stored cells, anywhere
     python benchmarks/end_to_end.py --smoke                             # CPU, tiny shapes, float32: seconds
 """
 
@@ -442,17 +442,33 @@ def report(args, work: Path, record: dict, settings: dict, skipped: dict):
     output.with_suffix(".json").write_text(json.dumps(body, indent=1))
     text = markdown(cells, record, settings, skipped)
     output.with_suffix(".md").write_text(text)
-    plot(cells, output.with_suffix(".png"))
     print(text)
+    try:
+        plot(cells, output.with_suffix(".png"))
+    except ImportError as error:  # a bare GPU machine: the PNG comes from --report-only where matplotlib is
+        print(f"no PNG: {error}")
+
+
+def stored_run(work: Path) -> tuple[dict, dict]:
+    """The run record and the settings of the measuring runs in `work`, for a report written on another machine."""
+    record, settings = work / "run.json", work / "settings.json"
+    if not (record.exists() and settings.exists()):
+        raise SystemExit(f"{work} holds no measured run (run.json and settings.json): nothing to report")
+    return json.loads(record.read_text()), json.loads(settings.read_text())
 
 
 def main(argv=None):
     args = parse_arguments(argv)
     work = Path(args.work_dir)
+    if args.report_only:
+        report(args, work, *stored_run(work), skipped={})
+        return
     work.mkdir(parents=True, exist_ok=True)
     settings = checked_settings(args, work)
     record = run_record(work, argv, Path(__file__).name)
-    skipped = {} if args.report_only else run_cells(args, work)
+    skipped = run_cells(args, work)
+    left = [key for key in cell_plan(args) if key["variant"] not in skipped and not cell_path(work, key).exists()]
+    print(f"{len(left)} planned cells not measured yet" + (": run the same command again" if left else ""))
     report(args, work, record, settings, skipped)
 
 

@@ -49,6 +49,9 @@ def test_smoke_run_reports_every_cell_and_a_second_run_measures_none(tmp_path, m
     end_to_end.main(argv)
     assert {path.name: path.read_text() for path in (work / "cells").glob("*.json")} == stored
     assert {end_to_end.cell_name(c) for c in json.loads(output.with_suffix(".json").read_text())["cells"]} == expected
+    elsewhere = tmp_path / "elsewhere"  # the report of the stored cells, written with other defaults
+    end_to_end.main(["--report-only", "--work-dir", str(work), "--output", str(elsewhere)])
+    assert json.loads(elsewhere.with_suffix(".json").read_text())["cells"] == report["cells"]
 
 
 def test_a_cell_left_unfinished_is_stored_as_such_and_other_settings_are_refused(tmp_path, one_thread):
