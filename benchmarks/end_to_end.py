@@ -43,7 +43,8 @@ alone takes longer), so a call limited to S seconds should pass --time-limit S -
 the start and the models).
 
     python benchmarks/end_to_end.py                                     # every cell (hours on one H200)
-    python benchmarks/end_to_end.py --shapes llama-1b --lengths 8192 --batches 1 --time-limit 420
+    python benchmarks/end_to_end.py --shapes llama-1b --batches 1 --cell-time-limit 150 --time-limit 330
+                                                         # a call of < 9 min; the same again until no cell is left
     python benchmarks/end_to_end.py --report-only                       # the report of the stored cells, anywhere
     python benchmarks/end_to_end.py --smoke                             # CPU, tiny shapes, float32: seconds
 """
