@@ -408,7 +408,7 @@ def markdown(cells: list[dict], record: dict, settings: dict, skipped: dict) -> 
 
 
 def plot(cells: list[dict], path: Path):
-    """Time against length, one panel per (mode, shape), one line per (variant, batch)."""
+    """Time against length, one panel per (mode, shape), one line per (variant, batch), one colour per variant."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -420,13 +420,14 @@ def plot(cells: list[dict], path: Path):
         for column, shape in enumerate(shapes):
             axis = axes[row, column]
             chosen = [c for c in cells if (c["mode"], c["shape"], c["status"]) == (mode, shape, "ok")]
-            for index, variant in enumerate(VARIANTS[mode]):
+            for variant in VARIANTS[mode]:
                 for batch in sorted({c["batch"] for c in chosen}):
                     points = sorted((c["length"], c["ms"]) for c in chosen if (c["variant"], c["batch"]) == (variant, batch))
                     if points:
-                        axis.plot(*zip(*points), marker="o", color=f"C{index}", label=f"{variant}, batch {batch}",
+                        axis.plot(*zip(*points), marker="o", color=f"C{ALL_VARIANTS.index(variant)}", label=f"{variant}, batch {batch}",
                                   linestyle="-" if batch == min(c["batch"] for c in chosen) else "--")
-            axis.set(xscale="log", yscale="log", xlabel="prompt tokens", title=f"{shape}, {mode}",
+            axis.set_xscale("log", base=2)
+            axis.set(yscale="log", xlabel="prompt tokens", title=f"{shape}, {mode}",
                      ylabel="ms" if mode == "prefill" else "ms per new token")
             if chosen:
                 axis.legend(fontsize=6)
