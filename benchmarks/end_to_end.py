@@ -5,7 +5,7 @@ Shapes: SmolLM2-135M (Llama: 30 layers, 9 query / 3 key-value heads of 64), a 1B
 32 / 8 heads of 64) and opt-1.3b (24 layers, 32 heads of 64). Every model gets max_position_embeddings =
 --max-positions (the longest length plus room for the new tokens): opt-1.3b's learned position table, 2048 rows in
 the real checkpoint, is extended to that (a lookup: its size costs no time); SEA's positional table has that many
-rows per layer, so SEA's weights grow with it (the peak memory ratio below leaves the weights out).
+rows per layer, so SEA's weights grow with it (the memory ratio below leaves the weights out).
 
 Variants (a cell is one shape, batch, length, mode and variant):
 - sdpa_flash, sdpa_cudnn, sdpa_math: the dense model with attn_implementation="sdpa", every call under
@@ -28,10 +28,11 @@ setup and prefill, so the difference is N - 1 decode steps with generate's own p
 (the static cache of generate(1) has N - 1 fewer slots, a prefill difference within noise). EOS is disabled so that
 every call makes exactly its N tokens. The cell also keeps t(generate 1), the time to the first token.
 Peak memory: `torch.cuda.max_memory_allocated` over the timed calls after `reset_peak_memory_stats`, with only the
-measured model on the GPU, and that model's weights (`get_memory_footprint()`).
+measured model on the GPU; the cell also keeps what was allocated when it started (the weights, and whatever an
+earlier cell's generate left behind) and the weights alone (`get_memory_footprint()`).
 Ratios, per cell against the dense variants of the same shape, batch, length and mode measured in this work dir:
 speed-up = the fastest dense variant's time / this variant's (> 1: faster than every dense variant), memory = this
-variant's peak above its weights / the smallest such dense peak.
+variant's peak above its start / the smallest such dense one.
 
 Every cell is stored in --work-dir when measured and skipped when present, so runs split by --shapes, --lengths,
 --batches, --modes and --variants (or cut at --time-limit, after which no cell starts) add up to one report, written
@@ -216,8 +217,9 @@ class OverTime(Exception):
 
 def median_seconds(calls: dict, warm_up, repeats: int, limit: float, device: str) -> dict:
     """Median seconds of each of `calls` (run in turn, `repeats` rounds or as many as fit in `limit` seconds, at
-    least one) after `warm_up()`, and the peak memory of the timed rounds. OverTime when the warm-up and one round,
+    least one) after `warm_up()`, the peak memory of the timed rounds and the memory allocated before. OverTime when the warm-up and one round,
     each call about as long as the warm-up (the longest of them), would not fit in `limit`."""
+    start_mb = torch.cuda.memory_allocated() / 2**20 if device.startswith("cuda") else None
     start = time.perf_counter()
     warm_up()
     synchronize(device)
@@ -240,7 +242,7 @@ def median_seconds(calls: dict, warm_up, repeats: int, limit: float, device: str
             break
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
     return {"seconds": {name: statistics.median(ts) for name, ts in times.items()}, "rounds": len(times[next(iter(calls))]),
-            "peak_mb": peak}
+            "peak_mb": peak, "start_mb": start_mb}
 
 
 def generate_call(model, ids, new_tokens: int, static: bool):
@@ -259,8 +261,9 @@ def measure(model, key: dict, args, device: str) -> dict:
     generator = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(3, model.config.vocab_size, (key["batch"], key["length"]), generator=generator).to(device)
     static = key["variant"] == "static_compiled"
-    if static:  # compiled from scratch for this cell's shapes, as in a user's process
-        torch._dynamo.reset()
+    # No compiled graph (nor its CUDA-graph memory) of an earlier cell: the static cells compile for their own shapes,
+    # as in a user's process.
+    torch._dynamo.reset()
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     if key["mode"] == "prefill":
         def prefill():
@@ -351,7 +354,7 @@ def stored_cells(work: Path) -> list[dict]:
 
 def with_ratios(cells: list[dict]) -> list[dict]:
     """Each cell with its speed-up over the fastest dense variant of the same shape, batch, length and mode, and its
-    peak memory above the weights over the smallest such dense one (None where either side is missing)."""
+    peak memory above its start over the smallest such dense one (None where either side is missing)."""
     def problem(cell):
         return cell["shape"], cell["batch"], cell["length"], cell["mode"]
 
@@ -362,10 +365,15 @@ def with_ratios(cells: list[dict]) -> list[dict]:
     for cell in cells:
         rivals, ok = dense.get(problem(cell), []), cell["status"] == "ok"
         cell["speedup_vs_fastest_dense"] = min(r["ms"] for r in rivals) / cell["ms"] if ok and rivals else None
-        above = [r["peak_mb"] - r["weights_mb"] for r in rivals if r["peak_mb"] is not None]
-        cell["memory_vs_leanest_dense"] = ((cell["peak_mb"] - cell["weights_mb"]) / max(min(above), 1e-9)
+        above = [added_mb(r) for r in rivals if r["peak_mb"] is not None]
+        cell["memory_vs_leanest_dense"] = (added_mb(cell) / max(min(above), 1e-9)
                                            if ok and above and cell["peak_mb"] is not None else None)
     return cells
+
+
+def added_mb(cell: dict) -> float:
+    """The memory a cell's calls added at their peak to what it started with."""
+    return cell["peak_mb"] - cell["start_mb"]
 
 
 def cell_text(cell: dict | None) -> str:
@@ -373,7 +381,7 @@ def cell_text(cell: dict | None) -> str:
         return "-"
     if cell["status"] != "ok":
         return cell["status"]
-    memory = "" if cell["peak_mb"] is None else f" ({cell['peak_mb'] - cell['weights_mb']:.0f} MB)"
+    memory = "" if cell["peak_mb"] is None else f" ({added_mb(cell):.0f} MB)"
     return f"{cell['ms']:.2f}{memory}"
 
 
@@ -386,9 +394,10 @@ def markdown(cells: list[dict], record: dict, settings: dict, skipped: dict) -> 
     lines = [f"# End to end: dense vs SEA, {settings['dtype']}, random weights", "", f"`{record['command']}`", "",
              (f"Device: {record['device']}; {versions}; SEA key budget {settings['key_budget']}, every other SEA "
               f"setting at its default; decode over {settings['new_tokens']} new tokens."), "",
-             ("Each variant's time (ms; decode: ms per new token) with its peak memory above the weights in brackets; "
-              "SEA's speed-up over the fastest dense variant of the row, and its peak memory above the weights over "
-              "the leanest dense variant's (see the docstring of benchmarks/end_to_end.py).")]
+             ("Each variant's time (ms; decode: ms per new token) with, in brackets, the memory its calls added at "
+              "their peak to what the cell started with (the weights); SEA's speed-up over the fastest dense variant "
+              "of the row, and its added memory over the leanest dense variant's (see the docstring of "
+              "benchmarks/end_to_end.py).")]
     lines += [f"Skipped: {variant} ({why})." for variant, why in skipped.items()]
     for mode, variants in VARIANTS.items():
         present = [v for v in variants if any(c["mode"] == mode and c["variant"] == v for c in cells)]
