@@ -1,5 +1,6 @@
 """benchmarks/end_to_end.py --smoke on the CPU: every planned cell measured and reported, and a second run over the
-same work dir measures nothing (it builds no model) and reports the same cells."""
+same work dir measures nothing (it builds no model) and reports the same cells; a cell left unfinished, out of time
+or out of memory is stored as such, and a work dir refuses cells of other settings."""
 
 import json
 import sys
@@ -65,3 +66,17 @@ def test_a_cell_left_unfinished_is_stored_as_such_and_other_settings_are_refused
     assert json.loads((work / "cells" / f"{end_to_end.cell_name(key)}.json").read_text())["status"] == "unfinished"
     with pytest.raises(SystemExit, match="measured with"):
         end_to_end.main([*argv, "--key-budget", "8"])
+
+
+def test_running_out_of_time_or_memory_is_a_result_not_a_crash(monkeypatch, one_thread):
+    args = end_to_end.parse_arguments(["--smoke", "--cell-time-limit", "0"])
+    model = end_to_end.dense_model("tiny-llama", args.max_positions, "cpu", torch.float32)
+    key = {"shape": "tiny-llama", "batch": 1, "length": 48, "mode": "prefill", "variant": "sdpa_math"}
+    assert end_to_end.measured_or_failed(model, key, args, "cpu")["status"] == end_to_end.OUT_OF_TIME
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
+
+    monkeypatch.setattr(end_to_end, "measure", out_of_memory)
+    assert end_to_end.measured_or_failed(model, key, args, "cpu") == {
+        "status": "oom", "error": "CUDA out of memory. Tried to allocate 64.00 GiB"}
