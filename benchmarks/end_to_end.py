@@ -455,7 +455,8 @@ def report(args, work: Path, record: dict, settings: dict, skipped: dict):
     output.with_suffix(".md").write_text(text)
     print(text)
     try:
-        plot(cells, output.with_suffix(".png"))
+        if cells:
+            plot(cells, output.with_suffix(".png"))
     except ImportError as error:  # a bare GPU machine: the PNG comes from --report-only where matplotlib is
         print(f"no PNG: {error}")
 
