@@ -22,11 +22,12 @@ Variants (a cell is one shape, batch, length, mode and variant):
 
 Prefill: `model(ids, logits_to_keep=1)`, the last token's logits, with the model's default use_cache (the cache a
 generation starts from is built too); median of --repeats calls after a warm-up call.
-Decode, ms per new token after the prompt: (t(generate N new tokens) - t(generate 1)) / (N - 1), N = --new-tokens,
-each t the median of --repeats calls after a warm-up generate(N) (which also compiles). Both calls run the same
-setup and prefill, so the difference is N - 1 decode steps with generate's own per-step work, as a user pays it
-(the static cache of generate(1) has N - 1 fewer slots, a prefill difference within noise). EOS is disabled so that
-every call makes exactly its N tokens. The cell also keeps t(generate 1), the time to the first token.
+Decode, ms per new token after the prompt: one generate(N new tokens), N = --new-tokens, with a streamer (the public
+`BaseStreamer`) noting the host time at which generate hands over each new token (it copies the tokens to the host
+first, so the device has produced them): (t(token N) - t(token 1)) / (N - 1), the median of --repeats calls after a
+warm-up call (which also compiles). No prefill time is subtracted, so the prefill's noise does not enter the
+per-token time. The per-step copy is no extra wait: on CUDA, generate's stopping check reads the device every step
+anyway. EOS is disabled so that every call makes exactly N tokens. The cell also keeps the time to the first token.
 Peak memory: `torch.cuda.max_memory_allocated` over the timed calls after `reset_peak_memory_stats`, with only the
 measured model on the GPU; the cell also keeps what was allocated when it started (the weights, and whatever an
 earlier cell's generate left behind) and the weights alone (`get_memory_footprint()`).
@@ -36,9 +37,9 @@ variant's peak above its start / the smallest such dense one.
 
 Every cell is stored in --work-dir when measured and skipped when present, so runs split by --shapes, --lengths,
 --batches, --modes and --variants (or cut at --time-limit, after which no cell starts) add up to one report, written
-from every cell stored there. A cell that runs out of memory is stored as oom; one whose warm-up and one round of
-timed calls (each estimated by the warm-up's time) would exceed --cell-time-limit as over time (fewer than --repeats
-rounds run when they would not fit); one that an earlier run entered and never left (killed at its call's limit) as
+from every cell stored there. A cell that runs out of memory is stored as oom; one whose warm-up and one timed call
+(estimated by the warm-up's time) would exceed --cell-time-limit as over time (fewer than --repeats calls run when
+they would not fit); one that an earlier run entered and never left (killed at its call's limit) as
 unfinished: delete its file to measure it again. A cell takes about --cell-time-limit at most (unless its warm-up
 alone takes longer), so a call limited to S seconds should pass --time-limit S - 60 - --cell-time-limit (60 s for
 the start and the models).
@@ -63,6 +64,7 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import CompileConfig, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+from transformers.generation.streamers import BaseStreamer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from decode import synchronize
@@ -215,44 +217,68 @@ class OverTime(Exception):
     pass
 
 
-def median_seconds(calls: dict, warm_up, repeats: int, limit: float, device: str) -> dict:
-    """Median seconds of each of `calls` (run in turn, `repeats` rounds or as many as fit in `limit` seconds, at
-    least one) after `warm_up()`, the peak memory of the timed rounds and the memory allocated before. OverTime when the warm-up and one round,
-    each call about as long as the warm-up (the longest of them), would not fit in `limit`."""
+def median_seconds(call, repeats: int, limit: float, device: str) -> dict:
+    """The median of each of the seconds `call()` returns over `repeats` calls (or as many as fit in `limit`
+    seconds, at least one) after a warm-up call, the peak memory of the timed calls and the memory allocated before.
+    OverTime when the warm-up and one timed call, as long as the warm-up, would not fit in `limit`."""
     start_mb = torch.cuda.memory_allocated() / 2**20 if device.startswith("cuda") else None
     start = time.perf_counter()
-    warm_up()
-    synchronize(device)
+    call()
     warm = time.perf_counter() - start
-    if warm * (1 + len(calls)) > limit:
-        raise OverTime(f"warm-up {warm:.0f} s: with one round of {len(calls)} calls about "
-                       f"{warm * (1 + len(calls)):.0f} s > {limit:.0f} s")
+    if 2 * warm > limit:
+        raise OverTime(f"warm-up {warm:.0f} s: with one timed call about {2 * warm:.0f} s > {limit:.0f} s")
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    times = {name: [] for name in calls}
-    for _ in range(repeats):
-        round_start = time.perf_counter()
-        for name, call in calls.items():
-            call_start = time.perf_counter()
-            call()
-            synchronize(device)
-            times[name].append(time.perf_counter() - call_start)
+    timed = []
+    while len(timed) < repeats:
+        call_start = time.perf_counter()
+        timed.append(call())
         now = time.perf_counter()
-        if now - start + (now - round_start) > limit:  # another round would pass the limit
+        if now - start + (now - call_start) > limit:  # another call would pass the limit
             break
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
-    return {"seconds": {name: statistics.median(ts) for name, ts in times.items()}, "rounds": len(times[next(iter(calls))]),
+    return {"seconds": {name: statistics.median(t[name] for t in timed) for name in timed[0]}, "timed_calls": len(timed),
             "peak_mb": peak, "start_mb": start_mb}
 
 
-def generate_call(model, ids, new_tokens: int, static: bool):
+class TokenClock(BaseStreamer):
+    """The host time at which generate hands over the prompt, then each new token: it puts them on the host first,
+    so each time is after the device produced that token."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def prefill_call(model, ids, device: str):
+    def call():
+        start = time.perf_counter()
+        with torch.no_grad():
+            model(ids, logits_to_keep=1)
+        synchronize(device)
+        return {"prefill": time.perf_counter() - start}
+    return call
+
+
+def decode_call(model, ids, new_tokens: int, static: bool):
+    """generate(new_tokens): the seconds to its first new token and per new token after it (timed by a TokenClock)."""
     options = {"attention_mask": torch.ones_like(ids), "max_new_tokens": new_tokens, "do_sample": False}
     if static:
         options.update(cache_implementation="static", compile_config=CompileConfig(fullgraph=True, mode="reduce-overhead"))
 
     def call():
-        out = model.generate(ids, **options)
-        assert out.shape[1] == ids.shape[1] + new_tokens, "generate stopped early"
+        clock = TokenClock()
+        start = time.perf_counter()
+        out = model.generate(ids, streamer=clock, **options)
+        if out.shape[1] != ids.shape[1] + new_tokens or len(clock.times) != 1 + new_tokens:
+            raise RuntimeError(f"generate made {out.shape[1] - ids.shape[1]} tokens, not {new_tokens}")
+        first, last = clock.times[1], clock.times[-1]
+        return {"first_token": first - start, "per_token": (last - first) / (new_tokens - 1)}
     return call
 
 
@@ -265,26 +291,19 @@ def measure(model, key: dict, args, device: str) -> dict:
     # as in a user's process.
     torch._dynamo.reset()
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    if key["mode"] == "prefill":
-        def prefill():
-            with torch.no_grad():
-                model(ids, logits_to_keep=1)
-        calls, warm_up = {"prefill": prefill}, prefill
-    else:
-        calls = {"first_token": generate_call(model, ids, 1, static),
-                 "all_tokens": generate_call(model, ids, args.new_tokens, static)}
-        warm_up = calls["all_tokens"]
+    prefill = key["mode"] == "prefill"
+    call = prefill_call(model, ids, device) if prefill else decode_call(model, ids, args.new_tokens, static)
     backend = sdpa_kernel(SDPA_BACKENDS[key["variant"]]) if key["variant"] in SDPA_BACKENDS else contextlib.nullcontext()
     with backend:
-        got = median_seconds(calls, warm_up, args.repeats, args.cell_time_limit, device)
+        got = median_seconds(call, args.repeats, args.cell_time_limit, device)
     seconds = got.pop("seconds")
     result = {"status": "ok", "weights_mb": model.get_memory_footprint() / 2**20, **got}
-    if key["mode"] == "prefill":
+    if prefill:
         return {**result, "ms": seconds["prefill"] * 1e3}
-    decode_ms = (seconds["all_tokens"] - seconds["first_token"]) / (args.new_tokens - 1) * 1e3
     # Whether generate compiled: the graphs dynamo captured in this cell (transformers compiles only on accelerators).
     compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs_before
-    return {**result, "ms": decode_ms, "first_token_ms": seconds["first_token"] * 1e3, "compiled": compiled}
+    return {**result, "ms": seconds["per_token"] * 1e3, "first_token_ms": seconds["first_token"] * 1e3,
+            "compiled": compiled}
 
 
 def measured_or_failed(model, key: dict, args, device: str) -> dict:
