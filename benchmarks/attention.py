@@ -1,8 +1,9 @@
 """One attention layer on a GPU, side by side in one run: SEA (the whole operator: estimate, selection, Triton
-sparse kernel, gates), SEA's sparse kernel alone (selection given), SDPA with the flash backend, FlexAttention
-with the causal (or no) mask and with a block mask holding SEA's selected keys, and eager dense attention (up to
-16k tokens). Prints a correctness check of the kernels against the float32 PyTorch path, then a table (median
-time, peak memory above the inputs, ratios to SDPA); writes JSON and PNG plots.
+sparse kernel, gates), SEA's sparse kernel alone (selection given), SDPA with the flash and with the cuDNN backend,
+FlexAttention with the causal (or no) mask and with a block mask holding SEA's selected keys, and eager dense
+attention (up to 16k tokens). Prints a correctness check of the kernels against the float32 PyTorch path, then a
+table (median time, peak memory above the inputs, and both against the fastest and the leanest dense method of the
+same problem in this run: SDPA flash or cuDNN, causal or unmasked FlexAttention, eager); writes JSON and PNG plots.
 
     python benchmarks/attention.py --shapes 12x64 --json results.json --plots plots_folder
 """
@@ -14,13 +15,17 @@ import statistics
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sea.configuration_sea import SeaBertConfig, SeaOptConfig
 from sea.sea_attention import SeaAttention, sparse_attention
 from sea.sea_triton import sparse_attention_triton
 
 FLEX_BLOCK = 128
-METHODS = ("sea", "sea_sparse_only", "sdpa_flash", "flex", "flex_sea_mask", "eager")
+METHODS = ("sea", "sea_sparse_only", "sdpa_flash", "sdpa_cudnn", "flex", "flex_sea_mask", "eager")
+# Exact dense attention: the rivals every ratio is against.
+DENSE_METHODS = ("sdpa_flash", "sdpa_cudnn", "flex", "eager")
+SDPA_BACKENDS = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}
 
 
 def sea_layer(heads, head_dim, causal, kernel, budget, width, block, device):
@@ -136,11 +141,13 @@ def methods(op, causal, length, q, k, v, device):
         "sea_sparse_only": lambda q, k, v: sparse_attention_triton(q, k, v, selection, scaling, need_probs=False)[1],
     }
 
-    def sdpa(q, k, v):
-        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    def sdpa(backend):
+        def attend(q, k, v):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return attend
 
-    found["sdpa_flash"] = sdpa
+    found.update({name: sdpa(backend) for name, backend in SDPA_BACKENDS.items()})
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
     compiled = torch.compile(flex_attention, dynamic=False)
@@ -198,22 +205,31 @@ def benchmark(lengths, shapes, masks, chosen, budget, width, block, repeats, dev
 
 
 def with_ratios(rows):
-    """Each row with time and memory relative to SDPA-flash on the same problem."""
+    """Each row with its time over the fastest dense method's on the same problem (< 1: faster than every dense
+    method measured) and its peak memory over the leanest one's; NaN where no dense method ran."""
     key = ("heads", "head_dim", "causal", "mode", "length")
-    sdpa = {tuple(r[k] for k in key): r for r in rows if r["method"] == "sdpa_flash"}
+    dense = {}
     for row in rows:
-        base = sdpa[tuple(row[k] for k in key)]
-        row["time_vs_sdpa"] = row["ms"] / base["ms"]
-        row["memory_vs_sdpa"] = row["peak_mb"] / max(base["peak_mb"], 1e-9)
+        if row["method"] in DENSE_METHODS and math.isfinite(row["ms"]):
+            dense.setdefault(tuple(row[k] for k in key), []).append(row)
+    for row in rows:
+        rivals = dense.get(tuple(row[k] for k in key), [])
+        fastest = min(rivals, key=lambda r: r["ms"], default=None)
+        row["fastest_dense"] = fastest["method"] if fastest else None
+        row["time_vs_fastest_dense"] = row["ms"] / fastest["ms"] if fastest else math.nan
+        leanest = min((r["peak_mb"] for r in rivals), default=math.nan)
+        row["memory_vs_leanest_dense"] = row["peak_mb"] / max(leanest, 1e-9)
     return rows
 
 
 def print_table(rows):
-    print("\n| heads x dim | causal | mode | T | method | ms | peak MB | time / SDPA | memory / SDPA |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| heads x dim | causal | mode | T | method | ms | peak MB | fastest dense | time / fastest dense "
+          "| memory / leanest dense |")
+    print("|---" * 10 + "|")
     for r in rows:
         print(f"| {r['heads']}x{r['head_dim']} | {r['causal']} | {r['mode']} | {r['length']} | {r['method']} | "
-              f"{r['ms']:.2f} | {r['peak_mb']:.0f} | {r['time_vs_sdpa']:.2f} | {r['memory_vs_sdpa']:.2f} |")
+              f"{r['ms']:.2f} | {r['peak_mb']:.0f} | {r['fastest_dense']} | {r['time_vs_fastest_dense']:.2f} "
+              f"| {r['memory_vs_leanest_dense']:.2f} |")
 
 
 def plot(rows, folder):
@@ -249,7 +265,7 @@ def main():
     parser.add_argument("--shapes", nargs="+", default=["12x64", "32x128"], help="heads x head_dim")
     parser.add_argument("--masks", nargs="+", default=["causal", "bidirectional"], choices=["causal", "bidirectional"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
-                        help="sdpa_flash always runs: every ratio is to it")
+                        help=f"at least one dense method ({', '.join(DENSE_METHODS)}): every ratio is to them")
     parser.add_argument("--key-budget", type=int, default=1024)
     parser.add_argument("--width", type=int, default=128, help="sea_compressed_width (M)")
     parser.add_argument("--query-block", type=int, default=64, help="sea_query_block_size")
@@ -260,6 +276,8 @@ def main():
     parser.add_argument("--json")
     parser.add_argument("--plots", help="folder for the PNG plots")
     args = parser.parse_args()
+    if not set(args.methods) & set(DENSE_METHODS):
+        parser.error(f"--methods needs a dense method to compare with: one of {DENSE_METHODS}")
     device = torch.device("cuda")
     torch.manual_seed(0)
     # FlexAttention compiles once per shape, mask and grad mode: without room for that many, dynamo falls back
@@ -270,8 +288,7 @@ def main():
     print("kernel check (bf16 Triton vs float32 PyTorch, relative L2 error):")
     checks = check_kernels(device, *shapes[0], args.check_budget or args.key_budget, args.width, args.query_block,
                            args.check_length)
-    chosen = set(args.methods) | {"sdpa_flash"}
-    rows = with_ratios(benchmark(args.lengths, shapes, args.masks, chosen, args.key_budget, args.width,
+    rows = with_ratios(benchmark(args.lengths, shapes, args.masks, set(args.methods), args.key_budget, args.width,
                                  args.query_block, args.repeats, device))
     print_table(rows)
     if args.json:

@@ -23,6 +23,7 @@ Markdown); --publish-dir gets the distilled model as a Hub-ready folder (weights
 
 import argparse
 import bz2
+import importlib.metadata
 import json
 import math
 import sys
@@ -467,6 +468,13 @@ def main(argv=None):
         llama_report(args, work, argv)
 
 
+def installed_version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def run_record(work: Path, argv, script: str = "quality.py") -> dict:
     """Device, versions and command of the run that measured the results in `work`, written by its first call, so
     that a later call (a resumed run, or one that only writes the report and the published folder on another
@@ -475,7 +483,8 @@ def run_record(work: Path, argv, script: str = "quality.py") -> dict:
     if not path.exists():
         record = {
             "device": device_name(),
-            "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
+            "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
+                         "triton": installed_version("triton")},
             "command": f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:]),
         }
         path.write_text(json.dumps(record, indent=1))
