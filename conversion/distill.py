@@ -366,12 +366,24 @@ def baseline_losses(distillation: SeaDistillationArguments) -> SeaDistillationAr
 
 
 def distil(student, teacher, train, collator, training, distillation, run_name: str, resume: bool):
-    run_args = dataclasses.replace(training, output_dir=str(checkpoints_dir(training) / run_name))
+    run_args = dataclasses.replace(training, output_dir=str(checkpoints_dir(training) / run_name),
+                                   ddp_find_unused_parameters=find_unused_parameters(training, distillation))
     trainer = SeaDistillationTrainer(model=student, args=run_args, train_dataset=train, data_collator=collator,
                                      teacher=teacher, distillation=distillation)
     last = last_complete_checkpoint(Path(run_args.output_dir)) if resume else None
     result = trainer.train(resume_from_checkpoint=last)
     return trainer, result
+
+
+def find_unused_parameters(training: TrainingArguments, distillation: SeaDistillationArguments) -> bool:
+    """DDP's search for unused parameters (the Trainer's default) starts from the model's outputs. The attention
+    losses reach the estimator through forward hooks, outside those outputs: the search would mark its parameters
+    unused, then see their gradients arrive ("marked as ready twice"). With attention losses every trained parameter
+    gets a gradient, so the search is off; without them (the kernel-attention baseline) the estimator is unused and
+    the search is on. An explicit --ddp-find-unused-parameters is kept."""
+    if training.ddp_find_unused_parameters is not None:
+        return training.ddp_find_unused_parameters
+    return not distillation.needs_attention
 
 
 def weights_checksum(model) -> str:
