@@ -10,7 +10,7 @@ all of them on the 60 held-out sentences.
     python conversion/distill.py
     python conversion/distill.py --model facebook/opt-125m --task causal-lm --dataset-path wiki.txt \\
         --max-length 1024 --key-budget 64 --max-steps 2000 --output-dir outputs/sea-opt-125m
-    accelerate launch conversion/distill.py ...            # N processes (DDP; FSDP/DeepSpeed via accelerate config)
+    accelerate launch --config_file conversion/accelerate/ddp.yaml conversion/distill.py ...   # fsdp.yaml, ...
 
 Every `TrainingArguments` field is accepted (`--learning-rate`, `--per-device-train-batch-size`, `--save-steps`,
 `--report-to tensorboard`, ...). Checkpoints go to OUTPUT_DIR-checkpoints; `--resume` continues from the last
@@ -366,12 +366,37 @@ def baseline_losses(distillation: SeaDistillationArguments) -> SeaDistillationAr
 
 
 def distil(student, teacher, train, collator, training, distillation, run_name: str, resume: bool):
-    run_args = dataclasses.replace(training, output_dir=str(checkpoints_dir(training) / run_name))
+    run_args = dataclasses.replace(training, output_dir=str(checkpoints_dir(training) / run_name),
+                                   ddp_find_unused_parameters=find_unused_parameters(training, distillation))
     trainer = SeaDistillationTrainer(model=student, args=run_args, train_dataset=train, data_collator=collator,
                                      teacher=teacher, distillation=distillation)
     last = last_complete_checkpoint(Path(run_args.output_dir)) if resume else None
     result = trainer.train(resume_from_checkpoint=last)
     return trainer, result
+
+
+def find_unused_parameters(training: TrainingArguments, distillation: SeaDistillationArguments) -> bool:
+    """DDP's search for unused parameters (the Trainer's default) starts from the model's outputs. The attention
+    losses reach the estimator through forward hooks, outside those outputs: the search would mark its parameters
+    unused, then see their gradients arrive ("marked as ready twice"). With attention losses every trained parameter
+    gets a gradient, so the search is off; without them (the kernel-attention baseline) the estimator is unused and
+    the search is on. An explicit --ddp-find-unused-parameters is kept."""
+    if training.ddp_find_unused_parameters is not None:
+        return training.ddp_find_unused_parameters
+    return not distillation.needs_attention
+
+
+def trained_model(trainer: Trainer, teacher, sea_options: dict):
+    """The trained model whole on every process. Under FSDP the Trainer's model holds a shard of each parameter
+    and runs only with every process taking part: its full weights are gathered (every process must call this)
+    into a fresh SEA conversion of the teacher, which the main process alone can evaluate and save."""
+    if not trainer.is_fsdp_enabled:
+        return trainer.model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    whole = convert_to_sea(teacher, **sea_options)
+    whole.load_state_dict(get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True)))
+    return whole
 
 
 def weights_checksum(model) -> str:
@@ -426,7 +451,7 @@ def main(argv=None):
     student = make_trainable(convert_to_sea(teacher, **sea_options), args)
     trainer, result = distil(student, teacher, train, collator, training, student_losses(distillation, args), "sea",
                              args.resume)
-    student = trainer.model
+    student = trained_model(trainer, teacher, sea_options)
     if args.train_parameters == "lora":
         student = student.merge_and_unload()
     checksums = gather_object([weights_checksum(student)])
@@ -435,7 +460,8 @@ def main(argv=None):
         baseline = convert_to_sea(teacher, **{**sea_options, "sea_baseline": "kernel_attention"})
         baseline_trainer, _ = distil(baseline, teacher, train, collator, training, baseline_losses(distillation),
                                      "kernel-baseline", args.resume)
-        models["kernel-attention baseline (distilled)"] = baseline_trainer.model
+        models["kernel-attention baseline (distilled)"] = trained_model(
+            baseline_trainer, teacher, {**sea_options, "sea_baseline": "kernel_attention"})
     if not state.is_main_process:
         return
     results = evaluate_all(models, task, held_out, tokenizer, args, training, teacher)
@@ -451,6 +477,7 @@ def main(argv=None):
             "processes": state.num_processes, "device": str(training.device),
             "wall_time_s": round(wall, 1), "device_hours": round(wall * state.num_processes / 3600, 4),
             "scope": "the whole run, including the teacher and the evaluation",
+            "distillation_time_s": round(result.metrics["train_runtime"], 1),  # Trainer.train alone: tokens/s
             "ranks_have_identical_weights": len(set(checksums)) == 1,
         },
     }
