@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from sea.configuration_sea import SeaBertConfig, SeaOptConfig
-from sea.sea_attention import SeaAttention, sparse_attention
-from sea.sea_triton import sparse_attention_triton
+from sea.sea_attention import sparse_attention
+from sea.sea_dispatch import sparse_attention_triton
+from sea.sea_layer import SeaAttention
 
 FLEX_BLOCK = 128
 METHODS = ("sea", "sea_sparse_only", "sdpa_flash", "flex", "flex_sea_mask", "eager")
