@@ -606,7 +606,7 @@ def kernel_encoding_in_passes(q, k_new, v_new, code, new_valid, counts, sums, ro
 class SeaRankingInputs:
     """What a bin ranking (`BIN_RANKINGS`) may read: one forward's queries and keys (as `SeaAttention.forward`
     takes them), its estimate, and how its query rows form blocks of `block_size` rows, which share one ranking
-    (`SeaAttention.select`)."""
+    (`select`)."""
 
     q: torch.Tensor
     """(N, H, T, D) the queries of the last T positions."""
@@ -678,7 +678,7 @@ def scored_ranking(score, inputs: SeaRankingInputs) -> torch.Tensor:
     return inputs.per_block(scores)
 
 
-# What `SeaAttention.select` ranks bins by, per `sea_baseline` (None: SEA itself). Every ranking maps the forward's
+# What `select` ranks bins by, per `sea_baseline` (None: SEA itself). Every ranking maps the forward's
 # `SeaRankingInputs` to one (N, H, R, M) ranking per query block; larger ranks first.
 BIN_RANKINGS = {
     None: estimated_ranking,
@@ -689,6 +689,90 @@ BIN_RANKINGS = {
     "key_bounds": functools.partial(scored_ranking, key_bound_scores),
     "key_summaries": functools.partial(scored_ranking, key_summary_scores),
 }
+
+
+@dataclass(frozen=True)
+class SelectionRule:
+    """How `select` turns a bin ranking into keys: the SEA settings that shape no weight."""
+
+    budget: int
+    """`sea_key_budget`: keys per query."""
+    budget_rule: str
+    """`sea_budget_rule`: "constant" or "reference" (`select_keys`)."""
+    candidate_factor: int
+    """`sea_candidate_factor`: c > 1 re-ranks the bins of the best c x budget keys exactly (`reranked`)."""
+    anchor_bins: bool
+    """`sea_anchor_bins`: the first and last bin of every row first (`anchored`)."""
+
+
+def anchored(ranking: torch.Tensor, edges: torch.Tensor, anchor_bins: bool) -> torch.Tensor:
+    """`ranking` with the anchor bins (first and last, when `anchor_bins`) first and the empty bins (from `edges`)
+    last."""
+    sizes = edges.diff(dim=-1)  # (N, T, M) keys per bin
+    if anchor_bins:
+        ranking = ranking.clone()
+        # The bin holding the first key: bin 0, unless a row sees fewer keys than there are bins, whose leading
+        # bins are then empty.
+        first = (sizes > 0).int().argmax(-1, keepdim=True).unsqueeze(1)
+        ranking.scatter_(-1, first.expand(*ranking.shape[:-1], 1), torch.finfo(ranking.dtype).max)
+        ranking[..., -1] = float("inf")  # the newest bin first: with room for one bin only, a query sees itself
+    return ranking.masked_fill((sizes == 0).unsqueeze(1), float("-inf"))
+
+
+def reranked(ranking: torch.Tensor, edges: torch.Tensor, candidate_log_mass, rule: SelectionRule) -> torch.Tensor:
+    """With a candidate factor c > 1: the bins of the best-ranked c x budget keys, ranked again by the exact
+    attention mass they hold among those keys (`candidate_log_mass(starts, lengths)`, by `range_log_mass`), the
+    other bins last; `ranking` itself otherwise."""
+    if rule.candidate_factor == 1:
+        return ranking
+    starts, lengths, bins = select_keys(ranking, edges, rule.candidate_factor * rule.budget, "constant")
+    mass = candidate_log_mass(starts, lengths).masked_fill(lengths == 0, float("-inf"))
+    exact = torch.full_like(ranking, float("-inf"), dtype=mass.dtype).scatter_(-1, bins, mass)
+    return anchored(exact, edges, rule.anchor_bins)
+
+
+def select(inputs: SeaRankingInputs, ranking: torch.Tensor, rows_log_mass, rule: SelectionRule) -> SeaSelection:
+    """The keys of every query: the bins of `ranking` (N, H, R, M) (from `BIN_RANKINGS`), through `anchored`, then
+    `reranked`, expanded by `select_keys`, shared by blocks of `inputs.block_size` consecutive queries.
+
+    A causal block takes the bins of its first row (they depend on no later token, so the model stays causal)
+    plus one range holding the keys after that row's, which each row reads up to itself: a row reads at most
+    budget + block size - 1 keys. A bidirectional block takes the bins of the row that sees the most keys,
+    ranked as `SeaRankingInputs.per_block` combines its rows.
+    `rows_log_mass(step, starts, lengths, counts)`: `range_log_mass` of every `step`-th query row.
+
+    A row's ranges are disjoint ranks of the keys it sees, so it reads at most T_all of them, and under the
+    "constant" rule at most the budget plus the rest of its block: the selection's `max_slots`."""
+    block, counts, num_keys = inputs.block_size, inputs.counts, inputs.k.shape[2]
+    max_slots = min(num_keys, rule.budget + block - 1) if rule.budget_rule == "constant" else num_keys
+    if block == 1:
+        edges = bin_edges(counts, inputs.width)
+        ranking = reranked(anchored(ranking, edges, rule.anchor_bins), edges,
+                           lambda starts, lengths: rows_log_mass(1, starts, lengths, counts), rule)
+        starts, lengths, _ = select_keys(ranking, edges, rule.budget, rule.budget_rule)
+        return SeaSelection(starts, lengths, inputs.positions, counts, 1, max_slots)
+    block_counts = inputs.block_counts
+    if inputs.causal:
+        first_counts = block_counts[..., 0]
+
+        def block_log_mass(starts, lengths):
+            return rows_log_mass(block, starts, lengths, first_counts)
+    else:
+        first_counts = block_counts.amax(-1)
+
+        def block_log_mass(starts, lengths):  # every row's mass in the block's ranges, averaged over the block
+            t = counts.shape[1]
+            per_row = rows_log_mass(1, *(x.repeat_interleave(block, 2)[:, :, :t] for x in (starts, lengths)), counts)
+            return inputs.per_block(per_row)
+    edges = bin_edges(first_counts, inputs.width)
+    ranking = reranked(anchored(ranking, edges, rule.anchor_bins), edges, block_log_mass, rule)
+    starts, lengths, _ = select_keys(ranking, edges, rule.budget, rule.budget_rule)
+    if inputs.causal:  # the newest range: ranks first_count .. (the block's largest count - 1)
+        newest = block_counts.amax(-1) - first_counts
+        per_head = (*starts.shape[:-1], 1)
+        starts = torch.cat([starts, first_counts[:, None, :, None].expand(per_head)], -1)
+        lengths = torch.cat([lengths, newest[:, None, :, None].expand(per_head)], -1)
+    return SeaSelection(starts, lengths, inputs.positions, counts, block, max_slots)
 
 
 def orthogonal_gaussian_features(num_features: int, dim: int) -> torch.Tensor:

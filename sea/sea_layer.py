@@ -24,6 +24,7 @@ from .sea_attention import (
     SeaEstimate,
     SeaRankingInputs,
     SeaSelection,
+    SelectionRule,
     at_least_float32,
     bidirectional_average_context,
     bin_edges,
@@ -31,7 +32,7 @@ from .sea_attention import (
     output_gate,
     positional_code,
     range_log_mass,
-    select_keys,
+    select,
     valid_key_positions,
     visible_key_counts,
 )
@@ -129,7 +130,7 @@ def _config_setting(field: str) -> property:
 
 
 class SeaAttention(nn.Module):
-    """The SEA parameters of one attention layer and its forward pass (see the module docstring).
+    """The SEA parameters of one attention layer and its forward pass (the steps: `sea_attention`'s docstring).
 
     The q/k/v/o projections stay with the backbone's attention module; this module receives per-head q, k, v.
     With grouped-query attention (`num_key_value_heads` < `num_heads`), k and v have one head per group of query
@@ -146,8 +147,7 @@ class SeaAttention(nn.Module):
             raise ValueError(f"{num_heads} query heads cannot be grouped over {self.num_key_value_heads} key/value heads.")
         self.head_dim = head_dim
         # The SEA settings that shape no weight (key budget, rule, candidates, baseline, anchors, kernel, query
-        # blocks) are read
-        # from the config at every call: a changed config acts at once, as it is saved.
+        # blocks) are read from the config at every call: a changed config acts at once, as it is saved.
         self.config = config
         self.width = config.sea_compressed_width
         num_features = max(1, int(head_dim * math.log(head_dim) / config.sea_performer_nb_factor))
@@ -156,7 +156,9 @@ class SeaAttention(nn.Module):
             self.position_table = nn.Parameter(torch.empty(config.max_position_embeddings, head_dim))
         else:
             self.position_table = None
-        self.encoder = nn.Sequential(nn.Linear(3 * head_dim, 2 * head_dim), nn.LayerNorm(2 * head_dim), nn.GELU())
+        # The encoder's weights, saved as encoder.0 and encoder.1: `sea_attention.encode` applies the linear layer,
+        # the layer norm, then a GELU.
+        self.encoder = nn.Sequential(nn.Linear(3 * head_dim, 2 * head_dim), nn.LayerNorm(2 * head_dim))
         channels = DECODER_CHANNELS[causal]
         self.row_decoder = nn.Linear(2 * head_dim, channels * self.width // SEA_DECODER_WIDTH_DIVISOR[causal])
         self.cnn = SeaRowCnn(num_heads, self.width, causal)
@@ -241,73 +243,10 @@ class SeaAttention(nn.Module):
         return EstimatorWeights(self.feature_projection, linear.weight, linear.bias, norm.weight, norm.bias, norm.eps,
                                 *gates)
 
-    def anchored(self, ranking: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
-        """`ranking` with the anchor bins (first and last, when enabled) first and the empty bins (from `edges`)
-        last."""
-        sizes = edges.diff(dim=-1)  # (N, T, M) keys per bin
-        if self.anchor_bins:
-            ranking = ranking.clone()
-            # The bin holding the first key: bin 0, unless a row sees fewer keys than there are bins, whose leading
-            # bins are then empty.
-            first = (sizes > 0).int().argmax(-1, keepdim=True).unsqueeze(1)
-            ranking.scatter_(-1, first.expand(*ranking.shape[:-1], 1), torch.finfo(ranking.dtype).max)
-            ranking[..., -1] = float("inf")  # the newest bin first: with room for one bin only, a query sees itself
-        return ranking.masked_fill((sizes == 0).unsqueeze(1), float("-inf"))
-
-    def reranked(self, ranking: torch.Tensor, edges: torch.Tensor, candidate_log_mass) -> torch.Tensor:
-        """With `sea_candidate_factor` c > 1: the bins of the best-ranked c x budget keys, ranked again by the
-        exact attention mass they hold among those keys (`candidate_log_mass(starts, lengths)`, by
-        `range_log_mass`), the other bins last; `ranking` itself otherwise."""
-        if self.candidate_factor == 1:
-            return ranking
-        starts, lengths, bins = select_keys(ranking, edges, self.candidate_factor * self.budget, "constant")
-        mass = candidate_log_mass(starts, lengths).masked_fill(lengths == 0, float("-inf"))
-        exact = torch.full_like(ranking, float("-inf"), dtype=mass.dtype).scatter_(-1, bins, mass)
-        return self.anchored(exact, edges)
-
-    def select(self, inputs: SeaRankingInputs, rows_log_mass) -> SeaSelection:
-        """The keys of every query: bins ranked by the config's `BIN_RANKINGS` choice (through `anchored`, then
-        `reranked`), expanded by `select_keys`, shared by blocks of `sea_query_block_size` consecutive queries.
-
-        A causal block takes the bins of its first row (they depend on no later token, so the model stays causal)
-        plus one range holding the keys after that row's, which each row reads up to itself: a row reads at most
-        budget + block size - 1 keys. A bidirectional block takes the bins of the row that sees the most keys,
-        ranked as `SeaRankingInputs.per_block` combines its rows.
-        `rows_log_mass(step, starts, lengths, counts)`: `range_log_mass` of every `step`-th query row.
-
-        A row's ranges are disjoint ranks of the keys it sees, so it reads at most T_all of them, and under the
-        "constant" rule at most the budget plus the rest of its block: the selection's `max_slots`."""
-        block, counts, num_keys = inputs.block_size, inputs.counts, inputs.k.shape[2]
-        max_slots = min(num_keys, self.budget + block - 1) if self.budget_rule == "constant" else num_keys
-        ranking = BIN_RANKINGS[self.baseline](inputs)
-        if block == 1:
-            edges = bin_edges(counts, self.width)
-            ranking = self.reranked(self.anchored(ranking, edges), edges,
-                                    lambda starts, lengths: rows_log_mass(1, starts, lengths, counts))
-            starts, lengths, _ = select_keys(ranking, edges, self.budget, self.budget_rule)
-            return SeaSelection(starts, lengths, inputs.positions, counts, 1, max_slots)
-        block_counts = inputs.block_counts
-        if self.causal:
-            first_counts = block_counts[..., 0]
-
-            def block_log_mass(starts, lengths):
-                return rows_log_mass(block, starts, lengths, first_counts)
-        else:
-            first_counts = block_counts.amax(-1)
-
-            def block_log_mass(starts, lengths):  # every row's mass in the block's ranges, averaged over the block
-                t = counts.shape[1]
-                per_row = rows_log_mass(1, *(x.repeat_interleave(block, 2)[:, :, :t] for x in (starts, lengths)), counts)
-                return inputs.per_block(per_row)
-        edges = bin_edges(first_counts, self.width)
-        ranking = self.reranked(self.anchored(ranking, edges), edges, block_log_mass)
-        starts, lengths, _ = select_keys(ranking, edges, self.budget, self.budget_rule)
-        if self.causal:  # the newest range: ranks first_count .. (the block's largest count - 1)
-            newest = block_counts.amax(-1) - first_counts
-            per_head = (*starts.shape[:-1], 1)
-            starts = torch.cat([starts, first_counts[:, None, :, None].expand(per_head)], -1)
-            lengths = torch.cat([lengths, newest[:, None, :, None].expand(per_head)], -1)
-        return SeaSelection(starts, lengths, inputs.positions, counts, block, max_slots)
+    @property
+    def selection_rule(self) -> SelectionRule:
+        """How `select` turns bin rankings into keys, from the config as it is now."""
+        return SelectionRule(self.budget, self.budget_rule, self.candidate_factor, self.anchor_bins)
 
     def forward(
         self,
@@ -370,7 +309,7 @@ class SeaAttention(nn.Module):
 
                 inputs = SeaRankingInputs(q, k, key_valid, positions, counts, self.causal, scaling, self.width,
                                           self.query_block_size, estimate)
-                selection = self.select(inputs, rows_log_mass)
+                selection = select(inputs, BIN_RANKINGS[self.baseline](inputs), rows_log_mass, self.selection_rule)
         gate = estimate.gate
         if not self.causal and self.gates is not None:
             average = bidirectional_average_context(v, key_valid, estimate.log_probs, positions)
