@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sea.configuration_sea import SeaBertConfig, SeaOptConfig
-from sea.sea_attention import SeaAttention, sparse_attention
-from sea.sea_triton import sparse_attention_triton
+from sea.sea_attention import sparse_attention
+from sea.sea_dispatch import sparse_attention_triton
+from sea.sea_layer import SeaAttention
 
 FLEX_BLOCK = 128
 METHODS = ("sea", "sea_sparse_only", "sdpa_flash", "sdpa_cudnn", "flex", "flex_sea_mask", "eager")

@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.quality import GGUF_FILE, sea_model, with_trained_weights  # noqa: E402
 from conversion.convert import load_dense  # noqa: E402
-from sea.sea_attention import SeaAttention  # noqa: E402
+from sea.sea_layer import SeaAttention  # noqa: E402
 from training.evaluation import sliding_window_perplexity  # noqa: E402
 
 

@@ -48,7 +48,8 @@ from quality import (  # noqa: E402
     with_trained_weights,
 )
 from quality import held_out_perplexity as perplexity  # noqa: E402
-from sea.sea_attention import SeaAttention, bin_edges, exact_attention, visible_key_counts  # noqa: E402
+from sea.sea_attention import bin_edges, exact_attention, visible_key_counts  # noqa: E402
+from sea.sea_layer import SeaAttention
 
 TASKS = ("passkey", "multikey", "copy")
 INSTRUCTION = ("There is important information hidden inside a lot of irrelevant text. Find it and memorize it. "

@@ -70,8 +70,8 @@ from .configuration_sea import (
     SeaQwen3Config,
     SeaRotaryConfigMixin,
 )
-from .sea_attention import SeaAttention
 from .sea_cache import SeaCache
+from .sea_layer import SeaAttention
 
 logger = logging.get_logger(__name__)
 

@@ -1,49 +1,38 @@
-"""The SEA attention operator: the readable PyTorch reference path.
+"""The SEA attention operator: the readable PyTorch reference, as plain functions.
 
 One SEA layer, given the usual per-head queries, keys and values (N, H, T, D) and a key padding mask (N, T):
 
 1. kernel (Performer) linear attention over `[positional code || V]` estimates, for every query, where its
-   attention mass goes (O(T) cost);
+   attention mass goes (O(T) cost; `kernel_encoding`);
 2. a per-head encoder, a row decoder and a small CNN turn that into estimated attention logits over M bins:
    bin b of query i covers the b-th of M equal slices of the keys visible to i;
 3. the best-estimated bins, after the first and last bin of the row (`sea_anchor_bins`), are expanded to key
    positions within a per-query key budget (`select_keys`);
 4. exact softmax attention runs over the selected keys only (`sparse_attention`), in chunks of query rows, so
    nothing of size T x T is ever built;
-5. learned gates scale the sparse attention and mix in an average context.
+5. learned gates scale the sparse attention and mix in an average context (`output_gate`).
 
-Every faster kernel is tested against these functions.
+Every Triton kernel is tested against these functions. This module imports no kernel and chooses no path:
+`sea_dispatch` decides which implementation serves a call, and `sea_layer.SeaAttention` holds the weights and
+runs the steps.
 """
 
 import functools
 import math
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from transformers import initialization as init
-from transformers.utils import is_torchdynamo_compiling, logging
+from transformers.utils import is_torchdynamo_compiling
 
-from .configuration_sea import SEA_DECODER_WIDTH_DIVISOR
-from .sea_triton import (
-    OutOfResources,
-    causal_kernel_encoding_triton,
-    estimate_kernel_unavailable_reason,
-    gated_block_attention_triton,
-    kernel_unavailable_reason,
-    sparse_attention_triton,
-)
-
-logger = logging.get_logger(__name__)
-
-# Decoder channels per head: causal models decode 2 channels of M/4 bins, bidirectional ones 4 channels of M/2.
-DECODER_CHANNELS = {True: 2, False: 4}
-# Rows of the causal prefix-sum linear attention processed as one exact block.
+# Rows of the causal prefix-sum linear attention processed as one exact block (also the step of the estimate
+# kernels' walk).
 LINEAR_ATTENTION_CHUNK = 64
 # Columns from which `prefix_sum` scans a dimension in place (about the threads a large GPU keeps in flight).
 SCAN_COLUMNS_IN_PLACE = 1 << 16
-# Rows per pass of the PyTorch estimate of a long causal input at inference (`_kernel_encoding_in_passes`).
+# Rows per pass of the estimate of a long causal input at inference (`kernel_encoding_in_passes`, and the
+# column-split estimate kernels, which reuse one pass's buffer).
 ESTIMATE_ROWS_PER_PASS = 4096
 # Upper bound on gathered key/value elements per chunk of query rows in `sparse_attention`.
 GATHER_CHUNK_ELEMENTS = 1 << 22
@@ -497,26 +486,6 @@ def sparse_attention(q, k, v, selection: SeaSelection, scaling: float, need_prob
     return torch.cat(probs, 2) if need_probs else None, torch.cat(contexts, 2)
 
 
-def sparse_attention_implementation(q: torch.Tensor, kernel: str, dropout: float = 0.0):
-    """The implementation of `sparse_attention` for these queries under the config's `sea_kernel` setting (and
-    an attention `dropout` in training, which only the PyTorch path applies)."""
-    if kernel == "torch":
-        return sparse_attention
-    reason = kernel_unavailable_reason(q)
-    if dropout and reason is None:
-        reason = f"it has no attention dropout (training with p = {dropout}; set the attention dropout to 0 to use it)"
-    if kernel == "triton":
-        if reason is not None:
-            raise RuntimeError(f"sea_kernel='triton' was requested, but {reason}. Use sea_kernel='auto' or 'torch'.")
-        return sparse_attention_triton
-    if not q.is_cuda:
-        return sparse_attention
-    if reason is not None:
-        logger.warning_once(f"SEA: the Triton kernel cannot run ({reason}); using the slower PyTorch path.")
-        return sparse_attention
-    return sparse_attention_triton
-
-
 def causal_average_context(v_new, new_valid, counts, value_sum):
     """Running mean of the valid values up to each of the new queries (N, H_kv, 1, T_new, D): the same for every
     query head of a group. Also the new running sum. `counts` (N, T_new) are the valid keys visible to each query;
@@ -548,93 +517,96 @@ def bidirectional_average_context(v, key_valid, estimate_log_probs, key_position
     return grouped @ bin_means.unsqueeze(2)
 
 
-@functools.lru_cache(maxsize=32)
-def _causal_cnn_rows(block: int, reach: int, num_rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """`SeaRowCnn.rows_needed` for a CNN that reads `reach` rows above each row. Built outside inference mode: the
-    kept tensors also index forwards that train."""
-    if block <= reach:
-        raise ValueError(f"query blocks of {block} rows are shorter than the CNN's reach of {reach} rows")
-    with torch.inference_mode(False):
-        window = torch.arange(-reach, 1, device=device)
-        windows = (torch.arange(block, max(block, num_rows), block, device=device)[:, None] + window).flatten()
-        last_first = (num_rows - 1) // block * block
-        tail = torch.arange(max(num_rows - 1 - reach, last_first + 1), num_rows, device=device)
-        rows = torch.cat([torch.zeros(1, dtype=torch.long, device=device), windows, tail])
-        return rows, torch.arange(0, last_first + 1, block, device=device) // block * (reach + 1)
+class EstimatorWeights(NamedTuple):
+    """The weights `kernel_encoding` reads, as tensors (the reference and the estimate kernels take the same)."""
+
+    feature_projection: torch.Tensor
+    """(F, D) the random-feature projection of `kernel_features`."""
+    encoder_weight: torch.Tensor
+    """(2D, 3D) the encoder's linear layer over [estimate || v]."""
+    encoder_bias: torch.Tensor
+    norm_weight: torch.Tensor
+    """(2D,) the encoder's layer norm, after the linear layer (then a GELU)."""
+    norm_bias: torch.Tensor
+    norm_eps: float
+    gate_weight: torch.Tensor | None
+    """(2, 2D) the output gates' linear layer (None without `sea_output_gates`)."""
+    gate_bias: torch.Tensor | None
 
 
-class SeaRowCnn(nn.Module):
-    """Refines the decoded rows (N, H * c, T, M / s) into estimated attention logits (N, H, T, M).
+def encode(estimate: torch.Tensor, v_new: torch.Tensor, weights: EstimatorWeights) -> torch.Tensor:
+    """The encoder (linear, layer norm, GELU) of [estimate || v] per query head, with the value half of its linear
+    layer computed once per key/value head: estimate (N, H_kv, G, T, 2D), v_new (N, H_kv, 1, T, D)."""
+    d = v_new.shape[-1]
+    from_estimate, from_value = weights.encoder_weight.split([2 * d, d], dim=1)
+    hidden = F.linear(estimate, from_estimate, weights.encoder_bias) + F.linear(v_new, from_value)
+    return F.gelu(F.layer_norm(hidden, (2 * d,), weights.norm_weight, weights.norm_bias, weights.norm_eps))
 
-    Convolutions run over the (query, bin) image of all heads. Causal models pad only above, so row t never sees
-    a later row (receptive field: rows t - 8 .. t); bidirectional ones use plain 3 x 3 convolutions. Padded query
-    rows are zeroed after every layer, which makes a padded batch match each sequence alone."""
 
-    def __init__(self, num_heads: int, width: int, causal: bool):
-        super().__init__()
-        channels = num_heads * DECODER_CHANNELS[causal]
-        self.causal = causal
-        self.upsample = SEA_DECODER_WIDTH_DIVISOR[causal]
-        self.row_dilation = 2 if causal else 1
-        self.input_norm = nn.LayerNorm(width // self.upsample)
-        self.conv1 = nn.Conv2d(channels, channels, 3, dilation=(self.row_dilation, 1))
-        self.conv2 = nn.Conv2d(channels, channels, 3, dilation=(self.row_dilation, 1))
-        self.to_heads = nn.Conv2d(channels, num_heads, 1)
-        self.output_norm = nn.LayerNorm(width)
+def output_gate(encoding: torch.Tensor, average: torch.Tensor, weights: EstimatorWeights):
+    """What the gates make of the sparse attention: output = scale x attention + offset, with scale
+    2 sigmoid(g_0) (N, H, T, 1) and offset tanh(g_1) x average (N, H, T, D), g = the gate layer of `encoding`.
+    `average` is per key/value head, (N, H_kv, 1 or G, T or 1, D): the causal running mean or the bidirectional
+    context."""
+    gate_logits = F.linear(encoding, weights.gate_weight, weights.gate_bias)
+    mix = torch.tanh(gate_logits[..., 1:]).unflatten(1, (average.shape[1], -1))
+    return 2 * torch.sigmoid(gate_logits[..., :1]), (mix * average).flatten(1, 2)
 
-    @property
-    def rows_above(self) -> int:
-        """Earlier rows one causal convolution reads: its receptive field above the current row."""
-        return 2 * self.row_dilation
 
-    def rows_needed(self, block: int, num_rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rows (sorted, of 0 .. num_rows - 1) whose input a causal CNN needs for its output at the first row of
-        every `block` rows and for its memory of the last rows, and where those first rows are among them. Run on
-        just these rows (with the same state), the CNN gives the same output there and the same memory: each first
-        row comes with the `reach` rows its two convolutions read above it (row 0 reads the state), and so does the
-        last row. Built from host integers, so no step waits for the GPU, and kept per length (read-only), except
-        while tracing (torch.export, torch.compile), whose tensors must not outlive the trace."""
-        build = _causal_cnn_rows.__wrapped__ if is_torchdynamo_compiling() else _causal_cnn_rows
-        return build(block, 2 * self.rows_above, num_rows, device)
+def kernel_encoding(q, k_new, v_new, code, new_valid, counts, sums, rows, weights: EstimatorWeights, causal: bool,
+                    with_kernel_context: bool):
+    """Kernel attention of [code || v] for the new queries (causal: continuing the carried `sums`, (kv_sum, k_sum,
+    value_sum); else None), encoded with v. Returns the encoding (N, H, R, 2D) of `rows` (R of the T rows; None:
+    all), the sums after these rows (causal; else None), with `with_kernel_context` the kernel attention of the
+    values (N, H, T, D) (the kernel-attention baseline's output; else None), and (causal, with gates; else None)
+    the output gate of every row from its encoding and the running mean of the valid values (`output_gate`,
+    `causal_average_context`)."""
+    n, kv_heads, t, d = v_new.shape
+    augmented = torch.cat([code.unsqueeze(1).expand(n, kv_heads, t, d), v_new], dim=-1).unsqueeze(2)
+    # Query heads grouped per key/value head: (N, H_kv, G, T, F) against (N, H_kv, 1, T, F).
+    phi_q = kernel_features(q, weights.feature_projection, causal, None).unflatten(1, (kv_heads, -1))
+    phi_k = kernel_features(k_new, weights.feature_projection, causal, new_valid).unsqueeze(2)
+    carried = (sums[0].unsqueeze(2), sums[1].unsqueeze(2)) if causal else (None, None)
+    estimate, new_sums = linear_attention(phi_q, phi_k, augmented, causal, *carried)
+    encoding = encode(estimate.to(v_new.dtype), v_new.unsqueeze(2), weights).flatten(1, 2)
+    kernel_context = estimate.flatten(1, 2)[..., d:].to(v_new.dtype) if with_kernel_context else None
+    if not causal:
+        return encoding, None, kernel_context, None
+    average, value_sum = causal_average_context(v_new, new_valid, counts, sums[2])
+    gate = output_gate(encoding, average, weights) if weights.gate_weight is not None else None
+    if rows is not None:
+        encoding = encoding[:, :, rows]
+    return encoding, (*(x.squeeze(2) for x in new_sums), value_sum), kernel_context, gate
 
-    def _conv(self, conv: nn.Conv2d, x: torch.Tensor, row_valid: torch.Tensor, above: torch.Tensor | None):
-        """Causal: `above` holds the rows before `x` (zeros at the start of a sequence). Bidirectional: zero
-        padding on both sides."""
-        if above is not None:
-            x = torch.cat([above, x], dim=2)
-            padded = F.pad(x, (1, 1, 0, 0))
-        else:
-            padded = F.pad(x, (1, 1, self.row_dilation, self.row_dilation))
-        return F.relu(conv(padded)) * row_valid
 
-    def forward(self, rows: torch.Tensor, row_valid: torch.Tensor, state: SeaCausalState | None = None,
-                output_rows: torch.Tensor | None = None):
-        """Logits (N, H, T, M) (only at `output_rows`, when given) and, for causal models, the last input and
-        hidden rows for the next call."""
-        x = self.input_norm(rows) * row_valid
-        if not self.causal:
-            hidden = self._conv(self.conv1, x, row_valid, None)
-            refined = x + self._conv(self.conv2, hidden, row_valid, None)
-            memory = None
-        else:
-            hidden = self._conv(self.conv1, x, row_valid, state.cnn_input_rows)
-            refined = x + self._conv(self.conv2, hidden, row_valid, state.cnn_hidden_rows)
-            keep = self.rows_above
-            memory = (
-                torch.cat([state.cnn_input_rows, x], dim=2)[:, :, -keep:],
-                torch.cat([state.cnn_hidden_rows, hidden], dim=2)[:, :, -keep:],
-            )
-        if output_rows is not None:
-            refined = refined[:, :, output_rows]
-        refined = refined.repeat_interleave(self.upsample, dim=-1)
-        return self.output_norm(self.to_heads(refined)), memory
-
+def kernel_encoding_in_passes(q, k_new, v_new, code, new_valid, counts, sums, rows, weights: EstimatorWeights,
+                              with_kernel_context: bool, rows_per_pass: int):
+    """The causal `kernel_encoding`, in passes of `rows_per_pass` rows that carry the sums from one to the next:
+    the same result, with the kernel attention's per-block intermediates (N, H, T / 64, F, 2D) held for one pass at
+    a time (benchmarks/results/kernel_notes.md)."""
+    t = q.shape[2]
+    firsts = list(range(0, t, rows_per_pass))
+    # Where each pass's rows begin among the sorted `rows` (one wait for the GPU, not one per pass).
+    cuts = None if rows is None else torch.searchsorted(rows, torch.tensor(firsts + [t], device=rows.device)).tolist()
+    parts = []
+    for index, first in enumerate(firsts):
+        last = min(t, first + rows_per_pass)
+        pass_rows = None if rows is None else rows[cuts[index] : cuts[index + 1]] - first
+        encoding, sums, kernel_context, gate = kernel_encoding(
+            q[:, :, first:last], k_new[:, :, first:last], v_new[:, :, first:last], code[:, first:last],
+            new_valid[:, first:last], counts[:, first:last], sums, pass_rows, weights, True, with_kernel_context,
+        )
+        parts.append((encoding, kernel_context, gate))
+    encodings, kernel_contexts, gates = zip(*parts)
+    kernel_context = torch.cat(kernel_contexts, 2) if kernel_contexts[0] is not None else None
+    gate = (torch.cat([g[0] for g in gates], 2), torch.cat([g[1] for g in gates], 2)) if gates[0] is not None else None
+    return torch.cat(encodings, 2), sums, kernel_context, gate
 
 @dataclass
 class SeaRankingInputs:
     """What a bin ranking (`BIN_RANKINGS`) may read: one forward's queries and keys (as `SeaAttention.forward`
     takes them), its estimate, and how its query rows form blocks of `block_size` rows, which share one ranking
-    (`SeaAttention.select`)."""
+    (`select`)."""
 
     q: torch.Tensor
     """(N, H, T, D) the queries of the last T positions."""
@@ -706,7 +678,7 @@ def scored_ranking(score, inputs: SeaRankingInputs) -> torch.Tensor:
     return inputs.per_block(scores)
 
 
-# What `SeaAttention.select` ranks bins by, per `sea_baseline` (None: SEA itself). Every ranking maps the forward's
+# What `select` ranks bins by, per `sea_baseline` (None: SEA itself). Every ranking maps the forward's
 # `SeaRankingInputs` to one (N, H, R, M) ranking per query block; larger ranks first.
 BIN_RANKINGS = {
     None: estimated_ranking,
@@ -719,352 +691,88 @@ BIN_RANKINGS = {
 }
 
 
-def _config_setting(field: str) -> property:
-    """A read-only attribute of `SeaAttention` that reads `field` from its config at every access."""
-    return property(lambda self: getattr(self.config, field), doc=f"`config.{field}`, read at every call")
+@dataclass(frozen=True)
+class SelectionRule:
+    """How `select` turns a bin ranking into keys: the SEA settings that shape no weight."""
+
+    budget: int
+    """`sea_key_budget`: keys per query."""
+    budget_rule: str
+    """`sea_budget_rule`: "constant" or "reference" (`select_keys`)."""
+    candidate_factor: int
+    """`sea_candidate_factor`: c > 1 re-ranks the bins of the best c x budget keys exactly (`reranked`)."""
+    anchor_bins: bool
+    """`sea_anchor_bins`: the first and last bin of every row first (`anchored`)."""
 
 
-class SeaAttention(nn.Module):
-    """The SEA parameters of one attention layer and its forward pass (see the module docstring).
+def anchored(ranking: torch.Tensor, edges: torch.Tensor, anchor_bins: bool) -> torch.Tensor:
+    """`ranking` with the anchor bins (first and last, when `anchor_bins`) first and the empty bins (from `edges`)
+    last."""
+    sizes = edges.diff(dim=-1)  # (N, T, M) keys per bin
+    if anchor_bins:
+        ranking = ranking.clone()
+        # The bin holding the first key: bin 0, unless a row sees fewer keys than there are bins, whose leading
+        # bins are then empty.
+        first = (sizes > 0).int().argmax(-1, keepdim=True).unsqueeze(1)
+        ranking.scatter_(-1, first.expand(*ranking.shape[:-1], 1), torch.finfo(ranking.dtype).max)
+        ranking[..., -1] = float("inf")  # the newest bin first: with room for one bin only, a query sees itself
+    return ranking.masked_fill((sizes == 0).unsqueeze(1), float("-inf"))
 
-    The q/k/v/o projections stay with the backbone's attention module; this module receives per-head q, k, v.
-    With grouped-query attention (`num_key_value_heads` < `num_heads`), k and v have one head per group of query
-    heads; everything computed from keys and values alone (kernel-attention sums, running value sums, the gathered
-    keys) stays per key/value head.
-    """
 
-    def __init__(self, config, num_heads: int, head_dim: int, causal: bool, num_key_value_heads: int | None = None):
-        super().__init__()
-        self.causal = causal
-        self.num_heads = num_heads
-        self.num_key_value_heads = num_key_value_heads or num_heads
-        if num_heads % self.num_key_value_heads:
-            raise ValueError(f"{num_heads} query heads cannot be grouped over {self.num_key_value_heads} key/value heads.")
-        self.head_dim = head_dim
-        # The SEA settings that shape no weight (key budget, rule, candidates, baseline, anchors, kernel, query
-        # blocks) are read
-        # from the config at every call: a changed config acts at once, as it is saved.
-        self.config = config
-        self.width = config.sea_compressed_width
-        num_features = max(1, int(head_dim * math.log(head_dim) / config.sea_performer_nb_factor))
-        self.register_buffer("feature_projection", torch.empty(num_features, head_dim))
-        if causal:
-            self.position_table = nn.Parameter(torch.empty(config.max_position_embeddings, head_dim))
-        else:
-            self.position_table = None
-        self.encoder = nn.Sequential(nn.Linear(3 * head_dim, 2 * head_dim), nn.LayerNorm(2 * head_dim), nn.GELU())
-        channels = DECODER_CHANNELS[causal]
-        self.row_decoder = nn.Linear(2 * head_dim, channels * self.width // SEA_DECODER_WIDTH_DIVISOR[causal])
-        self.cnn = SeaRowCnn(num_heads, self.width, causal)
-        self.gates = nn.Linear(2 * head_dim, 2) if config.sea_output_gates else None
+def reranked(ranking: torch.Tensor, edges: torch.Tensor, candidate_log_mass, rule: SelectionRule) -> torch.Tensor:
+    """With a candidate factor c > 1: the bins of the best-ranked c x budget keys, ranked again by the exact
+    attention mass they hold among those keys (`candidate_log_mass(starts, lengths)`, by `range_log_mass`), the
+    other bins last; `ranking` itself otherwise."""
+    if rule.candidate_factor == 1:
+        return ranking
+    starts, lengths, bins = select_keys(ranking, edges, rule.candidate_factor * rule.budget, "constant")
+    mass = candidate_log_mass(starts, lengths).masked_fill(lengths == 0, float("-inf"))
+    exact = torch.full_like(ranking, float("-inf"), dtype=mass.dtype).scatter_(-1, bins, mass)
+    return anchored(exact, edges, rule.anchor_bins)
 
-    budget = _config_setting("sea_key_budget")
-    budget_rule = _config_setting("sea_budget_rule")
-    candidate_factor = _config_setting("sea_candidate_factor")
-    baseline = _config_setting("sea_baseline")
-    anchor_bins = _config_setting("sea_anchor_bins")
-    kernel = _config_setting("sea_kernel")
-    query_block_size = _config_setting("sea_query_block_size")
 
-    @property
-    def kernel_attention_only(self) -> bool:
-        """The "kernel_attention" baseline: the layer's output is the kernel attention of the values itself, with
-        no key selected and no sparse attention. Not a bin ranking (`BIN_RANKINGS`): it replaces the attention, not
-        the choice of keys, so `forward` and the estimate's pass branch on it."""
-        return self.baseline == "kernel_attention"
+def select(inputs: SeaRankingInputs, ranking: torch.Tensor, rows_log_mass, rule: SelectionRule) -> SeaSelection:
+    """The keys of every query: the bins of `ranking` (N, H, R, M) (from `BIN_RANKINGS`), through `anchored`, then
+    `reranked`, expanded by `select_keys`, shared by blocks of `inputs.block_size` consecutive queries.
 
-    @torch.no_grad()
-    def init_sea_weights(self):
-        """Initialise what a converted model adds beyond ordinary layers: fresh random features, the positional
-        table, and neutral gates (sparse scale 1, no average context), so conversion starts from the dense model.
-        Uses transformers' init functions, which leave weights loaded from a checkpoint untouched."""
-        init.copy_(self.feature_projection, orthogonal_gaussian_features(*self.feature_projection.shape))
-        if self.position_table is not None:
-            init.normal_(self.position_table, std=1.0)
-        if self.gates is not None:
-            init.zeros_(self.gates.weight)
-            init.zeros_(self.gates.bias)
+    A causal block takes the bins of its first row (they depend on no later token, so the model stays causal)
+    plus one range holding the keys after that row's, which each row reads up to itself: a row reads at most
+    budget + block size - 1 keys. A bidirectional block takes the bins of the row that sees the most keys,
+    ranked as `SeaRankingInputs.per_block` combines its rows.
+    `rows_log_mass(step, starts, lengths, counts)`: `range_log_mass` of every `step`-th query row.
 
-    def initial_state(self, batch_size: int, dtype: torch.dtype, device: torch.device) -> SeaCausalState:
-        """The state before the first token: empty prefix sums and zero CNN rows (the convolutions' padding)."""
-        h, d, f = self.num_key_value_heads, self.head_dim, self.feature_projection.shape[0]
-        sums = at_least_float32(torch.zeros((), dtype=dtype)).dtype
-        rows = torch.zeros(batch_size, self.cnn.to_heads.in_channels, self.cnn.rows_above, self.cnn.input_norm.normalized_shape[0], dtype=dtype, device=device)
-        return SeaCausalState(
-            kv_sum=torch.zeros(batch_size, h, f, 2 * d, dtype=sums, device=device),
-            k_sum=torch.zeros(batch_size, h, f, dtype=sums, device=device),
-            value_sum=torch.zeros(batch_size, h, d, dtype=sums, device=device),
-            cnn_input_rows=rows,
-            cnn_hidden_rows=rows.clone(),
-        )
+    A row's ranges are disjoint ranks of the keys it sees, so it reads at most T_all of them, and under the
+    "constant" rule at most the budget plus the rest of its block: the selection's `max_slots`."""
+    block, counts, num_keys = inputs.block_size, inputs.counts, inputs.k.shape[2]
+    max_slots = min(num_keys, rule.budget + block - 1) if rule.budget_rule == "constant" else num_keys
+    if block == 1:
+        edges = bin_edges(counts, inputs.width)
+        ranking = reranked(anchored(ranking, edges, rule.anchor_bins), edges,
+                           lambda starts, lengths: rows_log_mass(1, starts, lengths, counts), rule)
+        starts, lengths, _ = select_keys(ranking, edges, rule.budget, rule.budget_rule)
+        return SeaSelection(starts, lengths, inputs.positions, counts, 1, max_slots)
+    block_counts = inputs.block_counts
+    if inputs.causal:
+        first_counts = block_counts[..., 0]
 
-    def estimate(self, q, k_new, v_new, key_valid, counts, state, leading_rows_only=False) -> SeaEstimate:
-        """The estimate of the new queries' attention over bins (causal `leading_rows_only`: of the first row of
-        every query block), with what its pass computes along the way (`SeaEstimate`). `k_new`, `v_new` are the
-        keys and values of the new positions (the last T of `key_valid`)."""
-        n, _, t, d = v_new.shape
-        h = self.num_heads
-        new_valid = key_valid[:, -t:]
-        code = positional_code(key_valid, d, self.position_table, t).to(v_new.dtype)
-        needed = leading = None
-        if leading_rows_only:  # decode and refine only the rows the CNN needs for the blocks' first rows
-            needed, leading = self.cnn.rows_needed(self.query_block_size, t, q.device)
-        encoding, new_sums, kernel_context, gate = self.kernel_encoding(
-            q, k_new, v_new, code, new_valid, counts, state, needed
-        )
-        row_valid = new_valid if needed is None else new_valid[:, needed]
-        r = encoding.shape[2]
-        rows = self.row_decoder(encoding).view(n, h, r, DECODER_CHANNELS[self.causal], -1)
-        rows = rows.permute(0, 1, 3, 2, 4).reshape(n, -1, r, rows.shape[-1])
-        logits, cnn_rows = self.cnn(rows, row_valid[:, None, :, None].to(rows.dtype), state, leading)
-        logits = at_least_float32(logits)
-        if leading_rows_only:
-            counts = counts[:, :: self.query_block_size]
-        empty = (bin_edges(counts, self.width).diff(dim=-1) == 0).unsqueeze(1)
-        logits = logits.masked_fill(empty, torch.finfo(logits.dtype).min)
-        if self.causal:
-            state = SeaCausalState(*new_sums, *cnn_rows)
-        return SeaEstimate(torch.log_softmax(logits, dim=-1), leading_rows_only, encoding, state, kernel_context, gate)
+        def block_log_mass(starts, lengths):
+            return rows_log_mass(block, starts, lengths, first_counts)
+    else:
+        first_counts = block_counts.amax(-1)
 
-    def kernel_encoding(self, q, k_new, v_new, code, new_valid, counts, state, rows=None):
-        """Kernel attention of [code || v] for the new queries (causal: continuing `state`'s sums), encoded with v:
-        the encoding (N, H, R, 2D) of `rows` (R of the T rows; None: all), the sums after these rows (causal:
-        kv_sum, k_sum, value_sum; else None), the kernel attention of the values (N, H, T, D), returned only for
-        the kernel-attention baseline, which reads it (else None), and (causal, with gates; else None) the output
-        gate of every row from its encoding and the running mean of the valid values (`output_gate`,
-        `causal_average_context`). Causal layers serving inference (no gradient wanted) on CUDA run the Triton
-        kernels; elsewhere causal inference runs the PyTorch path in passes of rows."""
-        d = v_new.shape[-1]
-        sums = (state.kv_sum, state.k_sum, state.value_sum) if self.causal else None
-        wants_kernels = self.causal and self.kernel != "torch" and not self.kernel_attention_only
-        inference = not torch.is_grad_enabled()
-        if wants_kernels and (q.is_cuda or self.kernel == "triton") and inference:
-            reason = estimate_kernel_unavailable_reason(q, d)
-            if reason is None:
-                try:
-                    encoding, new_sums, gate = causal_kernel_encoding_triton(
-                        q, k_new, v_new, code, new_valid, counts, self.feature_projection, self.encoder, self.gates,
-                        FEATURE_EPS[True], *sums, rows,
-                    )
-                    return encoding, new_sums, None, gate
-                except OutOfResources:  # e.g. GPUs with ~100 KB of shared memory per block
-                    reason = "they need more shared memory than this GPU has"
-            logger.warning_once(f"SEA: the estimate kernels cannot run ({reason}); the estimate uses the slower "
-                                "PyTorch path.")
-        if self.causal and inference and q.shape[2] > ESTIMATE_ROWS_PER_PASS:
-            return self._kernel_encoding_in_passes(q, k_new, v_new, code, new_valid, counts, sums, rows)
-        return self._torch_kernel_encoding(q, k_new, v_new, code, new_valid, counts, sums, rows)
-
-    def _kernel_encoding_in_passes(self, q, k_new, v_new, code, new_valid, counts, sums, rows):
-        """`_torch_kernel_encoding` of a long causal input at inference, in passes of `ESTIMATE_ROWS_PER_PASS`
-        rows that carry the sums from one to the next: the same result, with the kernel attention's per-block
-        intermediates (N, H, T / 64, F, 2D) held for one pass at a time (benchmarks/results/kernel_notes.md)."""
-        t = q.shape[2]
-        firsts = list(range(0, t, ESTIMATE_ROWS_PER_PASS))
-        # Where each pass's rows begin among the sorted `rows` (one wait for the GPU, not one per pass).
-        cuts = None if rows is None else torch.searchsorted(rows, torch.tensor(firsts + [t], device=rows.device)).tolist()
-        parts = []
-        for index, first in enumerate(firsts):
-            last = min(t, first + ESTIMATE_ROWS_PER_PASS)
-            pass_rows = None if rows is None else rows[cuts[index] : cuts[index + 1]] - first
-            encoding, sums, kernel_context, gate = self._torch_kernel_encoding(
-                q[:, :, first:last], k_new[:, :, first:last], v_new[:, :, first:last], code[:, first:last],
-                new_valid[:, first:last], counts[:, first:last], sums, pass_rows,
-            )
-            parts.append((encoding, kernel_context, gate))
-        encodings, kernel_contexts, gates = zip(*parts)
-        kernel_context = torch.cat(kernel_contexts, 2) if kernel_contexts[0] is not None else None
-        gate = (torch.cat([g[0] for g in gates], 2), torch.cat([g[1] for g in gates], 2)) if gates[0] is not None else None
-        return torch.cat(encodings, 2), sums, kernel_context, gate
-
-    def _torch_kernel_encoding(self, q, k_new, v_new, code, new_valid, counts, sums, rows):
-        """`kernel_encoding` in PyTorch; `sums` (causal) the carried (kv_sum, k_sum, value_sum)."""
-        n, kv_heads, t, d = v_new.shape
-        augmented = torch.cat([code.unsqueeze(1).expand(n, kv_heads, t, d), v_new], dim=-1).unsqueeze(2)
-        # Query heads grouped per key/value head: (N, H_kv, G, T, F) against (N, H_kv, 1, T, F).
-        phi_q = kernel_features(q, self.feature_projection, self.causal, None).unflatten(1, (kv_heads, -1))
-        phi_k = kernel_features(k_new, self.feature_projection, self.causal, new_valid).unsqueeze(2)
-        carried = (sums[0].unsqueeze(2), sums[1].unsqueeze(2)) if self.causal else (None, None)
-        estimate, new_sums = linear_attention(phi_q, phi_k, augmented, self.causal, *carried)
-        encoding = self.encode(estimate.to(v_new.dtype), v_new.unsqueeze(2)).flatten(1, 2)
-        kernel_context = None
-        if self.kernel_attention_only:
-            kernel_context = estimate.flatten(1, 2)[..., d:].to(v_new.dtype)
-        if not self.causal:
-            return encoding, None, kernel_context, None
-        average, value_sum = causal_average_context(v_new, new_valid, counts, sums[2])
-        gate = self.output_gate(encoding, average) if self.gates is not None else None
-        if rows is not None:
-            encoding = encoding[:, :, rows]
-        return encoding, (*(x.squeeze(2) for x in new_sums), value_sum), kernel_context, gate
-
-    def output_gate(self, encoding: torch.Tensor, average: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """What the gates make of the sparse attention: output = scale x attention + offset, with scale
-        2 sigmoid(g_0) (N, H, T, 1) and offset tanh(g_1) x average (N, H, T, D), g = gates(encoding). `average` is
-        per key/value head, (N, H_kv, 1 or G, T or 1, D): the causal running mean or the bidirectional context."""
-        gate_logits = self.gates(encoding)
-        mix = torch.tanh(gate_logits[..., 1:]).unflatten(1, (self.num_key_value_heads, -1))
-        return 2 * torch.sigmoid(gate_logits[..., :1]), (mix * average).flatten(1, 2)
-
-    def encode(self, estimate: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:
-        """`self.encoder` applied to [estimate || v] per query head, with the value half of its first linear
-        layer computed once per key/value head: estimate (N, H_kv, G, T, 2D), v_new (N, H_kv, 1, T, D)."""
-        first = self.encoder[0]
-        from_estimate, from_value = first.weight.split([2 * self.head_dim, self.head_dim], dim=1)
-        hidden = F.linear(estimate, from_estimate, first.bias) + F.linear(v_new, from_value)
-        return self.encoder[1:](hidden)
-
-    def anchored(self, ranking: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
-        """`ranking` with the anchor bins (first and last, when enabled) first and the empty bins (from `edges`)
-        last."""
-        sizes = edges.diff(dim=-1)  # (N, T, M) keys per bin
-        if self.anchor_bins:
-            ranking = ranking.clone()
-            # The bin holding the first key: bin 0, unless a row sees fewer keys than there are bins, whose leading
-            # bins are then empty.
-            first = (sizes > 0).int().argmax(-1, keepdim=True).unsqueeze(1)
-            ranking.scatter_(-1, first.expand(*ranking.shape[:-1], 1), torch.finfo(ranking.dtype).max)
-            ranking[..., -1] = float("inf")  # the newest bin first: with room for one bin only, a query sees itself
-        return ranking.masked_fill((sizes == 0).unsqueeze(1), float("-inf"))
-
-    def reranked(self, ranking: torch.Tensor, edges: torch.Tensor, candidate_log_mass) -> torch.Tensor:
-        """With `sea_candidate_factor` c > 1: the bins of the best-ranked c x budget keys, ranked again by the
-        exact attention mass they hold among those keys (`candidate_log_mass(starts, lengths)`, by
-        `range_log_mass`), the other bins last; `ranking` itself otherwise."""
-        if self.candidate_factor == 1:
-            return ranking
-        starts, lengths, bins = select_keys(ranking, edges, self.candidate_factor * self.budget, "constant")
-        mass = candidate_log_mass(starts, lengths).masked_fill(lengths == 0, float("-inf"))
-        exact = torch.full_like(ranking, float("-inf"), dtype=mass.dtype).scatter_(-1, bins, mass)
-        return self.anchored(exact, edges)
-
-    def select(self, inputs: SeaRankingInputs, rows_log_mass) -> SeaSelection:
-        """The keys of every query: bins ranked by the config's `BIN_RANKINGS` choice (through `anchored`, then
-        `reranked`), expanded by `select_keys`, shared by blocks of `sea_query_block_size` consecutive queries.
-
-        A causal block takes the bins of its first row (they depend on no later token, so the model stays causal)
-        plus one range holding the keys after that row's, which each row reads up to itself: a row reads at most
-        budget + block size - 1 keys. A bidirectional block takes the bins of the row that sees the most keys,
-        ranked as `SeaRankingInputs.per_block` combines its rows.
-        `rows_log_mass(step, starts, lengths, counts)`: `range_log_mass` of every `step`-th query row.
-
-        A row's ranges are disjoint ranks of the keys it sees, so it reads at most T_all of them, and under the
-        "constant" rule at most the budget plus the rest of its block: the selection's `max_slots`."""
-        block, counts, num_keys = inputs.block_size, inputs.counts, inputs.k.shape[2]
-        max_slots = min(num_keys, self.budget + block - 1) if self.budget_rule == "constant" else num_keys
-        ranking = BIN_RANKINGS[self.baseline](inputs)
-        if block == 1:
-            edges = bin_edges(counts, self.width)
-            ranking = self.reranked(self.anchored(ranking, edges), edges,
-                                    lambda starts, lengths: rows_log_mass(1, starts, lengths, counts))
-            starts, lengths, _ = select_keys(ranking, edges, self.budget, self.budget_rule)
-            return SeaSelection(starts, lengths, inputs.positions, counts, 1, max_slots)
-        block_counts = inputs.block_counts
-        if self.causal:
-            first_counts = block_counts[..., 0]
-
-            def block_log_mass(starts, lengths):
-                return rows_log_mass(block, starts, lengths, first_counts)
-        else:
-            first_counts = block_counts.amax(-1)
-
-            def block_log_mass(starts, lengths):  # every row's mass in the block's ranges, averaged over the block
-                t = counts.shape[1]
-                per_row = rows_log_mass(1, *(x.repeat_interleave(block, 2)[:, :, :t] for x in (starts, lengths)), counts)
-                return inputs.per_block(per_row)
-        edges = bin_edges(first_counts, self.width)
-        ranking = self.reranked(self.anchored(ranking, edges), edges, block_log_mass)
-        starts, lengths, _ = select_keys(ranking, edges, self.budget, self.budget_rule)
-        if self.causal:  # the newest range: ranks first_count .. (the block's largest count - 1)
-            newest = block_counts.amax(-1) - first_counts
-            per_head = (*starts.shape[:-1], 1)
-            starts = torch.cat([starts, first_counts[:, None, :, None].expand(per_head)], -1)
-            lengths = torch.cat([lengths, newest[:, None, :, None].expand(per_head)], -1)
-        return SeaSelection(starts, lengths, inputs.positions, counts, block, max_slots)
-
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        key_valid: torch.Tensor | None,
-        scaling: float,
-        selection: SeaSelection | None = None,
-        state: SeaCausalState | None = None,
-        need_probs: bool = True,
-        dropout: float = 0.0,
-    ) -> SeaAttentionOutput:
-        """q: (N, H, T, D) queries of the last T positions; k, v: (N, H_kv, T_all, D) keys and values of every
-        position so far (T_all = T without a cache); key_valid: (N, T_all) bool, True for real tokens (None: no
-        padding). Causal layers continue from `state` (None: the start of the sequence), which must summarise
-        exactly the first T_all - T positions. A given `selection` replaces the estimated one (to compare two
-        passes with the same keys). Without `need_probs` the output's `sparse_probs` is None, which spares the
-        (N, H, T, S) probabilities and lets the Triton kernel skip writing them; causal layers with query blocks
-        then also estimate only the rows that choose keys (the first of every block): `estimate_log_probs` has
-        one row per block. Training losses and plots ask for probabilities and get every row. `dropout`: the
-        attention dropout of the sparse probabilities, which the model passes in training only (as transformers'
-        attention does); it changes the context, not the returned probabilities."""
-        n, _, t, _ = q.shape
-        if torch.compiler.is_exporting() and not isinstance(k.shape[2], int):
-            raise ValueError(
-                "SEA models export with a static sequence length: the chunked passes of the estimate and of the "
-                "sparse attention are laid out by it. Export without `dynamic_shapes` for the sequence dimension, "
-                "once per length you need."
-            )
-        unpadded = key_valid is None
-        if unpadded:
-            key_valid = torch.ones(n, k.shape[2], dtype=torch.bool, device=q.device)
-        if self.causal and state is None:
-            state = self.initial_state(n, v.dtype, v.device)
-        counts = visible_key_counts(key_valid, self.causal, t)
-        # No padding: a key's rank is its position. A given mask of all ones is checked, which waits for the GPU,
-        # and is data that a traced graph (torch.export, torch.compile) cannot branch on: there a given mask takes
-        # the general path, which gives the same result.
-        unpadded = unpadded or (not is_torchdynamo_compiling() and bool(key_valid.all()))
-        positions = None if unpadded else valid_key_positions(key_valid)
-        v_new = v[:, :, -t:]
-        leading_rows_only = self.causal and self.query_block_size > 1 and not need_probs
-        estimate = self.estimate(q, k[:, :, -t:], v_new, key_valid, counts, state, leading_rows_only)
-
-        def output(context, probs, selection):
-            return SeaAttentionOutput(context, probs, selection, estimate.log_probs, estimate.state, q, k, key_valid)
-
-        if self.kernel_attention_only:  # no keys to rank: the output is the kernel attention itself
-            nothing = torch.zeros(n, q.shape[1], t, 0, dtype=torch.long, device=q.device)
-            no_keys = SeaSelection(nothing, nothing, positions, counts, 1)
-            return output(estimate.kernel_context, nothing.to(q.dtype), no_keys)
-        if selection is None:
-            with torch.no_grad():
-                attend = sparse_attention_implementation(q, self.kernel)
-
-                def rows_log_mass(step, starts, lengths, row_counts):
-                    return range_log_mass(q[:, :, ::step], k, v, starts, lengths, positions, row_counts, scaling, attend)
-
-                inputs = SeaRankingInputs(q, k, key_valid, positions, counts, self.causal, scaling, self.width,
-                                          self.query_block_size, estimate)
-                selection = self.select(inputs, rows_log_mass)
-        gate = estimate.gate
-        if not self.causal and self.gates is not None:
-            average = bidirectional_average_context(v, key_valid, estimate.log_probs, positions)
-            gate = self.output_gate(estimate.encoding, average)
-        implementation = sparse_attention_implementation(q, self.kernel, dropout)
-        if (gate is not None and implementation is sparse_attention_triton and selection.rows_per_block > 1
-                and not need_probs and not torch.is_grad_enabled()):
-            # Inference: the kernel applies the gate as it writes, into the offset's memory (no other buffer of
-            # the output's size).
-            scale, offset = gate
-            context = gated_block_attention_triton(q, k, v, selection, scaling, scale.float().contiguous(),
-                                                   offset.to(q.dtype).contiguous())
-            return output(context, None, selection)
-        if dropout:  # only the PyTorch path drops probabilities (`sparse_attention_implementation` chose it)
-            probs, context = sparse_attention(q, k, v, selection, scaling, need_probs, dropout)
-        else:
-            probs, context = implementation(q, k, v, selection, scaling, need_probs)
-        if gate is not None:
-            scale, offset = gate[0].to(context.dtype), gate[1]
-            context = context * scale + offset
-            probs = probs * scale if probs is not None else None
-        return output(context, probs, selection)
+        def block_log_mass(starts, lengths):  # every row's mass in the block's ranges, averaged over the block
+            t = counts.shape[1]
+            per_row = rows_log_mass(1, *(x.repeat_interleave(block, 2)[:, :, :t] for x in (starts, lengths)), counts)
+            return inputs.per_block(per_row)
+    edges = bin_edges(first_counts, inputs.width)
+    ranking = reranked(anchored(ranking, edges, rule.anchor_bins), edges, block_log_mass, rule)
+    starts, lengths, _ = select_keys(ranking, edges, rule.budget, rule.budget_rule)
+    if inputs.causal:  # the newest range: ranks first_count .. (the block's largest count - 1)
+        newest = block_counts.amax(-1) - first_counts
+        per_head = (*starts.shape[:-1], 1)
+        starts = torch.cat([starts, first_counts[:, None, :, None].expand(per_head)], -1)
+        lengths = torch.cat([lengths, newest[:, None, :, None].expand(per_head)], -1)
+    return SeaSelection(starts, lengths, inputs.positions, counts, block, max_slots)
 
 
 def orthogonal_gaussian_features(num_features: int, dim: int) -> torch.Tensor:

@@ -19,7 +19,8 @@ from sea.configuration_sea import SEA_FAMILIES  # noqa: E402
 
 CONTRACT = Path(__file__).parent / "contract" / "saved_weights.json"
 BUNDLE_DIR = Path(__file__).resolve().parents[1] / "sea"
-BUNDLE = ["configuration_sea.py", "modeling_sea.py", "sea_attention.py", "sea_cache.py", "sea_triton.py"]
+BUNDLE = ["configuration_sea.py", "modeling_sea.py", "sea_attention.py", "sea_cache.py", "sea_dispatch.py",
+          "sea_estimate_kernels.py", "sea_layer.py", "sea_sparse_kernels.py"]
 # Packages of this repository that the bundle must never import (the Hub loader copies only the bundle).
 PROJECT_PACKAGES = {"sea", "conversion", "training", "hub_cards", "benchmarks"}
 SEA = dict(sea_key_budget=8, sea_compressed_width=16)

@@ -8,7 +8,7 @@ from transformers import DynamicCache, GenerationConfig, OPTConfig, OPTForCausal
 
 from conftest import TINY_OPT, randomize_sea_gates
 from conversion.convert import convert_to_sea
-from sea.sea_attention import SeaAttention
+from sea.sea_layer import SeaAttention
 from sea.sea_cache import SeaCache
 from test_hub_roundtrip import run_without_project
 

@@ -91,8 +91,8 @@ def test_distill_pushes_and_the_model_loads_back_from_the_server(tmp_path, hub, 
     api = HfApi(endpoint=hub.url, token=TOKEN)
     files = set(api.list_repo_files("user/sea-opt-tiny"))
     assert {"config.json", "model.safetensors", "configuration_sea.py", "modeling_sea.py", "sea_attention.py",
-            "sea_cache.py", "tokenizer.json", "README.md", "eval_results.json", "plots/attention.png",
-            "plots/scaling.png"} <= files
+            "sea_cache.py", "sea_dispatch.py", "sea_estimate_kernels.py", "sea_layer.py", "sea_sparse_kernels.py",
+            "tokenizer.json", "README.md", "eval_results.json", "plots/attention.png", "plots/scaling.png"} <= files
     assert len(hub.store.commits("user", "sea-opt-tiny")) == 1  # one commit for everything
 
     # The card's usage snippet runs as printed, against the server, in a process that cannot import the project.

@@ -11,13 +11,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoTokenizer, GPT2Config, GPT2LMHeadModel, OPTForCausalLM
+from transformers.dynamic_module_utils import get_imports
 
 from conftest import tiny_bert_config, tiny_opt_config
 from conversion.convert import convert_to_sea, main as convert_main
 from sea.configuration_sea import SeaBertConfig, SeaOptConfig
 from sea.modeling_sea import SeaBertForSequenceClassification, SeaOptForCausalLM
 
-BUNDLE = {"configuration_sea.py", "modeling_sea.py", "sea_attention.py", "sea_cache.py"}
+BUNDLE = {"configuration_sea.py", "modeling_sea.py", "sea_attention.py", "sea_cache.py", "sea_dispatch.py",
+          "sea_estimate_kernels.py", "sea_layer.py", "sea_sparse_kernels.py"}
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -82,6 +84,34 @@ def test_opt_save_then_remote_code_load_in_fresh_process(tmp_path):
         tmp_path,
     )
     assert stdout.strip() == "SeaOptModel"
+
+
+def test_remote_code_loads_and_runs_where_triton_cannot_be_imported(tmp_path):
+    """CPU and Mac users may have no Triton: the Hub loader's import check, which skips imports inside try blocks,
+    finds no Triton import in any bundle file, and the saved model loads and runs on the PyTorch path."""
+    sea = convert_to_sea(OPTForCausalLM(tiny_opt_config(dense=True)).eval(), sea_key_budget=8, sea_compressed_width=8)
+    out_dir = tmp_path / "sea-opt"
+    sea.save_pretrained(out_dir)
+    for file in sorted(out_dir.glob("*.py")):
+        assert "triton" not in get_imports(file), file.name
+    ids = torch.randint(3, 120, (2, 20))
+    torch.save(ids, tmp_path / "ids.pt")
+    with torch.no_grad():
+        torch.save(sea(ids).logits, tmp_path / "expected.pt")
+    run_without_project(
+        f"""
+        import sys
+        sys.modules["triton"] = None  # any import of Triton fails
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(out_dir)!r}, trust_remote_code=True)
+        dispatch = next(m for name, m in sys.modules.items() if name.endswith(".sea_dispatch"))
+        assert not dispatch.TRITON_AVAILABLE
+        with torch.no_grad():
+            assert torch.equal(model(torch.load("ids.pt")).logits, torch.load("expected.pt"))
+        """,
+        tmp_path,
+    )
 
 
 def test_real_minilm_converts_and_loads_with_remote_code(tmp_path, minilm_path):

@@ -12,7 +12,7 @@ from conftest import LLAMA_LIKE, TINY_LLAMA, dense_test_model, randomize_sea_gat
 from conversion.convert import convert_to_sea, save_atomically
 from sea import configuration_sea
 from sea.configuration_sea import SeaLlamaConfig
-from sea.sea_attention import SeaAttention
+from sea.sea_layer import SeaAttention
 from test_hub_roundtrip import run_without_project
 from training.data import packaged_file
 

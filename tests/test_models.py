@@ -7,7 +7,7 @@ from transformers import BertForMaskedLM, BertForSequenceClassification, OPTConf
 from conftest import OPT_125M, TINY_LLAMA, randomize_sea_gates, tiny_bert_config, tiny_opt_config
 from conversion.convert import convert_to_sea
 from sea.modeling_sea import SeaBertForMaskedLM
-from sea.sea_attention import SeaAttention
+from sea.sea_layer import SeaAttention
 
 
 def random_ids(n: int, t: int, vocab: int = 120) -> torch.Tensor:

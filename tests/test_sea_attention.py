@@ -4,16 +4,16 @@ import pytest
 import torch
 
 from conftest import assert_same_layer_outputs, layer_in_two_calls
-from sea import sea_attention
+from sea import sea_attention, sea_dispatch
 from sea.configuration_sea import SeaBertConfig, SeaOptConfig
 from sea.sea_attention import (
-    SeaAttention,
     SeaSelection,
     kernel_features,
     linear_attention,
     orthogonal_gaussian_features,
     visible_key_counts,
 )
+from sea.sea_layer import SeaAttention
 
 N, H, D = 3, 4, 16
 
@@ -66,7 +66,8 @@ def dense_reference(op, q, k, v, valid, selection, scaling, causal):
     probs = torch.softmax(scores.masked_fill(~chosen, float("-inf")), -1).nan_to_num(0.0)
     sparse = probs @ v
     state = op.initial_state(n, torch.float32, q.device) if causal else None
-    estimate = op.estimate(q.float(), k.float(), v.float(), valid, visible_key_counts(valid, causal, t), state)
+    counts = visible_key_counts(valid, causal, t)
+    estimate = op.estimate(q.float(), k.float(), v.float(), valid, counts, state, not torch.is_grad_enabled())
     log_probs = estimate.log_probs
     gates = op.gates(estimate.encoding).double()
     scale, mix = 2 * torch.sigmoid(gates[..., :1]), torch.tanh(gates[..., 1:])
@@ -198,7 +199,7 @@ def test_causal_inference_estimates_long_inputs_in_passes(block, monkeypatch):
     valid = random_padding(t)
     with torch.no_grad():
         one_pass = layer_in_two_calls(op, q, k, v, valid, first, D**-0.5, need_probs=False)
-        monkeypatch.setattr(sea_attention, "ESTIMATE_ROWS_PER_PASS", 32)
+        monkeypatch.setattr(sea_dispatch, "ESTIMATE_ROWS_PER_PASS", 32)
         in_passes = layer_in_two_calls(op, q, k, v, valid, first, D**-0.5, need_probs=False)
     for a, b in zip(in_passes, one_pass):
         torch.testing.assert_close(a.estimate_log_probs, b.estimate_log_probs, atol=1e-10, rtol=0)

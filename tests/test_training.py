@@ -10,7 +10,8 @@ from transformers import BertForSequenceClassification, OPTForCausalLM, Training
 from conftest import dense_test_model, tiny_bert_config, tiny_opt_config
 from conversion.convert import convert_to_sea
 from sea.configuration_sea import SEA_FAMILIES
-from sea.sea_attention import SeaAttention, bin_edges, visible_key_counts
+from sea.sea_attention import bin_edges, visible_key_counts
+from sea.sea_layer import SeaAttention
 from training.evaluation import classification_metric, sliding_window_perplexity
 from training.sea_trainer import (
     SeaDistillationArguments,

@@ -13,10 +13,26 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import CAUSAL, assert_same_layer_outputs, layer_in_two_calls, sea_test_config, tiny_opt_config
 from sea.configuration_sea import SEA_FAMILIES
 from sea.modeling_sea import converted_class
-from sea.sea_attention import SeaSelection, sparse_attention
-from sea.sea_triton import DECODE_SPLIT_SLOTS, _read_in_place, kernel_unavailable_reason, sparse_attention_triton
+from sea.sea_attention import (
+    FEATURE_EPS,
+    SeaSelection,
+    kernel_encoding,
+    positional_code,
+    sparse_attention,
+    visible_key_counts,
+)
+from sea.sea_dispatch import (
+    estimate_encoding,
+    kernel_unavailable_reason,
+    logger,
+    sparse_attention_triton,
+    sparse_kernel_serves,
+)
+from sea.sea_layer import SeaAttention
 
-pytest.importorskip("triton")
+# The kernel modules import Triton: without it they fail to import, and these tests are skipped.
+sea_estimate_kernels = pytest.importorskip("sea.sea_estimate_kernels")
+sea_sparse_kernels = pytest.importorskip("sea.sea_sparse_kernels")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -107,18 +123,16 @@ class OperationRecorder(TorchDispatchMode):
 ], ids=["multi-head", "grouped-query", "multi-head-bf16", "grouped-query-bf16", "d128-grouped-query-bf16"])
 @pytest.mark.parametrize("one_segment", [False, True], ids=["segment-per-chunk", "one-segment-per-pass"])
 def test_causal_estimate_kernel_matches_the_pytorch_path(d, heads, kv_heads, dtype, one_segment, monkeypatch):
-    """The estimate kernels against `SeaAttention.kernel_encoding`'s PyTorch path (head_dim 64: the fused
+    """The estimate kernels against the reference `kernel_encoding` (head_dim 64: the fused
     kernel-attention + encoder + gate kernels; 128: the column-split kernel attention, then the encoder kernel): a
     padded batch continued from random carried sums over three chunks of rows, cut into one segment per chunk (the
     sums carried from segment to segment) or into one segment (carried from chunk to chunk inside a program; at
     head_dim 128 in two passes of rows, 128 + 22, that carry the sums from pass to pass); the encoding of a random
-    subset of rows, the output gate of every row and the new sums."""
-    from sea import sea_triton
-    from sea.sea_attention import SeaAttention, positional_code, visible_key_counts
-
+    subset of rows, the output gate of every row and the new sums; with gradients wanted, the dispatcher takes
+    the differentiable PyTorch path."""
     if one_segment:  # a grid of one program per head (and column block): one segment
-        monkeypatch.setattr(sea_triton, "ESTIMATE_PROGRAMS", 1)
-        monkeypatch.setattr(sea_triton, "ESTIMATE_PASS_ROWS", 128)
+        monkeypatch.setattr(sea_estimate_kernels, "ESTIMATE_PROGRAMS", 1)
+        monkeypatch.setattr(sea_estimate_kernels, "ESTIMATE_ROWS_PER_PASS", 128)
 
     config = tiny_opt_config(sea_key_budget=8, sea_compressed_width=8)
     op = SeaAttention(config, heads, d, True, kv_heads)
@@ -140,12 +154,12 @@ def test_causal_estimate_kernel_matches_the_pytorch_path(d, heads, kv_heads, dty
     # As after a cached prefix of 7 valid tokens: counts include the earlier keys.
     counts = visible_key_counts(torch.cat([torch.ones(n, 7, dtype=torch.bool, device=DEVICE), valid], 1), True, t)
     rows = torch.randperm(t, device=DEVICE)[:40].sort().values
+    sums, weights = (state.kv_sum, state.k_sum, state.value_sum), op.estimator_weights
     with torch.no_grad():
-        op.config.sea_kernel = "torch"
-        want, want_sums, _, want_gate = op.kernel_encoding(q, k, v, code, valid, counts, state, rows)
-        op.config.sea_kernel = "triton"
+        want, want_sums, _, want_gate = kernel_encoding(q, k, v, code, valid, counts, sums, rows, weights, True, False)
         with OperationRecorder() as fused:
-            got, got_sums, _, got_gate = op.kernel_encoding(q, k, v, code, valid, counts, state, rows)
+            got, got_sums, got_gate = sea_estimate_kernels.causal_kernel_encoding_triton(
+                q, k, v, code, valid, counts, weights, FEATURE_EPS[True], *sums, rows, fused=d == 64)
     assert "tril" not in fused.names, "the PyTorch kernel attention ran, not the fused kernels"
     assert got.shape == (n, heads, 40, 2 * d)
     tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0, atol=0.05)
@@ -161,7 +175,7 @@ def test_causal_estimate_kernel_matches_the_pytorch_path(d, heads, kv_heads, dty
         assert (got.float() - want.float()).norm() / want.float().norm() < 1e-2
     # With gradients wanted, the differentiable PyTorch path serves.
     with OperationRecorder() as differentiable:
-        op.kernel_encoding(q, k, v, code, valid, counts, state)
+        estimate_encoding(q, k, v, code, valid, counts, sums, None, weights, True, False, "triton", inference=False)
     assert "tril" in differentiable.names
 
 
@@ -170,8 +184,6 @@ def test_inference_forward_with_the_estimate_kernels_equals_the_pytorch_path(gat
     """A whole causal layer at inference, kernels (estimate, gates, sparse attention) against the PyTorch path: a
     padded, grouped-query batch in query blocks, continued from an earlier call; the same keys, context and
     carried state. (Head size 128, which float32 estimates in PyTorch: the bfloat16 test below.)"""
-    from sea.sea_attention import SeaAttention
-
     torch.manual_seed(0)
     d = 64
     config = tiny_opt_config(sea_key_budget=24, sea_compressed_width=8, sea_query_block_size=16,
@@ -199,8 +211,6 @@ def test_inference_forward_with_the_estimate_kernels_equals_the_pytorch_path(gat
 def test_half_precision_inference_with_the_estimate_kernels_keeps_the_dtype(block, d):
     """bfloat16 at inference, estimate kernels and gates (the kernel's float32 gate scale must not promote the
     output), close to the PyTorch path in bfloat16 and one new token continued from the state."""
-    from sea.sea_attention import SeaAttention
-
     torch.manual_seed(0)
     config = tiny_opt_config(sea_key_budget=24, sea_compressed_width=8, sea_query_block_size=block)
     op = SeaAttention(config, 2, d, True)
@@ -226,8 +236,6 @@ def test_half_precision_inference_with_the_estimate_kernels_keeps_the_dtype(bloc
 def test_estimate_kernel_on_an_unsupported_head_size_warns_once_and_uses_the_pytorch_path(d, reason):
     from transformers.testing_utils import CaptureLogger
 
-    from sea.sea_attention import SeaAttention, logger
-
     op = SeaAttention(tiny_opt_config(sea_key_budget=8, sea_compressed_width=8, sea_kernel="triton"), 2, d, True)
     op.init_sea_weights()
     q, k, v = (torch.randn(1, 2, 20, d, device=DEVICE) for _ in range(3))
@@ -249,7 +257,7 @@ def test_keys_and_values_in_a_larger_buffer_are_read_in_place(rows_per_block, kv
     buffers = [torch.randn(n, kv_heads, keys + 37, d, device=DEVICE) for _ in range(2)]
     k_view, v_view = (buffer[:, :, :keys].copy_(x.detach()).requires_grad_() for buffer, x in zip(buffers, (k, v)))
     assert not k_view.is_contiguous()
-    assert all(a is b for a, b in zip(_read_in_place(k_view, v_view), (k_view, v_view)))
+    assert all(a is b for a, b in zip(sea_sparse_kernels._read_in_place(k_view, v_view), (k_view, v_view)))
     scaling = d**-0.5
     probs, context = sparse_attention_triton(q, k_view, v_view, selection, scaling)
     ref_probs, ref_context = sparse_attention_triton(q, k, v, selection, scaling)
@@ -306,7 +314,7 @@ def test_decode_kernel_matches_the_float64_reference_path(kv_heads, padded):
     scaling = d**-0.5
     with torch.no_grad():
         probs, context = sparse_attention_triton(q, k, v, selection, scaling, need_probs=False)
-    assert probs is None and selection.slots > 3 * DECODE_SPLIT_SLOTS
+    assert probs is None and selection.slots > 3 * sea_sparse_kernels.DECODE_SPLIT_SLOTS
     repeat = lambda x: x.double().repeat_interleave(h // kv_heads, dim=1)
     _, reference = sparse_attention(q.double(), repeat(k), repeat(v), selection, scaling)
     torch.testing.assert_close(context.double(), reference, rtol=1e-5, atol=1e-6)
@@ -372,13 +380,11 @@ def test_forced_kernel_without_a_usable_triton_is_a_clear_error():
 def test_attention_dropout_in_training_takes_the_pytorch_path_or_refuses_a_forced_kernel():
     """The kernels have no attention dropout: in training with dropout, `auto` uses the PyTorch path (its
     probabilities dropped) and a forced kernel is a clear error."""
-    from sea.sea_attention import sparse_attention_implementation
-
     q = torch.randn(1, 2, 8, 16, device=DEVICE)
-    assert sparse_attention_implementation(q, "auto", dropout=0.1) is sparse_attention
+    assert not sparse_kernel_serves(q, "auto", dropout=0.1)
     with pytest.raises(RuntimeError, match="no attention dropout.*set the attention dropout to 0"):
-        sparse_attention_implementation(q, "triton", dropout=0.1)
-    assert sparse_attention_implementation(q, "triton") is sparse_attention_triton
+        sparse_kernel_serves(q, "triton", dropout=0.1)
+    assert sparse_kernel_serves(q, "triton")
 
 
 def test_batch_times_heads_past_the_grid_limit_takes_the_pytorch_path():

@@ -24,7 +24,6 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from sea.configuration_sea import SEA_FAMILIES
 from sea.sea_attention import (
-    SeaAttention,
     at_least_float32,
     bin_edge_prefix_lengths,
     bin_edges,
@@ -32,6 +31,7 @@ from sea.sea_attention import (
     exact_attention,
     visible_key_counts,
 )
+from sea.sea_layer import SeaAttention
 
 
 # Weights of the losses on the model's outputs, and of those on its attention (estimate and sparse).
