@@ -3,23 +3,20 @@
 
 import pytest
 import torch
-from conftest import TINY_LLAMA, TINY_OPT, tiny_bert_config
+from conftest import TINY_LLAMA, TINY_OPT, sea_test_config
 
-from sea.configuration_sea import SeaLlamaConfig, SeaOptConfig
-from sea.modeling_sea import SeaBertForSequenceClassification, SeaLlamaForCausalLM, SeaOptForCausalLM
+from sea.configuration_sea import SEA_FAMILIES
+from sea.modeling_sea import converted_class
 
 # A budget below the length, so that the selection (sized by its bound in the graph) leaves keys out.
 SEA = dict(sea_key_budget=16, sea_compressed_width=16)
 LENGTH = 48
 
 
-def tiny_model(family: str, **sea):
+def tiny_model(model_type: str, **sea):
+    """The SEA model of a registered family at its test shape, randomly initialised."""
     torch.manual_seed(0)
-    if family == "llama":
-        return SeaLlamaForCausalLM(SeaLlamaConfig(**TINY_LLAMA, **SEA, **sea)).eval()
-    if family == "opt":
-        return SeaOptForCausalLM(SeaOptConfig(**TINY_OPT, **SEA, **sea)).eval()
-    return SeaBertForSequenceClassification(tiny_bert_config(**SEA, **sea)).eval()
+    return converted_class(SEA_FAMILIES[model_type])(sea_test_config(model_type, **SEA, **sea)).eval()
 
 
 def random_ids(seed: int) -> torch.Tensor:
@@ -27,12 +24,12 @@ def random_ids(seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    "family, sea",
-    [("llama", {}), ("opt", {}), ("bert", {}), ("llama", {"sea_query_block_size": 16})],
-    ids=["llama", "opt", "bert", "llama-query-blocks"],
+    "model_type, sea",
+    [(model_type, {}) for model_type in SEA_FAMILIES] + [("llama", {"sea_query_block_size": 16})],
+    ids=[*SEA_FAMILIES, "llama-query-blocks"],
 )
-def test_exported_program_matches_eager(family, sea):
-    model = tiny_model(family, **sea)
+def test_exported_program_matches_eager(model_type, sea):
+    model = tiny_model(model_type, **sea)
     program = torch.export.export(model, (random_ids(0),))
     ids = random_ids(1)  # fresh ids: the graph holds no value of the ids it was traced with
     with torch.no_grad():

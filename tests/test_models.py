@@ -4,9 +4,10 @@ import pytest
 import torch
 from transformers import BertForMaskedLM, BertForSequenceClassification, OPTConfig, OPTForCausalLM
 
-from conftest import OPT_125M, TINY_LLAMA, randomize_sea_gates, tiny_bert_config, tiny_opt_config
+from conftest import OPT_125M, TINY_LLAMA, randomize_sea_gates, sea_test_config, tiny_bert_config, tiny_opt_config
 from conversion.convert import convert_to_sea
-from sea.modeling_sea import SeaBertForMaskedLM
+from sea.configuration_sea import SEA_FAMILIES
+from sea.modeling_sea import SeaBertForMaskedLM, converted_class
 from sea.sea_layer import SeaAttention
 
 
@@ -75,17 +76,12 @@ def test_small_budget_outputs_finite_and_sparse_attentions_returned(family):
             assert probs.triu(1).abs().sum() == 0, "future keys got attention"
 
 
-@pytest.mark.parametrize("family", ["opt", "llama", "bert"])
-def test_config_output_attentions_returns_the_attentions_as_the_argument_does(family):
+@pytest.mark.parametrize("model_type", SEA_FAMILIES)
+def test_config_output_attentions_returns_the_attentions_as_the_argument_does(model_type):
     """`config.output_attentions=True` (as after `from_pretrained(..., output_attentions=True)`) returns the same
     attentions as the call argument, like transformers' own models; an explicit False in the call wins."""
-    from sea.configuration_sea import SeaLlamaConfig
-    from sea.modeling_sea import SeaLlamaForCausalLM
-
-    if family == "llama":
-        sea = SeaLlamaForCausalLM(SeaLlamaConfig(**TINY_LLAMA, sea_key_budget=4, sea_compressed_width=8)).eval()
-    else:
-        sea = (converted_opt if family == "opt" else converted_bert)(sea_key_budget=4, sea_compressed_width=8)[1]
+    config = sea_test_config(model_type, sea_key_budget=4, sea_compressed_width=8)
+    sea = converted_class(SEA_FAMILIES[model_type])(config).eval()
     ids = random_ids(2, 30)
     with torch.no_grad():
         asked = sea(ids, output_attentions=True).attentions
