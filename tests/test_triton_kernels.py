@@ -96,7 +96,7 @@ def test_half_precision_within_one_percent_of_float32(dtype, rows_per_block):
     assert probs.dtype == dtype and context.dtype == dtype
     q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
     ref_probs, ref_context = sparse_attention(q32, k32, v32, selection, scaling)
-    relative = lambda a, b: float((a.float() - b).norm() / b.norm())
+    relative = lambda a, b: float((a.detach().float() - b.detach()).norm() / b.detach().norm())
     assert relative(context, ref_context) <= 1e-2 and relative(probs, ref_probs) <= 1e-2
     grad = torch.randn_like(ref_context)
     got = torch.autograd.grad((context.float() * grad).sum(), (q, k, v))
