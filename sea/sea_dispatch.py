@@ -8,8 +8,8 @@ when "auto" falls back to PyTorch, and the errors of a forced kernel:
 
 * the sparse attention: the Triton kernel where `kernel_unavailable_reason` has no reason and no dropout is asked
   for; among the kernels, query blocks take the block kernel (with the output gate applied as it writes, at
-  inference without probabilities), per-query selections the decode kernel for a few rows at inference without
-  probabilities, the per-slot kernel otherwise;
+  inference without probabilities), per-query selections the split kernel at inference without probabilities
+  (lean: no per-slot index or probability buffer), the per-slot kernel otherwise;
 * the causal estimate at inference: the Triton kernels (fused at head_dim 64, split by columns at 128) where
   `estimate_kernel_unavailable_reason` has no reason and they fit in shared memory; else the PyTorch reference, in
   passes of rows for a long input. Training and bidirectional layers take the PyTorch reference in one pass.
@@ -34,8 +34,8 @@ try:  # Triton is optional (CPU and Mac users): without it every step takes the 
     from .sea_estimate_kernels import FUSED_ESTIMATE_HEAD_DIM, OutOfResources, causal_kernel_encoding_triton
     from .sea_sparse_kernels import (
         block_sparse_attention,
-        decoded_attention,
         gated_block_attention,
+        per_query_inference_attention,
         per_query_sparse_attention,
     )
 
@@ -48,7 +48,6 @@ logger = logging.get_logger(__name__)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension
-DECODE_MAX_ROWS = 16  # up to this many query rows (decode steps), per-query selections use the decode kernel
 
 
 def kernel_unavailable_reason(q: torch.Tensor) -> str | None:
@@ -106,14 +105,13 @@ def sparse_attention_triton(q, k, v, selection: SeaSelection, scaling: float, ne
                             inference: bool = False):
     """`sea_attention.sparse_attention` by the Triton kernel that fits the selection: (probabilities (N, H, T, S)
     or None when not `need_probs`, context (N, H, T, D)). k and v may have fewer heads than q (grouped-query
-    attention); they are read in place, never repeated. A few per-query rows wanting neither probabilities nor a
-    gradient (at `inference`, or when no input requires one) take the decode kernel, which splits each row's slots
-    over many programs."""
+    attention); they are read in place, never repeated. Per-query rows wanting neither probabilities nor a gradient
+    (at `inference`, or when no input requires one) take the split kernel."""
     if selection.rows_per_block > 1:
         return block_sparse_attention(q, k, v, selection, scaling, need_probs)
     differentiable = not inference and any(x.requires_grad for x in (q, k, v))
-    if not need_probs and not differentiable and q.shape[2] <= DECODE_MAX_ROWS:
-        return None, decoded_attention(q, k, v, selection, scaling)
+    if not need_probs and not differentiable:
+        return None, per_query_inference_attention(q, k, v, selection, scaling)
     return per_query_sparse_attention(q, k, v, selection, scaling, need_probs)
 
 

@@ -2,7 +2,8 @@
 keys and values into memory, tested against it. The per-query kernel gives each program a block of query rows of one
 head, walks their slots, loads the selected key/value rows straight from K and V, and keeps an online softmax in
 float32; the block kernel does the same for blocks of queries sharing their key ranges, through matrix products;
-the decode kernel splits a few rows' slots over many programs. The backwards recompute the probabilities from the
+the split kernel, for inference without probabilities, reads each row's ranges directly (no per-slot index, no
+probability buffer) and splits the slots of a few rows (a decode step) over many programs. The backwards recompute the probabilities from the
 saved log-sum-exp and scatter key/value gradients with atomic adds (a key is shared by many queries).
 
 Only `sea_dispatch` imports this module, and chooses which of these entry points serves a call.
@@ -509,23 +510,32 @@ class _BlockSparseAttention(torch.autograd.Function):
         return (grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype)) + (None,) * 8
 
 
-DECODE_SPLIT_SLOTS = 128  # slots per program of the split kernel: a 1024-key budget gives 8 programs per row
+DECODE_SPLIT_SLOTS = 128  # slots per program of the split kernel while rows are few: 8 programs per 1024-key row
 DECODE_TILE_SLOTS = 64  # slots a split-kernel program reads at once (DECODE_SPLIT_SLOTS is a multiple)
+SPLIT_KERNEL_PROGRAMS = 8192  # rows are split until about this many programs run (many rows: one program each)
 
 
-def decoded_attention(q, k, v, selection, scaling: float) -> torch.Tensor:
-    """Context of a few queries with per-query selections, for inference (no probabilities, no backward). The
-    per-slot kernel gives each program a block of query rows and walks the slots one by one: with one row per head
-    (a decode step) a handful of programs each walk ~1000 dependent loads. Here every row's slots are cut into
-    shares of `DECODE_SPLIT_SLOTS` that programs walk in tiles side by side (their ranges read directly, no
-    per-slot index), then a second kernel merges the shares' online softmax."""
+def split_shares(rows: int, slots: int) -> tuple[int, int]:
+    """(shares per row, slots per share) of the split kernel: rows split into shares of `DECODE_SPLIT_SLOTS` while
+    that keeps the programs within `SPLIT_KERNEL_PROGRAMS` (a decode step's few rows), into fewer and longer ones
+    as rows grow, and not at all once the rows alone fill the GPU (a prefill)."""
+    splits = max(1, min(triton.cdiv(slots, DECODE_SPLIT_SLOTS), SPLIT_KERNEL_PROGRAMS // max(rows, 1)))
+    share = triton.cdiv(triton.cdiv(max(slots, 1), splits), DECODE_TILE_SLOTS) * DECODE_TILE_SLOTS
+    return triton.cdiv(max(slots, 1), share), share
+
+
+def per_query_inference_attention(q, k, v, selection, scaling: float) -> torch.Tensor:
+    """Context of per-query selections, for inference (no probabilities, no backward). The per-slot kernel needs
+    every row's key index and a probability buffer (N, H, T, S) and walks the slots one by one; here each row's
+    ranges are read directly and its slots walked in tiles, cut into shares that programs walk side by side when
+    rows are few (a decode step: one row per head), then a second kernel merges the shares' online softmax."""
     q, (k, v) = q.contiguous(), _read_in_place(k, v)
     n, h, t, d = q.shape
     starts, lengths, counts = (x.to(torch.int32).contiguous() for x in (selection.starts, selection.lengths,
                                                                         selection.row_counts))
     gather = selection.key_positions is not None
     positions = selection.key_positions.to(torch.int32).contiguous() if gather else counts
-    splits = max(1, triton.cdiv(selection.slots, DECODE_SPLIT_SLOTS))
+    splits, share = split_shares(n * h * t, selection.slots)
     block_d = max(16, triton.next_power_of_2(d))
     partial = torch.empty(n * h * t, splits, block_d + 2, dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
@@ -533,7 +543,7 @@ def decoded_attention(q, k, v, selection, scaling: float) -> torch.Tensor:
     if t > 0 and num_ranges > 0:
         _sparse_decode_split[(n * h * t, splits)](
             q, k, v, starts, lengths, positions, counts, partial, t, k.shape[2], k.stride(1), num_ranges,
-            DECODE_SPLIT_SLOTS, scaling, h, h // k.shape[1], HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=DECODE_TILE_SLOTS,
+            share, scaling, h, h // k.shape[1], HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=DECODE_TILE_SLOTS,
             BLOCK_R=max(16, triton.next_power_of_2(num_ranges)), GATHER=gather,
         )
         _sparse_decode_combine[(n * h * t,)](partial, out, splits, HEAD_DIM=d, BLOCK_D=block_d,

@@ -296,12 +296,26 @@ def test_offsets_past_two_to_the_31_elements(rows_per_block, need_probs):
         assert (probs.float() - ref_probs).norm() / ref_probs.norm() < 1e-2
 
 
+@pytest.mark.parametrize("rows, slots", [(1, 1000), (32, 1024), (300, 1024), (8192, 1024), (10**6, 4096), (5, 0)])
+def test_split_kernel_shares_cover_every_slot_in_whole_tiles(rows, slots):
+    splits, share = sea_sparse_kernels.split_shares(rows, slots)
+    tile = sea_sparse_kernels.DECODE_TILE_SLOTS
+    assert share % tile == 0 and splits * share >= slots and (splits - 1) * share < max(slots, 1)
+    assert share >= min(sea_sparse_kernels.DECODE_SPLIT_SLOTS, slots)  # never shorter than a decode step's shares
+    if rows >= sea_sparse_kernels.SPLIT_KERNEL_PROGRAMS:
+        assert splits == 1  # a prefill's rows fill the GPU alone
+
+
+@pytest.mark.parametrize("programs", [None, 72, 1], ids=["shares-of-128", "longer-shares", "one-program-per-row"])
 @pytest.mark.parametrize("padded", [True, False], ids=["padded", "no-padding"])
 @pytest.mark.parametrize("kv_heads", [3, 1], ids=["multi-head", "grouped-query"])
-def test_decode_kernel_matches_the_float64_reference_path(kv_heads, padded):
-    """A few query rows with per-query selections at inference take the split kernel: rows of up to ~800 slots
-    (several programs' shares, of 128 slots each), empty ranges, a row with no key at all, rows whose visible
-    count cuts their ranges, keys read in place from a larger buffer."""
+def test_split_kernel_matches_the_float64_reference_path(kv_heads, padded, programs, monkeypatch):
+    """Per-query selections at inference without probabilities take the split kernel: rows of up to ~800 slots
+    (several shares: of 128 slots, as a decode step's few rows get, longer ones, or one share per row, as a
+    prefill's many rows get), empty ranges, a row with no key at all, rows whose visible count cuts their ranges,
+    keys read in place from a larger buffer."""
+    if programs is not None:
+        monkeypatch.setattr(sea_sparse_kernels, "SPLIT_KERNEL_PROGRAMS", programs)
     n, h, t, d, keys = 2, 3, 4, 24, 900
     q = torch.randn(n, h, t, d, device=DEVICE)
     k, v = (torch.randn(n, kv_heads, keys + 50, d, device=DEVICE)[:, :, :keys] for _ in range(2))
@@ -314,7 +328,8 @@ def test_decode_kernel_matches_the_float64_reference_path(kv_heads, padded):
     scaling = d**-0.5
     with torch.no_grad():
         probs, context = sparse_attention_triton(q, k, v, selection, scaling, need_probs=False)
-    assert probs is None and selection.slots > 3 * sea_sparse_kernels.DECODE_SPLIT_SLOTS
+    splits, _ = sea_sparse_kernels.split_shares(n * h * t, selection.slots)
+    assert probs is None and splits == {None: -(-selection.slots // 128), 72: 3, 1: 1}[programs]
     repeat = lambda x: x.double().repeat_interleave(h // kv_heads, dim=1)
     _, reference = sparse_attention(q.double(), repeat(k), repeat(v), selection, scaling)
     torch.testing.assert_close(context.double(), reference, rtol=1e-5, atol=1e-6)
