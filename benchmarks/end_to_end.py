@@ -12,6 +12,8 @@ Variants (a cell is one shape, batch, length, mode and variant):
   `torch.nn.attention.sdpa_kernel(<that backend alone>)`; decode is generate's default (DynamicCache). A backend
   that cannot run on this device and dtype is skipped with the reason printed (math is for machines without the
   others: on a GPU it builds the T x T scores).
+- flex_attention: the dense model with transformers' FlexAttention integration (`set_attn_implementation(
+  "flex_attention")`, which compiles the flex kernel); measured on CUDA devices only.
 - static_compiled (decode only): transformers' documented fast generation, `generate(...,
   cache_implementation="static", compile_config=CompileConfig(fullgraph=True, mode="reduce-overhead"))`: a
   StaticCache and the decode step compiled with CUDA graphs (the prefill runs uncompiled, as generate does it);
@@ -95,8 +97,8 @@ GPU_SHAPES = ("smollm2-135m", "llama-1b", "opt-1.3b")
 SDPA_BACKENDS = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
                  "sdpa_math": SDPBackend.MATH}
 # mode -> its variants; every variant but "sea" is dense.
-VARIANTS = {"prefill": ("sdpa_flash", "sdpa_cudnn", "sdpa_math", "sea"),
-            "decode": ("sdpa_flash", "sdpa_cudnn", "sdpa_math", "static_compiled", "sea")}
+VARIANTS = {"prefill": ("sdpa_flash", "sdpa_cudnn", "sdpa_math", "flex_attention", "sea"),
+            "decode": ("sdpa_flash", "sdpa_cudnn", "sdpa_math", "flex_attention", "static_compiled", "sea")}
 ALL_VARIANTS = tuple(dict.fromkeys(v for variants in VARIANTS.values() for v in variants))
 SMOKE_DEFAULTS = {
     "shapes": ["tiny-llama", "tiny-opt"], "lengths": [48, 96], "batches": [1, 2], "variants": list(ALL_VARIANTS),
@@ -141,7 +143,9 @@ def parse_arguments(argv=None):
 
 
 def backend_problem(variant: str, device: str, dtype: torch.dtype) -> str | None:
-    """Why an SDPA variant cannot run here (a tiny causal SDPA call under its backend alone fails), else None."""
+    """Why a dense variant cannot run here (for SDPA: a tiny causal call under its backend alone fails), else None."""
+    if variant == "flex_attention" and not device.startswith("cuda"):
+        return "FlexAttention is measured on CUDA devices only"
     if variant not in SDPA_BACKENDS:
         return None
     probe = torch.randn(1, 2, 8, 64, device=device, dtype=dtype)
@@ -282,6 +286,19 @@ def decode_call(model, ids, new_tokens: int, static: bool):
     return call
 
 
+@contextlib.contextmanager
+def attention_implementation(model, implementation: str | None):
+    """The dense model with `implementation` (transformers' `set_attn_implementation`) inside, SDPA again after."""
+    if implementation is None:
+        yield
+        return
+    model.set_attn_implementation(implementation)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
 def measure(model, key: dict, args, device: str) -> dict:
     """One cell's times and memory (see the module docstring for what each mode measures)."""
     generator = torch.Generator().manual_seed(args.seed)
@@ -294,7 +311,7 @@ def measure(model, key: dict, args, device: str) -> dict:
     prefill = key["mode"] == "prefill"
     call = prefill_call(model, ids, device) if prefill else decode_call(model, ids, args.new_tokens, static)
     backend = sdpa_kernel(SDPA_BACKENDS[key["variant"]]) if key["variant"] in SDPA_BACKENDS else contextlib.nullcontext()
-    with backend:
+    with backend, attention_implementation(model, "flex_attention" if key["variant"] == "flex_attention" else None):
         got = median_seconds(call, args.repeats, args.cell_time_limit, device)
     seconds = got.pop("seconds")
     result = {"status": "ok", "weights_mb": model.get_memory_footprint() / 2**20, **got}
@@ -410,7 +427,7 @@ def ratio_text(value: float | None) -> str:
 
 def markdown(cells: list[dict], record: dict, settings: dict, skipped: dict) -> str:
     versions = ", ".join(f"{name} {version}" for name, version in record["versions"].items())
-    lines = [f"# End to end: dense vs SEA, {settings['dtype']}, random weights", "", f"`{record['command']}`", "",
+    lines = [f"# End to end: dense vs SEA, {settings['dtype']}, random weights", "", f"```\n{record['command']}\n```", "",
              (f"Device: {record['device']}; {versions}; SEA key budget {settings['key_budget']}, every other SEA "
               f"setting at its default; decode over {settings['new_tokens']} new tokens."), "",
              ("Each variant's time (ms; decode: ms per new token) with, in brackets, the memory its calls added at "
