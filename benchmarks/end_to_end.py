@@ -4,8 +4,8 @@ public API only (`model(ids)`, `model.generate()`), with random weights built fr
 Shapes: SmolLM2-135M (Llama: 30 layers, 9 query / 3 key-value heads of 64), a 1B Llama (Llama-3.2-1B: 16 layers,
 32 / 8 heads of 64) and opt-1.3b (24 layers, 32 heads of 64). Every model gets max_position_embeddings =
 --max-positions (the longest length plus room for the new tokens): opt-1.3b's learned position table, 2048 rows in
-the real checkpoint, is extended to that (a lookup: its size costs no time); SEA's positional table has that many
-rows per layer, so SEA's weights grow with it (the memory ratio below leaves the weights out).
+the real checkpoint, is extended to that (a lookup: its size costs no time); no SEA weight depends on it (the memory
+ratio below leaves the weights out).
 
 Variants (a cell is one shape, batch, length, mode and variant):
 - sdpa_flash, sdpa_cudnn, sdpa_math: the dense model with attn_implementation="sdpa", every call under

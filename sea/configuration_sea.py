@@ -218,8 +218,9 @@ class SeaBertConfig(SeaConfigMixin, BertConfig):
 class SeaRotaryConfigMixin(SeaConfigMixin):
     r"""
     SEA fields of the Llama-like families (RoPE, grouped-query attention: Llama, Qwen2, Qwen3, Mistral), documented
-    in [`SeaConfigMixin`]. SEA's positional table has `max_position_embeddings` rows per layer, so that is also the
-    longest input the model takes.
+    in [`SeaConfigMixin`]. No SEA weight depends on `max_position_embeddings` (SEA's positional code is a fixed
+    sinusoid of the token's rank): a larger value, with the RoPE scaling of `rope_parameters`, loads the same
+    weights for a longer context. It is the longest input the model takes.
 
     A dense sliding attention window (`sliding_window`: Mistral's, or the `use_sliding_window` layers of Qwen2 and
     Qwen3) is ignored: every SEA query may read any earlier key, and its key budget already bounds what it reads.

@@ -141,8 +141,8 @@ def prepare_causal_inputs(decoder, input_ids, inputs_embeds, attention_mask, giv
     past = cache.get_seq_length() if cache is not None else 0
     if past + t > config.max_position_embeddings:
         raise ValueError(
-            f"{past + t} tokens exceed max_position_embeddings={config.max_position_embeddings} of this model "
-            "(the positions SEA's estimator knows); truncate the input or generate fewer tokens."
+            f"{past + t} tokens exceed max_position_embeddings={config.max_position_embeddings} of this model; "
+            "truncate the input or generate fewer tokens."
         )
     new_valid = torch.ones(n, t, dtype=torch.bool, device=inputs_embeds.device)
     key_valid = None
@@ -336,7 +336,7 @@ class SeaCausalLMMixin:
         if total is not None and total > self.config.max_position_embeddings:
             raise ValueError(
                 f"Generating up to {total} tokens exceeds max_position_embeddings="
-                f"{self.config.max_position_embeddings} of this model (the positions SEA's estimator knows): "
+                f"{self.config.max_position_embeddings} of this model: "
                 "shorten the prompt or lower `max_new_tokens`."
             )
         return super().generate(inputs, generation_config, **kwargs)

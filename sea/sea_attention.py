@@ -339,19 +339,27 @@ def key_summary_scores(q, k, key_valid, positions, counts, causal: bool, scaling
     return -torch.minimum(places(key_mean_scores(*arguments)), places(key_bound_scores(*arguments))).float()
 
 
-def positional_code(key_valid: torch.Tensor, head_dim: int, table: torch.Tensor | None, num_new: int) -> torch.Tensor:
+# Wavelengths of the causal positional code grow geometrically from 2 pi to about 2 pi x this many tokens (the
+# transformer's sinusoidal code): every channel is smooth in the position and none repeats within a long context.
+POSITION_CODE_BASE = 10000.0
+
+
+def positional_code(key_valid: torch.Tensor, head_dim: int, causal: bool, num_new: int) -> torch.Tensor:
     """(N, num_new, D) position channel of the last `num_new` keys, fed to the kernel attention, by rank among the
-    valid tokens (so padding does not shift it). Causal: a learned table. Bidirectional: a soft one-hot of the
+    valid tokens (so padding does not shift it); no weights, so nothing about it grows with the context or stops
+    at a trained length. Causal: sines and cosines of the rank at D / 2 geometric frequencies (a key's rank never
+    changes as tokens are appended, so the code can enter prefix sums). Bidirectional: a soft one-hot of the
     relative position rank / (L - 1) spread linearly over D channels. Zero for padded tokens."""
-    rank = (key_valid.long().cumsum(-1) - 1).clamp_min(0)[:, -num_new:]
-    if table is not None:
-        # Ranks stay below the number of tokens: the exact check, which waits for the GPU, only when that can fail.
-        if key_valid.shape[-1] > table.shape[0] and rank.max() >= table.shape[0]:
-            raise ValueError(f"SEA's positional table covers {table.shape[0]} tokens; the input has more.")
-        code = table[rank]
+    rank = (key_valid.long().cumsum(-1) - 1).clamp_min(0)[:, -num_new:].to(torch.float32)
+    if causal:
+        pairs = head_dim // 2
+        frequencies = POSITION_CODE_BASE ** (-torch.arange(pairs, device=key_valid.device, dtype=torch.float32) / max(pairs, 1))
+        angles = rank.unsqueeze(-1) * frequencies
+        code = torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)
+        code = F.pad(code, (0, head_dim - 2 * pairs))  # an odd head size: the last channel stays zero
     else:
         length = key_valid.sum(-1, keepdim=True).clamp_min(2)
-        where = rank.to(torch.float32) / (length - 1) * (head_dim - 1)
+        where = rank / (length - 1) * (head_dim - 1)
         channels = torch.arange(head_dim, device=key_valid.device, dtype=torch.float32)
         code = (1 - (channels - where.unsqueeze(-1)).abs()).clamp_min(0)
     return code * key_valid[:, -num_new:].unsqueeze(-1)

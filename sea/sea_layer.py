@@ -152,10 +152,6 @@ class SeaAttention(nn.Module):
         self.width = config.sea_compressed_width
         num_features = max(1, int(head_dim * math.log(head_dim) / config.sea_performer_nb_factor))
         self.register_buffer("feature_projection", torch.empty(num_features, head_dim))
-        if causal:
-            self.position_table = nn.Parameter(torch.empty(config.max_position_embeddings, head_dim))
-        else:
-            self.position_table = None
         # The encoder's weights, saved as encoder.0 and encoder.1: `sea_attention.encode` applies the linear layer,
         # the layer norm, then a GELU.
         self.encoder = nn.Sequential(nn.Linear(3 * head_dim, 2 * head_dim), nn.LayerNorm(2 * head_dim))
@@ -181,12 +177,10 @@ class SeaAttention(nn.Module):
 
     @torch.no_grad()
     def init_sea_weights(self):
-        """Initialise what a converted model adds beyond ordinary layers: fresh random features, the positional
-        table, and neutral gates (sparse scale 1, no average context), so conversion starts from the dense model.
+        """Initialise what a converted model adds beyond ordinary layers: fresh random features and neutral gates
+        (sparse scale 1, no average context), so conversion starts from the dense model.
         Uses transformers' init functions, which leave weights loaded from a checkpoint untouched."""
         init.copy_(self.feature_projection, orthogonal_gaussian_features(*self.feature_projection.shape))
-        if self.position_table is not None:
-            init.normal_(self.position_table, std=1.0)
         if self.gates is not None:
             init.zeros_(self.gates.weight)
             init.zeros_(self.gates.bias)
@@ -212,7 +206,7 @@ class SeaAttention(nn.Module):
         n, _, t, d = v_new.shape
         h = self.num_heads
         new_valid = key_valid[:, -t:]
-        code = positional_code(key_valid, d, self.position_table, t).to(v_new.dtype)
+        code = positional_code(key_valid, d, self.causal, t).to(v_new.dtype)
         needed = leading = None
         if leading_rows_only:  # decode and refine only the rows the CNN needs for the blocks' first rows
             needed, leading = self.cnn.rows_needed(self.query_block_size, t, q.device)

@@ -26,5 +26,7 @@ def plugin_fields() -> dict:
 
 
 state = PartialState(cpu=True)  # no GPU here: the processes join one gloo group, as distill.py makes them
-print(json.dumps({"rank": state.process_index, "processes": state.num_processes, "backend": state.backend,
-                  "mixed_precision": os.environ.get("ACCELERATE_MIXED_PRECISION"), **plugin_fields()}), flush=True)
+line = json.dumps({"rank": state.process_index, "processes": state.num_processes, "backend": state.backend,
+                   "mixed_precision": os.environ.get("ACCELERATE_MIXED_PRECISION"), **plugin_fields()})
+# One write call per line: both processes share the pipe, and print's separate writes of text and newline interleave.
+os.write(1, (line + "\n").encode())

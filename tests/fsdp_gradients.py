@@ -5,6 +5,7 @@ when FSDP reshards the parameters after the forward instead."""
 
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -63,10 +64,11 @@ def main(config_path: str):
         resharded = "no error"
     except RuntimeError as error:
         resharded = str(error).splitlines()[0]
-    print(json.dumps({"rank": rank, "wrapped": layer_class in {type(m).__name__ for m in student(teacher).modules()},
-                      "same_parameters": sorted(got) == sorted(want),
-                      "max_difference": max(float((got[k] - want[k]).abs().max()) for k in want),
-                      "resharding_after_forward": resharded}), flush=True)
+    line = json.dumps({"rank": rank, "wrapped": layer_class in {type(m).__name__ for m in student(teacher).modules()},
+                       "same_parameters": sorted(got) == sorted(want),
+                       "max_difference": max(float((got[k] - want[k]).abs().max()) for k in want),
+                       "resharding_after_forward": resharded})
+    os.write(1, (line + "\n").encode())  # one write call: the processes share the pipe (accelerate_probe.py)
 
 
 if __name__ == "__main__":

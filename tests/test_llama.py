@@ -144,6 +144,23 @@ def test_too_long_input_and_bad_config_get_clear_errors():
         SeaLlamaConfig(**{**TINY_LLAMA, "num_key_value_heads": 3})
 
 
+def test_a_longer_context_loads_the_same_weights_and_runs_past_the_saved_one(tmp_path):
+    """No SEA weight is sized by the context: weights saved at max_position_embeddings=512 load whole into a config
+    with four times the positions (with RoPE scaling, as a user extends a context), which then runs past 512."""
+    model = sea_model()
+    model.save_pretrained(tmp_path / "short")
+    config = SeaLlamaConfig.from_pretrained(tmp_path / "short", max_position_embeddings=2048,
+                                            rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0})
+    longer, info = type(model).from_pretrained(tmp_path / "short", config=config, output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched weight
+    ids = torch.randint(3, 120, (1, 1200))
+    with torch.no_grad():
+        logits = longer(ids).logits
+        prefix = longer(ids[:, :700]).logits
+    assert torch.isfinite(logits).all()
+    torch.testing.assert_close(logits[:, :700], prefix, rtol=1e-4, atol=1e-4)  # still causal past 512
+
+
 def test_remote_code_round_trip(tmp_path):
     """Every Llama-like family saved, then loaded by its `auto_map` in one fresh process without the project."""
     ids = torch.randint(3, 120, (1, 30))

@@ -1,5 +1,7 @@
 """The SEA operator against independent dense float64 computations."""
 
+import math
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from sea.sea_attention import (
     kernel_features,
     linear_attention,
     orthogonal_gaussian_features,
+    positional_code,
     visible_key_counts,
 )
 from sea.sea_layer import SeaAttention
@@ -27,11 +30,32 @@ def make_operator(causal: bool, budget: int, width: int = 16, rule: str = "const
     op = SeaAttention(config, H, D, causal)
     with torch.no_grad():
         op.feature_projection.copy_(orthogonal_gaussian_features(*op.feature_projection.shape))
-        if causal:
-            op.position_table.normal_()
         op.gates.weight.normal_(std=0.5)
         op.gates.bias.normal_(std=0.5)
     return op.to(dtype)
+
+
+@pytest.mark.parametrize("head_dim", [16, 15])
+def test_causal_positional_code_is_a_sinusoid_of_the_rank_among_valid_tokens(head_dim):
+    """Channel pair i of a valid key with r valid keys before it holds sin and cos of r x 10000^(-i / (D / 2)),
+    padded keys hold zeros (an odd head size leaves its last channel zero), and the last `num_new` keys get the
+    codes they have within the whole sequence."""
+    t = int(torch.randint(40, 90, ()))
+    valid = random_padding(t)
+    code = positional_code(valid, head_dim, True, t).double()
+    pairs = head_dim // 2
+    want = torch.zeros(N, t, head_dim, dtype=torch.float64)
+    for row in range(N):
+        rank = 0
+        for position in range(t):
+            if valid[row, position]:
+                for i in range(pairs):
+                    angle = rank * 10000.0 ** (-i / pairs)
+                    want[row, position, 2 * i], want[row, position, 2 * i + 1] = math.sin(angle), math.cos(angle)
+                rank += 1
+    torch.testing.assert_close(code, want, rtol=0, atol=1e-4)
+    new = int(torch.randint(1, t, ()))
+    torch.testing.assert_close(positional_code(valid, head_dim, True, new), code[:, -new:].float())
 
 
 def random_padding(t: int) -> torch.Tensor:

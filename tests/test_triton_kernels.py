@@ -150,7 +150,7 @@ def test_causal_estimate_kernel_matches_the_pytorch_path(d, heads, kv_heads, dty
     state.kv_sum.uniform_(0, 5)
     state.k_sum.uniform_(0, 5)
     state.value_sum.normal_(std=5)
-    code = positional_code(valid, d, op.position_table, t).to(dtype)
+    code = positional_code(valid, d, True, t).to(dtype)
     # As after a cached prefix of 7 valid tokens: counts include the earlier keys.
     counts = visible_key_counts(torch.cat([torch.ones(n, 7, dtype=torch.bool, device=DEVICE), valid], 1), True, t)
     rows = torch.randperm(t, device=DEVICE)[:40].sort().values
@@ -306,9 +306,9 @@ def test_split_kernel_shares_cover_every_slot_in_whole_tiles(rows, slots):
         assert splits == 1  # a prefill's rows fill the GPU alone
 
 
-@pytest.mark.parametrize("programs", [None, 72, 1], ids=["shares-of-128", "longer-shares", "one-program-per-row"])
-@pytest.mark.parametrize("padded", [True, False], ids=["padded", "no-padding"])
-@pytest.mark.parametrize("kv_heads", [3, 1], ids=["multi-head", "grouped-query"])
+@pytest.mark.parametrize("programs, padded, kv_heads", [(None, True, 3), (None, False, 1), (72, True, 1), (1, False, 3)],
+                         ids=["shares-of-128", "shares-of-128-no-padding-grouped-query", "longer-shares-grouped-query",
+                              "one-program-per-row-no-padding"])
 def test_split_kernel_matches_the_float64_reference_path(kv_heads, padded, programs, monkeypatch):
     """Per-query selections at inference without probabilities take the split kernel: rows of up to ~800 slots
     (several shares: of 128 slots, as a decode step's few rows get, longer ones, or one share per row, as a
