@@ -269,14 +269,15 @@ def _block_sparse_backward(
 
 
 def _sparse_decode_split(
-    Q, K, V, STARTS, LENGTHS, POSITIONS, COUNTS, PARTIAL,
+    Q, K, V, STARTS, LENGTHS, POSITIONS, COUNTS, PARTIAL, OUT,
     num_queries, num_keys, kv_head_stride, num_ranges, split_slots, scaling, num_heads, group,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    GATHER: tl.constexpr,
+    GATHER: tl.constexpr, WHOLE_ROW: tl.constexpr,
 ):
     """One query row (flattened (batch, head, row)) over slots [split x split_slots, (split + 1) x
     split_slots) of its ranges: that share's running max, normaliser and unnormalised context, written to
-    PARTIAL[row, split] = [max, normaliser, context (BLOCK_D)]."""
+    PARTIAL[row, split] = [max, normaliser, context (BLOCK_D)]; with `WHOLE_ROW` (one share per row) the row's
+    context itself, written to OUT (zero without keys), and nothing left to merge."""
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     head = row // num_queries
@@ -320,10 +321,15 @@ def _sparse_decode_split(
         normaliser = normaliser * rescale + tl.sum(p, axis=0)
         context = context * rescale + tl.sum(p[:, None] * v, axis=0)
         running_max = new_max
-    record = PARTIAL + (row * tl.num_programs(1) + split) * (BLOCK_D + 2)
-    tl.store(record + tl.arange(0, 1), running_max)
-    tl.store(record + 1 + tl.arange(0, 1), normaliser)
-    tl.store(record + 2 + dims, context)
+    if WHOLE_ROW:
+        total = tl.sum(normaliser, axis=0)  # the (1,) running normaliser as a scalar, as the merge kernel has it
+        result = context / tl.where(total > 0, total, 1.0)
+        tl.store(OUT + row * HEAD_DIM + dims, result.to(OUT.dtype.element_ty), mask=dim_ok)
+    else:
+        record = PARTIAL + (row * tl.num_programs(1) + split) * (BLOCK_D + 2)
+        tl.store(record + tl.arange(0, 1), running_max)
+        tl.store(record + 1 + tl.arange(0, 1), normaliser)
+        tl.store(record + 2 + dims, context)
 
 
 @triton.jit
@@ -528,7 +534,8 @@ def per_query_inference_attention(q, k, v, selection, scaling: float) -> torch.T
     """Context of per-query selections, for inference (no probabilities, no backward). The per-slot kernel needs
     every row's key index and a probability buffer (N, H, T, S) and walks the slots one by one; here each row's
     ranges are read directly and its slots walked in tiles, cut into shares that programs walk side by side when
-    rows are few (a decode step: one row per head), then a second kernel merges the shares' online softmax."""
+    rows are few (a decode step: one row per head), then a second kernel merges the shares' online softmax; with
+    one share per row (a prefill) each program writes its row's context itself."""
     q, (k, v) = q.contiguous(), _read_in_place(k, v)
     n, h, t, d = q.shape
     starts, lengths, counts = (x.to(torch.int32).contiguous() for x in (selection.starts, selection.lengths,
@@ -537,17 +544,19 @@ def per_query_inference_attention(q, k, v, selection, scaling: float) -> torch.T
     positions = selection.key_positions.to(torch.int32).contiguous() if gather else counts
     splits, share = split_shares(n * h * t, selection.slots)
     block_d = max(16, triton.next_power_of_2(d))
-    partial = torch.empty(n * h * t, splits, block_d + 2, dtype=torch.float32, device=q.device)
+    whole_row = splits == 1
     out = torch.empty_like(q)
+    partial = out if whole_row else torch.empty(n * h * t, splits, block_d + 2, dtype=torch.float32, device=q.device)
     num_ranges = starts.shape[-1]
     if t > 0 and num_ranges > 0:
         _sparse_decode_split[(n * h * t, splits)](
-            q, k, v, starts, lengths, positions, counts, partial, t, k.shape[2], k.stride(1), num_ranges,
+            q, k, v, starts, lengths, positions, counts, partial, out, t, k.shape[2], k.stride(1), num_ranges,
             share, scaling, h, h // k.shape[1], HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=DECODE_TILE_SLOTS,
-            BLOCK_R=max(16, triton.next_power_of_2(num_ranges)), GATHER=gather,
+            BLOCK_R=max(16, triton.next_power_of_2(num_ranges)), GATHER=gather, WHOLE_ROW=whole_row,
         )
-        _sparse_decode_combine[(n * h * t,)](partial, out, splits, HEAD_DIM=d, BLOCK_D=block_d,
-                                             BLOCK_S=max(2, triton.next_power_of_2(splits)))
+        if not whole_row:
+            _sparse_decode_combine[(n * h * t,)](partial, out, splits, HEAD_DIM=d, BLOCK_D=block_d,
+                                                 BLOCK_S=max(2, triton.next_power_of_2(splits)))
     else:
         out.zero_()
     return out
