@@ -287,16 +287,22 @@ def decode_call(model, ids, new_tokens: int, static: bool):
 
 
 @contextlib.contextmanager
-def attention_implementation(model, implementation: str | None):
-    """The dense model with `implementation` (transformers' `set_attn_implementation`) inside, SDPA again after."""
-    if implementation is None:
-        yield
-        return
-    model.set_attn_implementation(implementation)
+def flex_attention(model):
+    """The dense model with transformers' FlexAttention (`set_attn_implementation`) inside, SDPA again after."""
+    model.set_attn_implementation("flex_attention")
     try:
         yield
     finally:
         model.set_attn_implementation("sdpa")
+
+
+def variant_context(model, variant: str):
+    """What a dense variant's calls run under: its SDPA backend alone, FlexAttention, or nothing."""
+    if variant in SDPA_BACKENDS:
+        return sdpa_kernel(SDPA_BACKENDS[variant])
+    if variant == "flex_attention":
+        return flex_attention(model)
+    return contextlib.nullcontext()
 
 
 def measure(model, key: dict, args, device: str) -> dict:
@@ -310,8 +316,7 @@ def measure(model, key: dict, args, device: str) -> dict:
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     prefill = key["mode"] == "prefill"
     call = prefill_call(model, ids, device) if prefill else decode_call(model, ids, args.new_tokens, static)
-    backend = sdpa_kernel(SDPA_BACKENDS[key["variant"]]) if key["variant"] in SDPA_BACKENDS else contextlib.nullcontext()
-    with backend, attention_implementation(model, "flex_attention" if key["variant"] == "flex_attention" else None):
+    with variant_context(model, key["variant"]):
         got = median_seconds(call, args.repeats, args.cell_time_limit, device)
     seconds = got.pop("seconds")
     result = {"status": "ok", "weights_mb": model.get_memory_footprint() / 2**20, **got}

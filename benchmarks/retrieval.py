@@ -49,7 +49,7 @@ from quality import (  # noqa: E402
 )
 from quality import held_out_perplexity as perplexity  # noqa: E402
 from sea.sea_attention import bin_edges, exact_attention, visible_key_counts  # noqa: E402
-from sea.sea_layer import SeaAttention
+from sea.sea_layer import SeaAttention  # noqa: E402
 
 TASKS = ("passkey", "multikey", "copy")
 INSTRUCTION = ("There is important information hidden inside a lot of irrelevant text. Find it and memorize it. "

@@ -546,6 +546,7 @@ def per_query_inference_attention(q, k, v, selection, scaling: float) -> torch.T
     block_d = max(16, triton.next_power_of_2(d))
     whole_row = splits == 1
     out = torch.empty_like(q)
+    # With one share per row the kernel writes `out` itself and never reads its PARTIAL argument.
     partial = out if whole_row else torch.empty(n * h * t, splits, block_d + 2, dtype=torch.float32, device=q.device)
     num_ranges = starts.shape[-1]
     if t > 0 and num_ranges > 0:
