@@ -48,6 +48,7 @@ from quality import (  # noqa: E402
     with_trained_weights,
 )
 from quality import held_out_perplexity as perplexity  # noqa: E402
+from sea.configuration_sea import SEA_BLOCK_RANKINGS  # noqa: E402
 from sea.sea_attention import bin_edges, exact_attention, visible_key_counts  # noqa: E402
 from sea.sea_layer import SeaAttention  # noqa: E402
 
@@ -91,6 +92,9 @@ def parse_arguments(argv=None):
     parser.add_argument("--budget-shares", type=int, nargs="+", default=[8, 16], help="key budget = length / share")
     parser.add_argument("--compressed-width", type=int, default=128)
     parser.add_argument("--query-block-size", type=int, default=1, help="sea_query_block_size of every SEA row")
+    parser.add_argument("--block-ranking", default="first_row", choices=SEA_BLOCK_RANKINGS,
+                        help="sea_block_ranking of every SEA row (with query blocks)")
+    parser.add_argument("--group-selection", action="store_true", help="sea_group_selection of every SEA row")
     parser.add_argument("--trials", type=int, default=50)
     parser.add_argument("--batch-tokens", type=int, default=32768, help="tokens per forward (trials per batch)")
     parser.add_argument("--ppl-tokens", type=int, default=4096, help="held-out tokens scored per length and row")
@@ -286,12 +290,14 @@ def report(args, cells: dict, diagnosis: dict, record: dict):
     results.parent.mkdir(parents=True, exist_ok=True)
     body = {"model": "HuggingFaceTB/SmolLM2-135M-Instruct (packaged GGUF, Q4_1 dequantised)", "trials": args.trials,
             "lengths": args.lengths, "budget_shares": args.budget_shares, "compressed_width": args.compressed_width,
-            "query_block_size": args.query_block_size, "cells": cells, "diagnosis": diagnosis, **record}
+            "query_block_size": args.query_block_size, "block_ranking": args.block_ranking,
+            "group_selection": args.group_selection, "cells": cells, "diagnosis": diagnosis, **record}
     results.with_suffix(".json").write_text(json.dumps(body, indent=1))
     lines = [f"# Retrieval and perplexity of SEA on {body['model']}", "", body["command"],
              f"Device: {body['device']}; {body['versions']}", "",
              f"{args.trials} trials per task and length; key budget = length / share, M = {args.compressed_width}, "
-             f"query blocks of {args.query_block_size}.", ""]
+             f"query blocks of {args.query_block_size} ranked by {args.block_ranking}"
+             f"{', one selection per key/value group' if args.group_selection else ''}.", ""]
     lengths = sorted(args.lengths)
     header = "| row | keys | " + " | ".join(f"{t} @ {n}" for t in TASKS for n in lengths) + " | " + \
              " | ".join(f"ppl @ {n}" for n in lengths) + " |"
@@ -394,7 +400,9 @@ def measure(args, work: Path, data: dict):
         model = teacher if share is None else distilled if row == "sea (distilled)" else converted
         if share is not None:
             for name, value in {**ROW_DEFAULTS, **ROWS[row], "sea_key_budget": length // share,
-                                "sea_query_block_size": args.query_block_size}.items():
+                                "sea_query_block_size": args.query_block_size,
+                                "sea_block_ranking": args.block_ranking,
+                                "sea_group_selection": args.group_selection}.items():
                 setattr(model.config, name, value)
         with torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda"):
             if task == "ppl":

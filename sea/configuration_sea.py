@@ -18,6 +18,8 @@ SEA_BUDGET_RULES = ("constant", "reference")
 SEA_KERNELS = ("auto", "triton", "torch")
 # 1, or block sizes the Triton kernel's matrix products take (tl.dot needs at least 16 rows).
 SEA_QUERY_BLOCK_SIZES = (1, 16, 32, 64, 128)
+# How a causal query block ranks bins from its queries' rankings (`sea_block_ranking`).
+SEA_BLOCK_RANKINGS = ("first_row", "window_max")
 SEA_BASELINES = (None, "kernel_attention", "local_window", "random_mask", "oracle", "key_means", "key_bounds",
                  "key_summaries")
 
@@ -72,6 +74,8 @@ SEA_FIELD_RULES = {
     "sea_anchor_bins": SeaFieldRule(_is_flag, "True or False"),
     "sea_output_gates": SeaFieldRule(_is_flag, "True or False"),
     "sea_query_block_size": _one_of(SEA_QUERY_BLOCK_SIZES),
+    "sea_block_ranking": _one_of(SEA_BLOCK_RANKINGS),
+    "sea_group_selection": SeaFieldRule(_is_flag, "True or False"),
     "sea_kernel": _one_of(SEA_KERNELS),
     "sea_baseline": _one_of(SEA_BASELINES),
 }
@@ -81,7 +85,8 @@ SEA_FIELD_RULES = {
 class SeaConfigMixin:
     r"""
     SEA fields shared by every family. The ones that shape no weight (`sea_key_budget`, `sea_budget_rule`,
-    `sea_candidate_factor`, `sea_anchor_bins`, `sea_query_block_size`, `sea_kernel`, `sea_baseline`) are read at
+    `sea_candidate_factor`, `sea_anchor_bins`, `sea_query_block_size`, `sea_block_ranking`,
+    `sea_group_selection`, `sea_kernel`, `sea_baseline`) are read at
     every call: changing them on a loaded model's config acts at once (and is what `save_pretrained` writes).
 
     sea_key_budget (`int`, defaults to 64):
@@ -115,10 +120,24 @@ class SeaConfigMixin:
     sea_query_block_size (`int`, defaults to 1):
         Consecutive queries that share one selection of keys: 1 (every query chooses its own keys, as in the paper)
         or 16, 32, 64, 128. Shared selections let the Triton kernel attend with matrix units (tensor cores), which
-        long inputs need to beat dense FlashAttention. A causal block takes the bins of its first query (so no query
-        depends on a later token) and every query of the block also reads the keys from there up to itself.
+        long inputs need to beat dense FlashAttention. A causal block takes bins that its first query sees (so every
+        query of the block sees all of them), ranked as `sea_block_ranking` says, and every query of the block also
+        reads the keys after its first query's up to itself.
         Decoding with a cache starts a block at every new token (each one chooses its own keys), so with blocks > 1
         a cached generation may read slightly different keys than one forward over the same text.
+    sea_block_ranking (`str`, defaults to `"first_row"`):
+        How a causal query block (`sea_query_block_size` > 1) ranks its first query's bins. `"first_row"`: by the
+        first query's ranking alone (the block's later queries are not ranked). `"window_max"`: the block-size
+        queries up to the first one (the first and those before it, so the choice depends on no later token) each
+        rank those same bins, each ranking read as shares of the query's attention (a softmax over the bins), and
+        a bin ranks by its largest share in any of them: a bin one query needs is kept. Bidirectional blocks
+        always sum their queries' rankings.
+    sea_group_selection (`bool`, defaults to `False`):
+        With grouped-query attention, the query heads that share a key/value head also share one selection of
+        keys: a bin ranks by its largest share of attention in any head of the group (each head's ranking read as
+        shares, a softmax over the bins; NSA shares its selection within a group the same way, by the sum). One key
+        set per group is what lets a kernel read each selected key once for all the group's heads. No effect
+        without grouped heads.
     sea_kernel (`str`, defaults to `"auto"`):
         Which implementation computes the sparse attention: `"auto"` picks the Triton kernel on CUDA when it can
         run (else the PyTorch path, with one warning saying why: e.g. training with attention dropout, which only
@@ -149,6 +168,8 @@ class SeaConfigMixin:
     sea_output_gates: bool = True
     sea_anchor_bins: bool = True
     sea_query_block_size: int = 1
+    sea_block_ranking: str = "first_row"
+    sea_group_selection: bool = False
     sea_kernel: str = "auto"
     sea_baseline: str | None = None
 

@@ -633,6 +633,10 @@ class SeaRankingInputs:
     """M, the bins per row."""
     block_size: int
     """`sea_query_block_size`."""
+    block_ranking: str
+    """`sea_block_ranking`: how a causal block combines its rows' rankings (`per_block`)."""
+    group_selection: bool
+    """`sea_group_selection`: the query heads of a key/value group share their ranking (`per_group`)."""
     estimate: SeaEstimate
 
     @property
@@ -646,18 +650,56 @@ class SeaRankingInputs:
         """(N, R, B) `counts` by block, zero past the last row."""
         return F.pad(self.counts, (0, (-self.counts.shape[1]) % self.block_size)).unflatten(1, (-1, self.block_size))
 
+    @property
+    def combines_causal_rows(self) -> bool:
+        """Whether causal blocks rank bins from a window of rows ("window_max"), not from their first row."""
+        return self.causal and self.block_size > 1 and self.block_ranking != "first_row"
+
+    @functools.cached_property
+    def ranking_counts(self) -> torch.Tensor:
+        """(N, T) the visible-key counts that every row's bins are laid over when the rows are ranked: when causal
+        blocks combine rows, a row of the window ending at a block's first row (`per_block`) scores that first
+        row's bins, so the window's rows score the same bins; `counts` otherwise."""
+        if not self.combines_causal_rows:
+            return self.counts
+        t, block = self.counts.shape[1], self.block_size
+        first_rows = ((torch.arange(t, device=self.counts.device) + block - 1) // block * block).clamp_max(t - 1)
+        return self.counts[:, first_rows]
+
     def per_block(self, rows: torch.Tensor) -> torch.Tensor:
-        """(N, H, R, M) a score of each block's bins from those of its rows (N, H, T, M), read as log-masses:
-        causal, its first row's; bidirectional, the log of their mass summed over the rows that see keys (which
-        ranks as their average)."""
+        """(N, H, R, M) a score of each block's bins from those of its rows (N, H, T, M), read as log-masses.
+        Causal with "first_row": the first row's. Causal with "window_max": over the window of block-size rows that
+        ends at the block's first row (no later row: the block's selection depends on no token after its first),
+        each row's scores turned into shares of its attention (a log-softmax over the bins), then per bin their
+        largest over the rows that see keys. Bidirectional: the log of the block's masses summed (which ranks as
+        their average)."""
         block = self.block_size
         if block == 1:
             return rows
-        if self.causal:
+        if self.causal and not self.combines_causal_rows:
             return rows[:, :, ::block]
-        sees_keys = (self.block_counts > 0)[:, None, :, :, None]
-        blocks = F.pad(rows, (0, 0, 0, (-rows.shape[2]) % block)).unflatten(2, (-1, block))
-        return blocks.masked_fill(~sees_keys, float("-inf")).logsumexp(3)
+        counts = self.counts
+        if self.causal:
+            rows = F.pad(at_least_float32(rows).log_softmax(-1), (0, 0, block - 1, 0))
+            counts = F.pad(counts, (block - 1, 0))
+        covered = self.ranking_shape[2] * block  # F.pad with a negative size crops
+        sees_keys = (F.pad(counts, (0, covered - counts.shape[1])) > 0).unflatten(1, (-1, block))[:, None, ..., None]
+        blocks = F.pad(rows, (0, 0, 0, covered - rows.shape[2])).unflatten(2, (-1, block))
+        blocks = blocks.masked_fill(~sees_keys, float("-inf"))
+        return blocks.amax(3) if self.causal else blocks.logsumexp(3)
+
+
+    def per_group(self, ranking: torch.Tensor) -> torch.Tensor:
+        """`ranking` (N, H, R, X) of X bins or ranges, every query head given its key/value group's: with
+        `group_selection`, each head's ranking read as shares of its attention (a log-softmax over X) and per
+        entry the largest over the group's heads; as it is otherwise."""
+        kv_heads, heads = self.k.shape[1], ranking.shape[1]
+        if not self.group_selection or kv_heads == heads:
+            return ranking
+        ranking = at_least_float32(ranking)
+        shares = ranking - ranking.logsumexp(-1, keepdim=True).clamp_min(torch.finfo(ranking.dtype).min)
+        best = shares.unflatten(1, (kv_heads, heads // kv_heads)).amax(2)
+        return best.repeat_interleave(heads // kv_heads, 1)
 
 
 def estimated_ranking(inputs: SeaRankingInputs) -> torch.Tensor:
@@ -681,7 +723,7 @@ def random_ranking(inputs: SeaRankingInputs) -> torch.Tensor:
 def scored_ranking(score, inputs: SeaRankingInputs) -> torch.Tensor:
     """Bins ranked by a score of every query row against the keys, computed in the estimate's place: `score`
     takes the forward's queries and keys, `positions` and `counts`, and returns (N, H, T, M)."""
-    scores = score(inputs.q, inputs.k, inputs.key_valid, inputs.positions, inputs.counts, inputs.causal,
+    scores = score(inputs.q, inputs.k, inputs.key_valid, inputs.positions, inputs.ranking_counts, inputs.causal,
                    inputs.scaling, inputs.width)
     return inputs.per_block(scores)
 
@@ -741,39 +783,41 @@ def reranked(ranking: torch.Tensor, edges: torch.Tensor, candidate_log_mass, rul
 
 def select(inputs: SeaRankingInputs, ranking: torch.Tensor, rows_log_mass, rule: SelectionRule) -> SeaSelection:
     """The keys of every query: the bins of `ranking` (N, H, R, M) (from `BIN_RANKINGS`), through `anchored`, then
-    `reranked`, expanded by `select_keys`, shared by blocks of `inputs.block_size` consecutive queries.
+    `reranked`, expanded by `select_keys`, shared by blocks of `inputs.block_size` consecutive queries (and, with
+    `inputs.group_selection`, by the query heads of a key/value group: `SeaRankingInputs.per_group`).
 
-    A causal block takes the bins of its first row (they depend on no later token, so the model stays causal)
-    plus one range holding the keys after that row's, which each row reads up to itself: a row reads at most
-    budget + block size - 1 keys. A bidirectional block takes the bins of the row that sees the most keys,
-    ranked as `SeaRankingInputs.per_block` combines its rows.
+    A causal block takes bins of its first row's keys (which every row of the block sees), ranked as
+    `SeaRankingInputs.per_block` combines rows up to its first (`sea_block_ranking`), plus one range holding the
+    keys after the first row's, which each row reads up to itself: a row reads at most budget + block size - 1
+    keys. A bidirectional block takes the bins of the row that sees the most keys, ranked as `per_block` combines
+    its rows.
     `rows_log_mass(step, starts, lengths, counts)`: `range_log_mass` of every `step`-th query row.
 
     A row's ranges are disjoint ranks of the keys it sees, so it reads at most T_all of them, and under the
     "constant" rule at most the budget plus the rest of its block: the selection's `max_slots`."""
     block, counts, num_keys = inputs.block_size, inputs.counts, inputs.k.shape[2]
+    ranking = inputs.per_group(ranking)
     max_slots = min(num_keys, rule.budget + block - 1) if rule.budget_rule == "constant" else num_keys
     if block == 1:
         edges = bin_edges(counts, inputs.width)
         ranking = reranked(anchored(ranking, edges, rule.anchor_bins), edges,
-                           lambda starts, lengths: rows_log_mass(1, starts, lengths, counts), rule)
+                           lambda starts, lengths: inputs.per_group(rows_log_mass(1, starts, lengths, counts)), rule)
         starts, lengths, _ = select_keys(ranking, edges, rule.budget, rule.budget_rule)
         return SeaSelection(starts, lengths, inputs.positions, counts, 1, max_slots)
     block_counts = inputs.block_counts
-    if inputs.causal:
-        first_counts = block_counts[..., 0]
-
+    first_counts = block_counts[..., 0] if inputs.causal else block_counts.amax(-1)
+    if inputs.causal and not inputs.combines_causal_rows:
         def block_log_mass(starts, lengths):
             return rows_log_mass(block, starts, lengths, first_counts)
     else:
-        first_counts = block_counts.amax(-1)
-
-        def block_log_mass(starts, lengths):  # every row's mass in the block's ranges, averaged over the block
-            t = counts.shape[1]
-            per_row = rows_log_mass(1, *(x.repeat_interleave(block, 2)[:, :, :t] for x in (starts, lengths)), counts)
-            return inputs.per_block(per_row)
+        def block_log_mass(starts, lengths):  # the mass of the rows `per_block` combines, in the block's ranges
+            shift = block - 1 if inputs.causal else 0  # a causal block's window ends at its first row
+            rows = torch.arange(counts.shape[1], device=counts.device)
+            block_of_row = ((rows + shift) // block).clamp_max(starts.shape[2] - 1)
+            return inputs.per_block(rows_log_mass(1, starts[:, :, block_of_row], lengths[:, :, block_of_row], counts))
     edges = bin_edges(first_counts, inputs.width)
-    ranking = reranked(anchored(ranking, edges, rule.anchor_bins), edges, block_log_mass, rule)
+    ranking = reranked(anchored(ranking, edges, rule.anchor_bins), edges,
+                       lambda starts, lengths: inputs.per_group(block_log_mass(starts, lengths)), rule)
     starts, lengths, _ = select_keys(ranking, edges, rule.budget, rule.budget_rule)
     if inputs.causal:  # the newest range: ranks first_count .. (the block's largest count - 1)
         newest = block_counts.amax(-1) - first_counts

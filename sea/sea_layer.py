@@ -167,6 +167,8 @@ class SeaAttention(nn.Module):
     anchor_bins = _config_setting("sea_anchor_bins")
     kernel = _config_setting("sea_kernel")
     query_block_size = _config_setting("sea_query_block_size")
+    block_ranking = _config_setting("sea_block_ranking")
+    group_selection = _config_setting("sea_group_selection")
 
     @property
     def kernel_attention_only(self) -> bool:
@@ -260,7 +262,8 @@ class SeaAttention(nn.Module):
         exactly the first T_all - T positions. A given `selection` replaces the estimated one (to compare two
         passes with the same keys). Without `need_probs` the output's `sparse_probs` is None, which spares the
         (N, H, T, S) probabilities and lets the Triton kernel skip writing them; causal layers with query blocks
-        then also estimate only the rows that choose keys (the first of every block): `estimate_log_probs` has
+        ranked by their first row (`sea_block_ranking="first_row"`) then also estimate only the rows that choose
+        keys (the first of every block): `estimate_log_probs` has
         one row per block. Training losses and plots ask for probabilities and get every row. `dropout`: the
         attention dropout of the sparse probabilities, which the model passes in training only (as transformers'
         attention does); it changes the context, not the returned probabilities."""
@@ -284,7 +287,8 @@ class SeaAttention(nn.Module):
         unpadded = unpadded or (not is_torchdynamo_compiling() and bool(key_valid.all()))
         positions = None if unpadded else valid_key_positions(key_valid)
         v_new = v[:, :, -t:]
-        leading_rows_only = self.causal and self.query_block_size > 1 and not need_probs
+        leading_rows_only = (self.causal and self.query_block_size > 1 and self.block_ranking == "first_row"
+                             and not need_probs)
         estimate = self.estimate(q, k[:, :, -t:], v_new, key_valid, counts, state, inference, leading_rows_only)
 
         def output(context, probs, selection):
@@ -302,7 +306,8 @@ class SeaAttention(nn.Module):
                     return range_log_mass(q[:, :, ::step], k, v, starts, lengths, positions, row_counts, scaling, attend)
 
                 inputs = SeaRankingInputs(q, k, key_valid, positions, counts, self.causal, scaling, self.width,
-                                          self.query_block_size, estimate)
+                                          self.query_block_size, self.block_ranking, self.group_selection,
+                                          estimate)
                 selection = select(inputs, BIN_RANKINGS[self.baseline](inputs), rows_log_mass, self.selection_rule)
         gate = estimate.gate
         if not self.causal and self.gates is not None:

@@ -178,10 +178,12 @@ def test_kernel_attention_matches_dense_float64(causal):
     torch.testing.assert_close(out.double()[rows], expected[rows], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("block", [1, 16], ids=["per-query", "blocks"])
-def test_causal_estimate_never_reads_later_rows(block):
+@pytest.mark.parametrize("block, ranking", [(1, "first_row"), (16, "first_row"), (16, "window_max")],
+                         ids=["per-query", "blocks", "blocks-window-max"])
+def test_causal_estimate_never_reads_later_rows(block, ranking):
     t = 90
     op = make_operator(True, 8, block=block)
+    op.config.sea_block_ranking = ranking
     q, k, v = torch.randn(3, 1, H, t, D).unbind(0)
     out = op(q, k, v, None, D**-0.5)
     cut = 41
@@ -412,6 +414,102 @@ def test_oracle_reads_the_bins_of_most_dense_attention_mass(causal):
         assert torch.equal(selected_matrix(cached, t) > 0, chosen[:, :, -last:])
 
 
+def test_causal_blocks_rank_bins_by_the_window_of_rows_before_them():
+    """A causal block that combines rows ranks its first row's bins by the dense float64 attention of the 16 rows
+    up to that first row (each row's own causal attention, binned over the first row's keys), at its largest over
+    the rows: the oracle baseline's blocks, with grouped key/value heads and padding."""
+    from conftest import tiny_opt_config
+
+    width, budget, block, t = 8, 16, 16, 96
+    config = tiny_opt_config(sea_baseline="oracle", sea_key_budget=budget, sea_compressed_width=width,
+                             sea_anchor_bins=False, sea_query_block_size=block, sea_block_ranking="window_max")
+    op = SeaAttention(config, 4, 16, True, num_key_value_heads=2)
+    op.init_sea_weights()
+    q = torch.randn(N, 4, t, 16, dtype=torch.float64) * 2
+    k, v = (torch.randn(N, 2, t, 16, dtype=torch.float64) * 2 for _ in range(2))
+    valid = random_padding(t)
+    chosen = selected_matrix(op(q.float(), k.float(), v.float(), valid, 0.25).selection, t) > 0
+    seen = visibility(valid, True)[:, 0]
+    checked = 0
+    for n in range(N):
+        ranks = valid[n].long().cumsum(0) - 1
+        for first in range(block, t, block):
+            length = int(seen[n, first].sum())
+            if not valid[n, first] or length < 2 * budget:
+                continue
+            edges = torch.tensor([b * length // width for b in range(width + 1)])  # bin b: ranks edges[b] ..
+            bin_of_key = torch.where(seen[n, first], torch.searchsorted(edges, ranks, right=True) - 1, -1)
+            window = [row for row in range(first - block + 1, first + 1) if seen[n, row].any()]
+            for head in range(4):
+                scores = q[n, head, window] @ k[n, head // 2].T * 0.25
+                probs = torch.softmax(scores.masked_fill(~seen[n, window], float("-inf")), -1)
+                shares = torch.stack([probs[:, bin_of_key == b].sum(-1) for b in range(width)], -1)
+                mass = shares.amax(0)
+                ordered, order = mass.sort(descending=True)
+                want, left, last = torch.zeros(t, dtype=torch.bool), budget, 0
+                for last, b in enumerate(order.tolist()):  # whole bins in order, the overflowing one's first keys
+                    keys = (bin_of_key == b).nonzero().flatten()[:left]
+                    want[keys], left = True, left - len(keys)
+                    if not left:
+                        break
+                if ordered[last] - ordered[last + 1] < 1e-4:
+                    continue  # a near tie at the budget's edge: float32 rounding may pick either bin
+                assert torch.equal(chosen[n, head, first], want)
+                checked += 1
+    assert checked >= 12
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_group_selection_ranks_bins_by_their_largest_share_in_the_group(causal):
+    """With `sea_group_selection` the query heads of a key/value group read one set of keys: the bins ranked by
+    their largest share of dense float64 attention in any head of the group (the oracle's ranking), with padding;
+    without it the heads of a group choose apart."""
+    from conftest import tiny_bert_config, tiny_opt_config
+
+    make_config = tiny_opt_config if causal else tiny_bert_config
+    width, budget, t, heads, kv_heads = 8, 12, 64, 6, 2
+    config = make_config(sea_baseline="oracle", sea_key_budget=budget, sea_compressed_width=width,
+                         sea_anchor_bins=False, sea_group_selection=True)
+    op = SeaAttention(config, heads, 16, causal, num_key_value_heads=kv_heads)
+    op.init_sea_weights()
+    q = torch.randn(N, heads, t, 16, dtype=torch.float64) * 2
+    k, v = (torch.randn(N, kv_heads, t, 16, dtype=torch.float64) * 2 for _ in range(2))
+    valid = random_padding(t)
+    chosen = selected_matrix(op(q.float(), k.float(), v.float(), valid, 0.25).selection, t) > 0
+    seen = visibility(valid, causal)[:, 0]
+    group = heads // kv_heads
+    probs = torch.softmax((q @ k.repeat_interleave(group, 1).transpose(-1, -2) * 0.25)
+                          .masked_fill(~seen[:, None], float("-inf")), -1).nan_to_num(0.0)
+    checked = 0
+    for n in range(N):
+        ranks = valid[n].long().cumsum(0) - 1
+        for row in range(t):
+            length = int(seen[n, row].sum())
+            if not valid[n, row] or length < 2 * budget:
+                continue
+            edges = torch.tensor([b * length // width for b in range(width + 1)])  # bin b: ranks edges[b] ..
+            bin_of_key = torch.where(seen[n, row], torch.searchsorted(edges, ranks, right=True) - 1, -1)
+            for kv_head in range(kv_heads):
+                shares = torch.stack([probs[n, kv_head * group : (kv_head + 1) * group, row, bin_of_key == b].sum(-1)
+                                      for b in range(width)], -1)
+                ordered, order = shares.amax(0).sort(descending=True)
+                want, left, last = torch.zeros(t, dtype=torch.bool), budget, 0
+                for last, b in enumerate(order.tolist()):  # whole bins in order, the overflowing one's first keys
+                    keys = (bin_of_key == b).nonzero().flatten()[:left]
+                    want[keys], left = True, left - len(keys)
+                    if not left:
+                        break
+                if ordered[last] - ordered[last + 1] < 1e-4:
+                    continue  # a near tie at the budget's edge: float32 rounding may pick either bin
+                for head in range(kv_head * group, (kv_head + 1) * group):
+                    assert torch.equal(chosen[n, head, row], want)
+                checked += 1
+    assert checked >= 12
+    op.config.sea_group_selection = False
+    apart = selected_matrix(op(q.float(), k.float(), v.float(), valid, 0.25).selection, t) > 0
+    assert not torch.equal(apart[:, 0::group], apart[:, 1::group])
+
+
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 def test_key_summary_scores_match_each_bins_keys(causal):
     """The content-based bin scores against a float64 loop over every row's bins: q . (mean key of the bin), and
@@ -453,16 +551,21 @@ def exact_bin_masses(q, k, valid, causal, width, n, head, row):
     return torch.stack([probs[bin_of_key == b].sum() for b in range(width)]), bin_of_key
 
 
-@pytest.mark.parametrize("block", [1, 16], ids=["per-query", "blocks"])
+@pytest.mark.parametrize("block, ranking, group", [(1, "first_row", False), (16, "first_row", False),
+                                                   (16, "window_max", False), (1, "first_row", True),
+                                                   (16, "window_max", True)],
+                         ids=["per-query", "blocks", "blocks-window-max", "per-group", "blocks-window-max-per-group"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
-def test_candidates_covering_every_key_rerank_like_the_oracle(causal, block):
+def test_candidates_covering_every_key_rerank_like_the_oracle(causal, block, ranking, group):
     """With candidates that cover every visible key, the exact re-ranking of any ranking (here random bins) reads
-    what the oracle baseline reads: the same bins, with anchors, blocks, grouped heads and padding."""
+    what the oracle baseline reads: the same bins, with anchors, blocks (also ranked by a window of rows), grouped
+    heads and padding."""
     from conftest import tiny_bert_config, tiny_opt_config
 
     make_config = tiny_opt_config if causal else tiny_bert_config
     t, width, budget = 64, 8, 16
-    fields = dict(sea_key_budget=budget, sea_compressed_width=width, sea_query_block_size=block)
+    fields = dict(sea_key_budget=budget, sea_compressed_width=width, sea_query_block_size=block,
+                  sea_block_ranking=ranking, sea_group_selection=group)
     reranked = SeaAttention(make_config(sea_baseline="random_mask", sea_candidate_factor=t, **fields), 4, 16, causal, 2)
     oracle = SeaAttention(make_config(sea_baseline="oracle", **fields), 4, 16, causal, 2)
     for op in (reranked, oracle):
