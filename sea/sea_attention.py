@@ -688,7 +688,6 @@ class SeaRankingInputs:
         blocks = blocks.masked_fill(~sees_keys, float("-inf"))
         return blocks.amax(3) if self.causal else blocks.logsumexp(3)
 
-
     def per_group(self, ranking: torch.Tensor) -> torch.Tensor:
         """`ranking` (N, H, R, X) of X bins or ranges, every query head given its key/value group's: with
         `group_selection`, each head's ranking read as shares of its attention (a log-softmax over X) and per
@@ -703,7 +702,8 @@ class SeaRankingInputs:
 
 
 def estimated_ranking(inputs: SeaRankingInputs) -> torch.Tensor:
-    """SEA: bins ranked by the estimate."""
+    """SEA: bins ranked by the estimate. (With "window_max" blocks, each row's estimate is over its own visible keys,
+    whose bins are within a block of keys of the first row's: the estimate decodes bins relative to a row.)"""
     log_probs = inputs.estimate.log_probs
     return log_probs if inputs.estimate.leading_rows_only else inputs.per_block(log_probs)
 
