@@ -656,14 +656,22 @@ class SeaRankingInputs:
         return self.causal and self.block_size > 1 and self.block_ranking != "first_row"
 
     @functools.cached_property
+    def ranked_block_of_row(self) -> torch.Tensor:
+        """(T,) the block whose ranking each row's scores feed in `per_block`: its own, or, when causal blocks
+        combine rows, the block whose first row ends the row's window (the next block to start at or after it).
+        May be R for the last rows, which feed no block."""
+        rows = torch.arange(self.counts.shape[1], device=self.counts.device)
+        shift = self.block_size - 1 if self.combines_causal_rows else 0
+        return (rows + shift) // self.block_size
+
+    @functools.cached_property
     def ranking_counts(self) -> torch.Tensor:
         """(N, T) the visible-key counts that every row's bins are laid over when the rows are ranked: when causal
         blocks combine rows, a row of the window ending at a block's first row (`per_block`) scores that first
         row's bins, so the window's rows score the same bins; `counts` otherwise."""
         if not self.combines_causal_rows:
             return self.counts
-        t, block = self.counts.shape[1], self.block_size
-        first_rows = ((torch.arange(t, device=self.counts.device) + block - 1) // block * block).clamp_max(t - 1)
+        first_rows = (self.ranked_block_of_row * self.block_size).clamp_max(self.counts.shape[1] - 1)
         return self.counts[:, first_rows]
 
     def per_block(self, rows: torch.Tensor) -> torch.Tensor:
@@ -811,9 +819,7 @@ def select(inputs: SeaRankingInputs, ranking: torch.Tensor, rows_log_mass, rule:
             return rows_log_mass(block, starts, lengths, first_counts)
     else:
         def block_log_mass(starts, lengths):  # the mass of the rows `per_block` combines, in the block's ranges
-            shift = block - 1 if inputs.causal else 0  # a causal block's window ends at its first row
-            rows = torch.arange(counts.shape[1], device=counts.device)
-            block_of_row = ((rows + shift) // block).clamp_max(starts.shape[2] - 1)
+            block_of_row = inputs.ranked_block_of_row.clamp_max(starts.shape[2] - 1)
             return inputs.per_block(rows_log_mass(1, starts[:, :, block_of_row], lengths[:, :, block_of_row], counts))
     edges = bin_edges(first_counts, inputs.width)
     ranking = reranked(anchored(ranking, edges, rule.anchor_bins), edges,

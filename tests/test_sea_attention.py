@@ -414,6 +414,28 @@ def test_oracle_reads_the_bins_of_most_dense_attention_mass(causal):
         assert torch.equal(selected_matrix(cached, t) > 0, chosen[:, :, -last:])
 
 
+def bins_of_keys(seen: torch.Tensor, ranks: torch.Tensor, width: int) -> torch.Tensor:
+    """The bin of each key a query sees (-1: not seen): bin b of L seen keys holds ranks floor(b L / M) ..
+    floor((b + 1) L / M) - 1."""
+    length = int(seen.sum())
+    edges = torch.tensor([b * length // width for b in range(width + 1)])
+    return torch.where(seen, torch.searchsorted(edges, ranks, right=True) - 1, -1)
+
+
+def constant_rule_keys(mass: torch.Tensor, bin_of_key: torch.Tensor, budget: int) -> tuple[torch.Tensor, float]:
+    """The keys the "constant" rule reads for bins of `mass`: whole bins, most mass first, the bin that overflows
+    the budget giving its first keys; and the mass margin between the last bin read and the next (a near tie
+    there lets rounding pick either)."""
+    ordered, order = mass.sort(descending=True)
+    want, left, last = torch.zeros(bin_of_key.shape[0], dtype=torch.bool), budget, 0
+    for last, b in enumerate(order.tolist()):
+        keys = (bin_of_key == b).nonzero().flatten()[:left]
+        want[keys], left = True, left - len(keys)
+        if not left:
+            break
+    return want, float(ordered[last] - ordered[last + 1])
+
+
 def test_causal_blocks_rank_bins_by_the_window_of_rows_before_them():
     """A causal block that combines rows ranks its first row's bins by the dense float64 attention of the 16 rows
     up to that first row (each row's own causal attention, binned over the first row's keys), at its largest over
@@ -437,22 +459,15 @@ def test_causal_blocks_rank_bins_by_the_window_of_rows_before_them():
             length = int(seen[n, first].sum())
             if not valid[n, first] or length < 2 * budget:
                 continue
-            edges = torch.tensor([b * length // width for b in range(width + 1)])  # bin b: ranks edges[b] ..
-            bin_of_key = torch.where(seen[n, first], torch.searchsorted(edges, ranks, right=True) - 1, -1)
+            bin_of_key = bins_of_keys(seen[n, first], ranks, width)
             window = [row for row in range(first - block + 1, first + 1) if seen[n, row].any()]
             for head in range(4):
                 scores = q[n, head, window] @ k[n, head // 2].T * 0.25
                 probs = torch.softmax(scores.masked_fill(~seen[n, window], float("-inf")), -1)
                 shares = torch.stack([probs[:, bin_of_key == b].sum(-1) for b in range(width)], -1)
                 mass = shares.amax(0)
-                ordered, order = mass.sort(descending=True)
-                want, left, last = torch.zeros(t, dtype=torch.bool), budget, 0
-                for last, b in enumerate(order.tolist()):  # whole bins in order, the overflowing one's first keys
-                    keys = (bin_of_key == b).nonzero().flatten()[:left]
-                    want[keys], left = True, left - len(keys)
-                    if not left:
-                        break
-                if ordered[last] - ordered[last + 1] < 1e-4:
+                want, margin = constant_rule_keys(mass, bin_of_key, budget)
+                if margin < 1e-4:
                     continue  # a near tie at the budget's edge: float32 rounding may pick either bin
                 assert torch.equal(chosen[n, head, first], want)
                 checked += 1
@@ -487,19 +502,13 @@ def test_group_selection_ranks_bins_by_their_largest_share_in_the_group(causal):
             length = int(seen[n, row].sum())
             if not valid[n, row] or length < 2 * budget:
                 continue
-            edges = torch.tensor([b * length // width for b in range(width + 1)])  # bin b: ranks edges[b] ..
-            bin_of_key = torch.where(seen[n, row], torch.searchsorted(edges, ranks, right=True) - 1, -1)
+            bin_of_key = bins_of_keys(seen[n, row], ranks, width)
             for kv_head in range(kv_heads):
                 shares = torch.stack([probs[n, kv_head * group : (kv_head + 1) * group, row, bin_of_key == b].sum(-1)
                                       for b in range(width)], -1)
-                ordered, order = shares.amax(0).sort(descending=True)
-                want, left, last = torch.zeros(t, dtype=torch.bool), budget, 0
-                for last, b in enumerate(order.tolist()):  # whole bins in order, the overflowing one's first keys
-                    keys = (bin_of_key == b).nonzero().flatten()[:left]
-                    want[keys], left = True, left - len(keys)
-                    if not left:
-                        break
-                if ordered[last] - ordered[last + 1] < 1e-4:
+                mass = shares.amax(0)
+                want, margin = constant_rule_keys(mass, bin_of_key, budget)
+                if margin < 1e-4:
                     continue  # a near tie at the budget's edge: float32 rounding may pick either bin
                 for head in range(kv_head * group, (kv_head + 1) * group):
                     assert torch.equal(chosen[n, head, row], want)
