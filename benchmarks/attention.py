@@ -29,12 +29,12 @@ DENSE_METHODS = ("sdpa_flash", "sdpa_cudnn", "flex", "eager")
 SDPA_BACKENDS = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}
 
 
-def sea_layer(heads, head_dim, causal, kernel, budget, width, block, device):
+def sea_layer(heads, head_dim, causal, kernel, budget, width, block, device, kv_heads=None, group_selection=False):
     config_class = SeaOptConfig if causal else SeaBertConfig
     config = config_class(hidden_size=heads * head_dim, num_attention_heads=heads, max_position_embeddings=1 << 17,
                           sea_key_budget=budget, sea_compressed_width=width, sea_kernel=kernel,
-                          sea_query_block_size=block)
-    op = SeaAttention(config, heads, head_dim, causal).to(device)
+                          sea_query_block_size=block, sea_group_selection=group_selection)
+    op = SeaAttention(config, heads, head_dim, causal, kv_heads).to(device)
     op.init_sea_weights()
     with torch.no_grad():  # non-neutral gates, so the check covers them too
         op.gates.weight.normal_(std=0.1)

@@ -21,6 +21,9 @@ Variants (a cell is one shape, batch, length, mode and variant):
   accelerators: on the CPU this is the StaticCache alone, and each cell records whether generate compiled.
 - sea: `convert_to_sea(dense, sea_key_budget=--key-budget)`, every other SEA setting at its default; decode is
   plain generate with SEA's own SeaCache (SEA models do not support a StaticCache).
+- sea_grouped: the same model with `config.sea_group_selection = True` (set on the loaded model's config, as a user
+  would: the field is read at every call): one selection per key/value group, whose query heads the sparse kernel
+  serves with each selected key loaded once.
 
 Prefill: `model(ids, logits_to_keep=1)`, the last token's logits, with the model's default use_cache (the cache a
 generation starts from is built too); median of --repeats calls after a warm-up call.
@@ -96,12 +99,15 @@ SHAPES = {
 GPU_SHAPES = ("smollm2-135m", "llama-1b", "opt-1.3b")
 SDPA_BACKENDS = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
                  "sdpa_math": SDPBackend.MATH}
-# mode -> its variants; every variant but "sea" is dense.
-VARIANTS = {"prefill": ("sdpa_flash", "sdpa_cudnn", "sdpa_math", "flex_attention", "sea"),
-            "decode": ("sdpa_flash", "sdpa_cudnn", "sdpa_math", "flex_attention", "static_compiled", "sea")}
+# SEA variant -> the SEA settings it sets on the converted model's config; every other variant is dense.
+SEA_VARIANTS = {"sea": {"sea_group_selection": False}, "sea_grouped": {"sea_group_selection": True}}
+# mode -> its variants.
+VARIANTS = {"prefill": ("sdpa_flash", "sdpa_cudnn", "sdpa_math", "flex_attention", *SEA_VARIANTS),
+            "decode": ("sdpa_flash", "sdpa_cudnn", "sdpa_math", "flex_attention", "static_compiled", *SEA_VARIANTS)}
 ALL_VARIANTS = tuple(dict.fromkeys(v for variants in VARIANTS.values() for v in variants))
-SMOKE_DEFAULTS = {
-    "shapes": ["tiny-llama", "tiny-opt"], "lengths": [48, 96], "batches": [1, 2], "variants": list(ALL_VARIANTS),
+SMOKE_DEFAULTS = {  # sea_grouped differs from sea by a config field only: the smoke run keeps to one of them
+    "shapes": ["tiny-llama", "tiny-opt"], "lengths": [48, 96], "batches": [1, 2],
+    "variants": [v for v in ALL_VARIANTS if v != "sea_grouped"],
     "dtype": "float32", "device": "cpu", "key_budget": 16, "new_tokens": 4, "repeats": 1, "max_positions": 128,
     "work_dir": "outputs/end-to-end-smoke", "output": "outputs/end-to-end-smoke/end_to_end_smoke",
 }
@@ -197,7 +203,7 @@ def cell_plan(args):
                 for length in args.lengths:
                     for mode in args.modes:
                         for variant in VARIANTS[mode]:
-                            if variant in args.variants and (variant != "sea") == dense:
+                            if variant in args.variants and (variant not in SEA_VARIANTS) == dense:
                                 yield {"shape": shape, "batch": batch, "length": length, "mode": mode, "variant": variant}
 
 
@@ -367,9 +373,12 @@ def run_shape(shape: str, pending: list[dict], args, work: Path, deadline: float
     for key in pending:
         if deadline is not None and time.time() > deadline:
             return False
-        if key["variant"] == "sea" and not is_sea:  # the dense cells are done: the dense model is dropped
-            model, is_sea = sea_model(model, args.key_budget, args.device), True
-            gc.collect()
+        if key["variant"] in SEA_VARIANTS:
+            if not is_sea:  # the dense cells are done: the dense model is dropped
+                model, is_sea = sea_model(model, args.key_budget, args.device), True
+                gc.collect()
+            for name, value in SEA_VARIANTS[key["variant"]].items():
+                setattr(model.config, name, value)
         result = measured_once(cell_path(work, key), key, partial(measured_or_failed, model, key, args, args.device))
         print(json.dumps(result), flush=True)
     return True
@@ -401,7 +410,7 @@ def with_ratios(cells: list[dict]) -> list[dict]:
 
     dense = {}
     for cell in cells:
-        if cell["variant"] != "sea" and cell["status"] == "ok":
+        if cell["variant"] not in SEA_VARIANTS and cell["status"] == "ok":
             dense.setdefault(problem(cell), []).append(cell)
     for cell in cells:
         rivals, ok = dense.get(problem(cell), []), cell["status"] == "ok"
@@ -434,26 +443,29 @@ def markdown(cells: list[dict], record: dict, settings: dict, skipped: dict) -> 
     versions = ", ".join(f"{name} {version}" for name, version in record["versions"].items())
     lines = [f"# End to end: dense vs SEA, {settings['dtype']}, random weights", "", f"```\n{record['command']}\n```", "",
              (f"Device: {record['device']}; {versions}; SEA key budget {settings['key_budget']}, every other SEA "
-              f"setting at its default; decode over {settings['new_tokens']} new tokens."), "",
+              f"setting at its default but sea_grouped's sea_group_selection=True; decode over {settings['new_tokens']} "
+              "new tokens."), "",
              ("Each variant's time (ms; decode: ms per new token) with, in brackets, the memory its calls added at "
-              "their peak to what the cell started with (the weights); SEA's speed-up over the fastest dense variant "
-              "of the row, and its added memory over the leanest dense variant's (see the docstring of "
+              "their peak to what the cell started with (the weights); each SEA variant's speed-up over the fastest "
+              "dense variant of the row, and its added memory over the leanest dense variant's (see the docstring of "
               "benchmarks/end_to_end.py).")]
     lines += [f"Skipped: {variant} ({why})." for variant, why in skipped.items()]
     for mode, variants in VARIANTS.items():
         present = [v for v in variants if any(c["mode"] == mode and c["variant"] == v for c in cells)]
         if not present:
             continue
-        header = "| shape | batch | T | " + " | ".join(present) + " | SEA speed-up | SEA memory |"
+        seas = [v for v in present if v in SEA_VARIANTS]
+        header = ("| shape | batch | T | " + " | ".join(present) + " | " +
+                  " | ".join(f"{v} speed-up | {v} memory" for v in seas) + " |")
         lines += ["", f"## {mode}", "", header, "|---" * (header.count("|") - 1) + "|"]
         rows = sorted({(c["shape"], c["batch"], c["length"]) for c in cells if c["mode"] == mode})
         for shape, batch, length in rows:
             found = {c["variant"]: c for c in cells if (c["shape"], c["batch"], c["length"], c["mode"]) ==
                      (shape, batch, length, mode)}
-            sea = found.get("sea", {})
+            ratios = [ratio_text(found.get(v, {}).get(ratio)) for v in seas
+                      for ratio in ("speedup_vs_fastest_dense", "memory_vs_leanest_dense")]
             lines.append(f"| {shape} | {batch} | {length} | " + " | ".join(cell_text(found.get(v)) for v in present) +
-                         f" | {ratio_text(sea.get('speedup_vs_fastest_dense'))} "
-                         f"| {ratio_text(sea.get('memory_vs_leanest_dense'))} |")
+                         " | " + " | ".join(ratios) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -4,6 +4,7 @@ cached keys, continuing a causal state) instead of a prefill.
 
     python benchmarks/profile_sea.py --length 32768
     python benchmarks/profile_sea.py --length 65536 --decode --query-block 1
+    python benchmarks/profile_sea.py --length 8192 --heads 32 --kv-heads 8 --group-selection --query-block 1
 """
 
 import argparse
@@ -31,6 +32,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--length", type=int, default=32768)
     parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: --heads)")
+    parser.add_argument("--group-selection", action="store_true", help="sea_group_selection (with --kv-heads)")
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--bidirectional", action="store_true")
     parser.add_argument("--key-budget", type=int, default=1024)
@@ -40,9 +43,9 @@ def main():
     args = parser.parse_args()
     device = torch.device("cuda")
     op = sea_layer(args.heads, args.head_dim, not args.bidirectional, "auto", args.key_budget, args.width,
-                   args.query_block, device).to(torch.bfloat16)
-    q, k, v = (torch.randn(1, args.heads, args.length, args.head_dim, device=device, dtype=torch.bfloat16)
-               for _ in range(3))
+                   args.query_block, device, args.kv_heads, args.group_selection).to(torch.bfloat16)
+    q, k, v = (torch.randn(1, heads, args.length, args.head_dim, device=device, dtype=torch.bfloat16)
+               for heads in (args.heads, args.kv_heads or args.heads, args.kv_heads or args.heads))
     if args.decode:
         q = q[:, :, -1:]
         state = op.initial_state(1, torch.bfloat16, device).map(lambda t: torch.rand_like(t) * args.length)

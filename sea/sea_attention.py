@@ -60,8 +60,10 @@ def at_least_float32(x: torch.Tensor) -> torch.Tensor:
 class SeaSelection:
     """The keys each (batch, head, query) attends to, as ranges of key ranks (rank r: the r-th valid key).
 
-    Query rows come in blocks of `rows_per_block` consecutive rows that share their ranges: starts and lengths
-    (N, H, R, K) for R = ceil(T / rows_per_block) blocks. A row reads its block's ranges in order, skipping ranks at
+    Query rows come in blocks of `rows_per_block` consecutive rows that share their ranges, and query heads in
+    groups of `heads_per_selection` consecutive heads that share them too (a key/value group's heads under
+    `sea_group_selection`; 1: every head its own): starts and lengths (N, H / heads_per_selection, R, K) for
+    R = ceil(T / rows_per_block) blocks. A row reads its block's ranges in order, skipping ranks at
     or beyond its own visible-key count `row_counts` (N, T) (in a causal block, the keys after the row). Slot s of
     a row is the s-th rank of that concatenation; `key_positions` (N, T_all) maps ranks to key positions (None
     when every key is valid: then rank and position are the same, and the Triton kernel reads keys contiguously).
@@ -74,6 +76,7 @@ class SeaSelection:
     row_counts: torch.Tensor
     rows_per_block: int
     max_slots: int | None = None
+    heads_per_selection: int = 1
 
     @functools.cached_property
     def slots(self) -> int:
@@ -85,8 +88,8 @@ class SeaSelection:
         return int(self.lengths.sum(-1).max()) if self.lengths.numel() else 0
 
     def rows(self, first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Key positions (N, H, last - first, slots) of query rows first..last - 1, and which slots are used
-        (False slots hold position 0)."""
+        """Key positions (N, H / heads_per_selection, last - first, slots) of query rows first..last - 1 (one per
+        selection head), and which slots are used (False slots hold position 0)."""
         n, h = self.starts.shape[:2]
         block = torch.arange(first, last, device=self.starts.device) // self.rows_per_block
         starts, lengths = self.starts[:, :, block], self.lengths[:, :, block]
@@ -106,8 +109,13 @@ class SeaSelection:
 
     @functools.cached_property
     def per_row(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """`rows` of every query row, kept once computed. O(T x slots) memory: for inspection and training losses."""
-        return self.rows(0, self.row_counts.shape[1])
+        """`rows` of every query row, for every query head (N, H, T, slots), kept once computed. O(T x slots)
+        memory: for inspection and training losses."""
+        index, valid = self.rows(0, self.row_counts.shape[1])
+        if self.heads_per_selection == 1:
+            return index, valid
+        return (index.repeat_interleave(self.heads_per_selection, 1),
+                valid.repeat_interleave(self.heads_per_selection, 1))
 
     @property
     def key_index(self) -> torch.Tensor:
@@ -449,20 +457,24 @@ def select_keys(ranking: torch.Tensor, edges: torch.Tensor, budget: int, rule: s
 def range_log_mass(q, k, v, starts, lengths, positions, counts, scaling: float, attend) -> torch.Tensor:
     """(N, H, R, K) log of the share of each query row's exact softmax attention, taken over the keys of its K rank
     ranges only, that each range holds: the attention of `attend` (`sparse_attention` or its kernel) summed per
-    range. q (N, H, R, D) has one row per row of ranges `starts`, `lengths` (N, H, R, K), which see `counts` (N, R)
-    keys; `positions` as in `SeaSelection`. O(sum of lengths x D) per row, in chunks of rows so that the
-    probabilities stay a bounded size."""
-    n, h, r, _ = starts.shape
+    range. q (N, H, R, D) has one row per row of ranges `starts`, `lengths` (N, H / G, R, K) (G consecutive query
+    heads sharing their ranges, as in `SeaSelection`), which see `counts` (N, R) keys; `positions` as in
+    `SeaSelection`. O(sum of lengths x D) per row, in chunks of rows so that the probabilities stay a bounded
+    size."""
+    h, r = q.shape[1], starts.shape[2]
+    shared = h // starts.shape[1]
     slots = max(1, int(lengths.sum(-1).max()) if lengths.numel() else 1)
-    rows_per_chunk = max(1, SCORE_CHUNK_ELEMENTS // max(1, n * h * slots))
+    rows_per_chunk = max(1, SCORE_CHUNK_ELEMENTS // max(1, q.shape[0] * h * slots))
     masses = []
     for r0 in range(0, r, rows_per_chunk):
         rows = slice(r0, min(r, r0 + rows_per_chunk))
         part_lengths = lengths[:, :, rows]
-        selection = SeaSelection(starts[:, :, rows], part_lengths, positions, counts[:, rows], 1)
+        selection = SeaSelection(starts[:, :, rows], part_lengths, positions, counts[:, rows], 1,
+                                 heads_per_selection=shared)
         probs, _ = attend(q[:, :, rows].contiguous(), k, v, selection, scaling, True)
         prefix = F.pad(at_least_float32(probs).cumsum(-1), (1, 0))
-        ends = part_lengths.cumsum(-1)
+        ends = part_lengths.cumsum(-1).repeat_interleave(shared, 1)
+        part_lengths = part_lengths.repeat_interleave(shared, 1)
         masses.append(prefix.gather(-1, ends) - prefix.gather(-1, ends - part_lengths))
     return torch.cat(masses, 2).clamp_min(torch.finfo(torch.float32).tiny).log()
 
@@ -474,23 +486,25 @@ def sparse_attention(q, k, v, selection: SeaSelection, scaling: float, need_prob
     k and v have H_kv heads (H_kv divides H; query head i reads key/value head i // (H / H_kv)), never repeated.
     Works on chunks of query rows so the gathered keys and values stay a bounded size at any T."""
     n, h, t, d = q.shape
-    kv_heads = k.shape[1]
+    kv_heads, shared = k.shape[1], selection.heads_per_selection
     slots = selection.slots
     rows = max(1, GATHER_CHUNK_ELEMENTS // max(1, n * h * slots * d))
     probs, contexts = [], []
     for r0 in range(0, t, rows):
-        index, valid = selection.rows(r0, min(t, r0 + rows))
+        index, valid = selection.rows(r0, min(t, r0 + rows))  # one per selection head: its keys gathered once
         c = index.shape[2]
-        flat = index.reshape(n, kv_heads, h // kv_heads * c * slots, 1).expand(-1, -1, -1, d)
-        k_sel = k.gather(2, flat).view(n, h, c, slots, d)
-        v_sel = v.gather(2, flat).view(n, h, c, slots, d)
-        scores = torch.einsum("nhcd,nhcsd->nhcs", q[:, :, r0 : r0 + rows], k_sel)
+        flat = index.reshape(n, kv_heads, h // shared // kv_heads * c * slots, 1).expand(-1, -1, -1, d)
+        k_sel = k.gather(2, flat).view(n, h // shared, c, slots, d)
+        v_sel = v.gather(2, flat).view(n, h // shared, c, slots, d)
+        scores = torch.einsum("nhgcd,nhcsd->nhgcs", q[:, :, r0 : r0 + rows].unflatten(1, (-1, shared)), k_sel)
         scores = at_least_float32(scores) * scaling
+        valid = valid.unsqueeze(2)
         scores = scores.masked_fill(~valid, torch.finfo(scores.dtype).min)
         p = (torch.softmax(scores, dim=-1) * valid).to(v.dtype)
         if need_probs:
-            probs.append(p)
-        contexts.append(torch.einsum("nhcs,nhcsd->nhcd", F.dropout(p, dropout) if dropout else p, v_sel))
+            probs.append(p.flatten(1, 2))
+        context = torch.einsum("nhgcs,nhcsd->nhgcd", F.dropout(p, dropout) if dropout else p, v_sel)
+        contexts.append(context.flatten(1, 2))
     return torch.cat(probs, 2) if need_probs else None, torch.cat(contexts, 2)
 
 
@@ -696,17 +710,22 @@ class SeaRankingInputs:
         blocks = blocks.masked_fill(~sees_keys, float("-inf"))
         return blocks.amax(3) if self.causal else blocks.logsumexp(3)
 
+    @property
+    def heads_per_selection(self) -> int:
+        """Query heads that share one selection (`SeaSelection.heads_per_selection`): a key/value group's with
+        `group_selection`, else 1."""
+        return self.q.shape[1] // self.k.shape[1] if self.group_selection else 1
+
     def per_group(self, ranking: torch.Tensor) -> torch.Tensor:
-        """`ranking` (N, H, R, X) of X bins or ranges, every query head given its key/value group's: with
-        `group_selection`, each head's ranking read as shares of its attention (a log-softmax over X) and per
-        entry the largest over the group's heads; as it is otherwise."""
-        kv_heads, heads = self.k.shape[1], ranking.shape[1]
-        if not self.group_selection or kv_heads == heads:
+        """`ranking` (N, H, R, X) of X bins or ranges as one ranking per selection head (N, H / G, R, X), G =
+        `heads_per_selection`: with G > 1, each head's ranking read as shares of its attention (a log-softmax over
+        X) and per entry the largest over the group's heads; as it is otherwise."""
+        shared = self.heads_per_selection
+        if shared == 1:
             return ranking
         ranking = at_least_float32(ranking)
         shares = ranking - ranking.logsumexp(-1, keepdim=True).clamp_min(torch.finfo(ranking.dtype).min)
-        best = shares.unflatten(1, (kv_heads, heads // kv_heads)).amax(2)
-        return best.repeat_interleave(heads // kv_heads, 1)
+        return shares.unflatten(1, (-1, shared)).amax(2)
 
 
 def estimated_ranking(inputs: SeaRankingInputs) -> torch.Tensor:
@@ -811,7 +830,7 @@ def select(inputs: SeaRankingInputs, ranking: torch.Tensor, rows_log_mass, rule:
         ranking = reranked(anchored(ranking, edges, rule.anchor_bins), edges,
                            lambda starts, lengths: inputs.per_group(rows_log_mass(1, starts, lengths, counts)), rule)
         starts, lengths, _ = select_keys(ranking, edges, rule.budget, rule.budget_rule)
-        return SeaSelection(starts, lengths, inputs.positions, counts, 1, max_slots)
+        return SeaSelection(starts, lengths, inputs.positions, counts, 1, max_slots, inputs.heads_per_selection)
     block_counts = inputs.block_counts
     first_counts = block_counts[..., 0] if inputs.causal else block_counts.amax(-1)
     if inputs.causal and not inputs.combines_causal_rows:
@@ -830,7 +849,7 @@ def select(inputs: SeaRankingInputs, ranking: torch.Tensor, rows_log_mass, rule:
         per_head = (*starts.shape[:-1], 1)
         starts = torch.cat([starts, first_counts[:, None, :, None].expand(per_head)], -1)
         lengths = torch.cat([lengths, newest[:, None, :, None].expand(per_head)], -1)
-    return SeaSelection(starts, lengths, inputs.positions, counts, block, max_slots)
+    return SeaSelection(starts, lengths, inputs.positions, counts, block, max_slots, inputs.heads_per_selection)
 
 
 def orthogonal_gaussian_features(num_features: int, dim: int) -> torch.Tensor:

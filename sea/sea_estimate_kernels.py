@@ -26,8 +26,6 @@ ESTIMATE_TILE = 64  # columns of [code || v] per program of the segment sums and
 
 
 @triton.jit
-
-
 def _matrix_rows(X, base, rows, row_ok, HEAD_DIM: tl.constexpr):
     """Rows base + `rows` of a row-major (., HEAD_DIM) matrix X, zero where not `row_ok`."""
     dims = tl.arange(0, HEAD_DIM)
@@ -35,8 +33,6 @@ def _matrix_rows(X, base, rows, row_ok, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-
-
 def _kernel_features(X, PROJECTION, base, rows, keep, num_features, scale, eps,
                      HEAD_DIM: tl.constexpr, BLOCK_F: tl.constexpr, SUMS_PRECISION: tl.constexpr):
     """`kernel_features` of rows base + `rows` of X: relu(x D^-1/4 P^T) + eps, (rows, BLOCK_F) float32, zero
@@ -52,8 +48,6 @@ def _kernel_features(X, PROJECTION, base, rows, keep, num_features, scale, eps,
 
 
 @triton.jit
-
-
 def _chunk_rows(VALID, batch, chunk, last, num_rows, CHUNK: tl.constexpr):
     """The rows of a chunk, which of them exist (below `last`), and which hold a valid key."""
     rows = chunk + tl.arange(0, CHUNK)
@@ -63,8 +57,6 @@ def _chunk_rows(VALID, batch, chunk, last, num_rows, CHUNK: tl.constexpr):
 
 
 @triton.jit
-
-
 def _packed_sums(SUMS, index, column, HEAD_DIM: tl.constexpr, BLOCK_F: tl.constexpr, TILE: tl.constexpr):
     """Pointers into record `index` of packed sums (see `_pack_sums`): columns column .. column + TILE - 1 of
     the (BLOCK_F, 2D) rows of phi(k) [code || v]^T, phi(k) (BLOCK_F), and where the sums of the valid values
@@ -77,8 +69,6 @@ def _packed_sums(SUMS, index, column, HEAD_DIM: tl.constexpr, BLOCK_F: tl.conste
 
 
 @triton.jit
-
-
 def _augmented_columns(CODE, V, batch, kv_head, rows, row_ok, column, num_rows, HEAD_DIM: tl.constexpr,
                        TILE: tl.constexpr):
     """Columns column .. column + TILE - 1 of rows of [code || v] (code (N, T, D) is shared by the heads), float32."""
@@ -93,8 +83,6 @@ def _augmented_columns(CODE, V, batch, kv_head, rows, row_ok, column, num_rows, 
 
 
 @triton.jit
-
-
 def _causal_kernel_sums(
     K, V, CODE, VALID, PROJECTION, SUMS,
     num_rows, first_row, last_row, segment_rows, num_segments, num_features, num_kv_heads, scale, eps,
@@ -130,8 +118,6 @@ def _causal_kernel_sums(
 
 
 @triton.jit
-
-
 def _chunk_kernel_products(Q, K, PROJECTION, head, kv_head, rows, row_ok, valid, sum_k, num_rows, num_features,
                            scale, eps, HEAD_DIM: tl.constexpr, BLOCK_F: tl.constexpr, CHUNK: tl.constexpr,
                            SUMS_PRECISION: tl.constexpr):
@@ -149,8 +135,6 @@ def _chunk_kernel_products(Q, K, PROJECTION, head, kv_head, rows, row_ok, valid,
 
 
 @triton.jit
-
-
 def _causal_kernel_estimate(
     Q, K, V, CODE, VALID, PROJECTION, START, ESTIMATE,
     num_rows, first_row, last_row, segment_rows, num_segments, num_features, num_heads, group, scale, eps,
@@ -187,8 +171,6 @@ def _causal_kernel_estimate(
 
 
 @triton.jit
-
-
 def _encoder_weight_t(W, column, HEAD_DIM: tl.constexpr):
     """Columns column .. column + D - 1 of the encoder's first weight (2D, 3D), transposed: (D, 2D)."""
     dims = tl.arange(0, HEAD_DIM)
@@ -197,8 +179,6 @@ def _encoder_weight_t(W, column, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-
-
 def _store_output_gate(GATE_W, GATE_B, GATE_SCALE, GATE_OFFSET, COUNTS, encoded, valid_values, sum_v, out_rows,
                        count_rows, row_ok, HEAD_DIM: tl.constexpr):
     """`sea_attention.output_gate` of a chunk of rows: the scale 2 sigmoid(g_0) and the offset tanh(g_1) times
@@ -219,8 +199,6 @@ def _store_output_gate(GATE_W, GATE_B, GATE_SCALE, GATE_OFFSET, COUNTS, encoded,
 
 
 @triton.jit
-
-
 def _encode_chunk(est_code, est_value, value_in, valid, rows, row_ok, sum_v, head, batch, num_rows, num_slots,
                   W, BIAS, NORM_W, NORM_B, norm_eps, GATE_W, GATE_B, COUNTS, ROW_SLOT, ENCODING, GATE_SCALE,
                   GATE_OFFSET, HEAD_DIM: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
@@ -254,8 +232,6 @@ def _encode_chunk(est_code, est_value, value_in, valid, rows, row_ok, sum_v, hea
 
 
 @triton.jit
-
-
 def _causal_kernel_encoding(
     Q, K, V, CODE, VALID, COUNTS, PROJECTION, START, W, BIAS, NORM_W, NORM_B,
     GATE_W, GATE_B, ROW_SLOT, ENCODING, GATE_SCALE, GATE_OFFSET, num_rows, num_slots, segment_rows, num_segments,
@@ -303,8 +279,6 @@ def _causal_kernel_encoding(
 
 
 @triton.jit
-
-
 def _causal_estimate_encoding(
     ESTIMATE, V, VALID, COUNTS, START, W, BIAS, NORM_W, NORM_B, GATE_W, GATE_B, ROW_SLOT, ENCODING, GATE_SCALE,
     GATE_OFFSET, num_rows, first_row, last_row, num_slots, segment_rows, num_segments, num_heads, group,

@@ -3,8 +3,9 @@ keys and values into memory, tested against it. The per-query kernel gives each 
 head, walks their slots, loads the selected key/value rows straight from K and V, and keeps an online softmax in
 float32; the block kernel does the same for blocks of queries sharing their key ranges, through matrix products;
 the split kernel, for inference without probabilities, reads each row's ranges directly (no per-slot index, no
-probability buffer) and splits the slots of a few rows (a decode step) over many programs. The backwards recompute the probabilities from the
-saved log-sum-exp and scatter key/value gradients with atomic adds (a key is shared by many queries).
+probability buffer), loads each selected key once for the query heads that share the selection, and splits the
+slots of a few rows (a decode step) over many programs. The backwards recompute the probabilities from the saved
+log-sum-exp and scatter key/value gradients with atomic adds (a key is shared by many queries).
 
 Only `sea_dispatch` imports this module, and chooses which of these entry points serves a call.
 """
@@ -23,8 +24,6 @@ TRITON_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.f
 
 
 @triton.jit
-
-
 def key_value_head(head, num_heads, group):
     """Flattened (batch, key/value head) read by flattened (batch, query head) `head`: query heads come in
     groups of `group` per key/value head (grouped-query attention; 1 for multi-head attention)."""
@@ -32,8 +31,6 @@ def key_value_head(head, num_heads, group):
 
 
 @triton.jit
-
-
 def _sparse_forward(
     Q, K, V, INDEX, VALID, OUT, PROBS, LSE,
     num_queries, kv_head_stride, slots, scaling, num_heads, group,
@@ -82,8 +79,6 @@ def _sparse_forward(
 
 
 @triton.jit
-
-
 def _sparse_backward(
     Q, K, V, INDEX, VALID, LSE, GRAD_OUT, GRAD_PROBS, DELTA, GRAD_Q, GRAD_K, GRAD_V,
     num_queries, kv_head_stride, slots, scaling, num_heads, group,
@@ -122,8 +117,6 @@ def _sparse_backward(
 
 
 @triton.jit
-
-
 def _key_tile(K, V, POSITIONS, start, offset, length, batch_keys, kv_base, dims, dim_ok,
               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, GATHER: tl.constexpr):
     """Ranks start + offset + [0, BLOCK_N) of a range of `length` ranks: the ranks, which are inside the range,
@@ -142,13 +135,12 @@ def _key_tile(K, V, POSITIONS, start, offset, length, batch_keys, kv_base, dims,
 
 
 @triton.jit
-
-
-def _query_block(COUNTS, num_queries, kv_head_stride, num_ranges, num_heads, group,
+def _query_block(COUNTS, num_queries, kv_head_stride, num_ranges, num_heads, group, shared,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """What a block-kernel program (query block, flattened (batch, head)) needs to know of its rows: the batch,
     which rows exist, the head dims, the rows' offsets into (N*H*T, .) views, their visible-key counts, and the
-    bases of their key/value head and of their key ranges."""
+    bases of their key/value head and of their key ranges (those of the selection head, which `shared`
+    consecutive query heads read)."""
     block = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
     batch = head // num_heads
@@ -157,23 +149,21 @@ def _query_block(COUNTS, num_queries, kv_head_stride, num_ranges, num_heads, gro
     dims = tl.arange(0, BLOCK_D)
     count = tl.load(COUNTS + batch * num_queries + rows, mask=row_ok, other=0)
     kv_base = key_value_head(head, num_heads, group) * kv_head_stride
-    range_base = (head * tl.cdiv(num_queries, BLOCK_M) + block) * num_ranges
+    range_base = (key_value_head(head, num_heads, shared) * tl.cdiv(num_queries, BLOCK_M) + block) * num_ranges
     return batch, row_ok, dims, dims < HEAD_DIM, head * num_queries + rows, count, kv_base, range_base
 
 
 @triton.jit
-
-
 def _block_sparse_forward(
     Q, K, V, STARTS, LENGTHS, POSITIONS, COUNTS, OUT, LSE, PROBS, GATE_SCALE,
-    num_queries, num_keys, kv_head_stride, num_ranges, slots, scaling, num_heads, group,
+    num_queries, num_keys, kv_head_stride, num_ranges, slots, scaling, num_heads, group, shared,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     NEED_PROBS: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, GATHER: tl.constexpr,
     GATED: tl.constexpr,
 ):
     """GATED: OUT holds the output gate's offset, and the program writes GATE_SCALE x attention + offset."""
     batch, row_ok, dims, dim_ok, q_rows, count, kv_base, range_base = _query_block(
-        COUNTS, num_queries, kv_head_stride, num_ranges, num_heads, group, HEAD_DIM, BLOCK_M, BLOCK_D)
+        COUNTS, num_queries, kv_head_stride, num_ranges, num_heads, group, shared, HEAD_DIM, BLOCK_M, BLOCK_D)
     q = tl.load(Q + q_rows[:, None] * HEAD_DIM + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :],
                 other=0.0).to(DOT_DTYPE)
 
@@ -223,16 +213,14 @@ def _block_sparse_forward(
 
 
 @triton.jit
-
-
 def _block_sparse_backward(
     Q, K, V, STARTS, LENGTHS, POSITIONS, COUNTS, LSE, DELTA, GRAD_OUT, GRAD_PROBS, GRAD_Q, GRAD_K, GRAD_V,
-    num_queries, num_keys, kv_head_stride, num_ranges, slots, scaling, num_heads, group,
+    num_queries, num_keys, kv_head_stride, num_ranges, slots, scaling, num_heads, group, shared,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_GRAD_PROBS: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, GATHER: tl.constexpr,
 ):
     batch, row_ok, dims, dim_ok, q_rows, count, kv_base, range_base = _query_block(
-        COUNTS, num_queries, kv_head_stride, num_ranges, num_heads, group, HEAD_DIM, BLOCK_M, BLOCK_D)
+        COUNTS, num_queries, kv_head_stride, num_ranges, num_heads, group, shared, HEAD_DIM, BLOCK_M, BLOCK_D)
     row_tile = q_rows[:, None] * HEAD_DIM + dims[None, :]
     row_tile_ok = row_ok[:, None] & dim_ok[None, :]
     q = tl.load(Q + row_tile, mask=row_tile_ok, other=0.0).to(DOT_DTYPE)
@@ -266,37 +254,42 @@ def _block_sparse_backward(
 
 
 @triton.jit
-
-
-def _sparse_decode_split(
+def _sparse_split(
     Q, K, V, STARTS, LENGTHS, POSITIONS, COUNTS, PARTIAL, OUT,
-    num_queries, num_keys, kv_head_stride, num_ranges, split_slots, scaling, num_heads, group,
+    num_queries, num_keys, kv_head_stride, num_ranges, split_slots, scaling, num_heads, group, shared,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    GATHER: tl.constexpr, WHOLE_ROW: tl.constexpr,
+    BLOCK_H: tl.constexpr, GATHER: tl.constexpr, WHOLE_ROW: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
 ):
-    """One query row (flattened (batch, head, row)) over slots [split x split_slots, (split + 1) x
-    split_slots) of its ranges: that share's running max, normaliser and unnormalised context, written to
-    PARTIAL[row, split] = [max, normaliser, context (BLOCK_D)]; with `WHOLE_ROW` (one share per row) the row's
-    context itself, written to OUT (zero without keys), and nothing left to merge."""
-    row = tl.program_id(0).to(tl.int64)
+    """One query row of the `shared` query heads that share a selection (flattened (batch, selection head, row)),
+    over slots [split x split_slots, (split + 1) x split_slots) of its ranges: each selected key and value is
+    loaded once for all those heads, which are the rows of the tile's matrix products. Writes each head's share
+    (running max, normaliser, unnormalised context) to PARTIAL[(batch, head, row), split] = [max, normaliser,
+    context (BLOCK_D)]; with `WHOLE_ROW` (one share per row) each head's context itself, to OUT (zero without
+    keys), and nothing is left to merge."""
+    selection_row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
-    head = row // num_queries
-    batch = head // num_heads
-    query = row % num_queries
+    query = selection_row % num_queries
+    selection_head = selection_row // num_queries  # flattened (batch, selection head)
+    batch = selection_head // (num_heads // shared)
+    first_head = batch * num_heads + (selection_head % (num_heads // shared)) * shared  # flattened (batch, head)
+    head_ok = tl.arange(0, BLOCK_H) < shared
+    q_rows = (first_head + tl.arange(0, BLOCK_H)) * num_queries + query  # rows of the (N*H*T, .) views
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
-    q = tl.load(Q + row * HEAD_DIM + dims, mask=dim_ok, other=0.0).to(tl.float32)
+    q = tl.load(Q + q_rows[:, None] * HEAD_DIM + dims[None, :], mask=head_ok[:, None] & dim_ok[None, :],
+                other=0.0).to(DOT_DTYPE)
     count = tl.load(COUNTS + batch * num_queries + query)
-    kv_base = key_value_head(head, num_heads, group) * kv_head_stride
+    kv_base = key_value_head(first_head, num_heads, group) * kv_head_stride
     # The row's ranges, concatenated: slot s lies in the range whose end is the first above s.
     range_ids = tl.arange(0, BLOCK_R)
-    lengths = tl.load(LENGTHS + row * num_ranges + range_ids, mask=range_ids < num_ranges, other=0)
+    lengths = tl.load(LENGTHS + selection_row * num_ranges + range_ids, mask=range_ids < num_ranges, other=0)
     ends = tl.cumsum(lengths, axis=0)
     total = tl.sum(lengths, axis=0)
 
-    running_max = tl.full([1], -_EMPTY, tl.float32)
-    normaliser = tl.zeros([1], tl.float32)
-    context = tl.zeros([BLOCK_D], tl.float32)
+    running_max = tl.full([BLOCK_H], -_EMPTY, tl.float32)
+    normaliser = tl.zeros([BLOCK_H], tl.float32)
+    context = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
     first = split * split_slots
     for offset in range(0, split_slots, BLOCK_N):
         slots = first + offset + tl.arange(0, BLOCK_N)
@@ -304,7 +297,7 @@ def _sparse_decode_split(
         which = tl.sum(passed.to(tl.int32), axis=1)
         before = tl.sum(tl.where(passed, lengths[None, :], 0), axis=1)
         in_range = slots < total
-        rank = tl.load(STARTS + row * num_ranges + which, mask=in_range, other=0) + slots - before
+        rank = tl.load(STARTS + selection_row * num_ranges + which, mask=in_range, other=0) + slots - before
         ok = in_range & (rank < count)
         if GATHER:
             position = tl.load(POSITIONS + batch * num_keys + rank, mask=ok, other=0)
@@ -312,29 +305,28 @@ def _sparse_decode_split(
             position = rank
         offsets = kv_base + position[:, None].to(tl.int64) * HEAD_DIM + dims[None, :]
         tile_ok = ok[:, None] & dim_ok[None, :]
-        k = tl.load(K + offsets, mask=tile_ok, other=0.0).to(tl.float32)
-        scores = tl.where(ok, tl.sum(q[None, :] * k, axis=1) * scaling, -_EMPTY)
-        new_max = tl.maximum(running_max, tl.max(scores, axis=0))
-        p = tl.where(ok, tl.exp(scores - new_max), 0.0)
+        k = tl.load(K + offsets, mask=tile_ok, other=0.0).to(DOT_DTYPE)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scaling
+        scores = tl.where(ok[None, :], scores, -_EMPTY)
+        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+        p = tl.where(ok[None, :], tl.exp(scores - new_max[:, None]), 0.0)
         rescale = tl.exp(running_max - new_max)
-        v = tl.load(V + offsets, mask=tile_ok, other=0.0).to(tl.float32)
-        normaliser = normaliser * rescale + tl.sum(p, axis=0)
-        context = context * rescale + tl.sum(p[:, None] * v, axis=0)
+        v = tl.load(V + offsets, mask=tile_ok, other=0.0).to(DOT_DTYPE)
+        normaliser = normaliser * rescale + tl.sum(p, axis=1)
+        context = context * rescale[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=PRECISION)
         running_max = new_max
     if WHOLE_ROW:
-        total = tl.sum(normaliser, axis=0)  # the (1,) running normaliser as a scalar, as the merge kernel has it
-        result = context / tl.where(total > 0, total, 1.0)
-        tl.store(OUT + row * HEAD_DIM + dims, result.to(OUT.dtype.element_ty), mask=dim_ok)
+        result = context / tl.where(normaliser > 0, normaliser, 1.0)[:, None]
+        tl.store(OUT + q_rows[:, None] * HEAD_DIM + dims[None, :], result.to(OUT.dtype.element_ty),
+                 mask=head_ok[:, None] & dim_ok[None, :])
     else:
-        record = PARTIAL + (row * tl.num_programs(1) + split) * (BLOCK_D + 2)
-        tl.store(record + tl.arange(0, 1), running_max)
-        tl.store(record + 1 + tl.arange(0, 1), normaliser)
-        tl.store(record + 2 + dims, context)
+        records = PARTIAL + (q_rows * tl.num_programs(1) + split) * (BLOCK_D + 2)
+        tl.store(records, running_max, mask=head_ok)
+        tl.store(records + 1, normaliser, mask=head_ok)
+        tl.store(records[:, None] + 2 + dims[None, :], context, mask=head_ok[:, None])
 
 
 @triton.jit
-
-
 def _sparse_decode_combine(PARTIAL, OUT, num_splits, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                            BLOCK_S: tl.constexpr):
     """One query row: the splits' shares merged into its softmax-weighted context (zero without keys)."""
@@ -455,8 +447,8 @@ class _SparseAttention(torch.autograd.Function):
         return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None
 
 
-def _block_forward(q, k, v, starts, lengths, positions, counts, rows_per_block, slots, scaling, need_probs, out,
-                   gate_scale=None):
+def _block_forward(q, k, v, starts, lengths, positions, counts, rows_per_block, shared, slots, scaling, need_probs,
+                   out, gate_scale=None):
     """Launches `_block_sparse_forward`, writing `out` (with `gate_scale`: reading the gate's offset from `out`).
     Returns the kernel's arguments (for the backward), the int32 ranges and positions, the log-sum-exp and the
     probabilities (empty when not `need_probs`)."""
@@ -474,7 +466,8 @@ def _block_forward(q, k, v, starts, lengths, positions, counts, rows_per_block, 
                                             BLOCK_N=INTERPRETER_BLOCK_N)
         kernel[(triton.cdiv(t, rows_per_block), n * h)](
             q, k, v, starts, lengths, positions, counts, out, lse, probs, gate_scale if gate_scale is not None else lse,
-            t, k.shape[2], k.stride(1), starts.shape[-1], slots, scaling, h, h // k.shape[1], NEED_PROBS=need_probs,
+            t, k.shape[2], k.stride(1), starts.shape[-1], slots, scaling, h, h // k.shape[1], shared,
+            NEED_PROBS=need_probs,
             GATED=gate_scale is not None, **launch,
         )
     return arguments, (starts, lengths, positions, counts), lse, probs
@@ -485,20 +478,21 @@ class _BlockSparseAttention(torch.autograd.Function):
     (sea_query_block_size > 1)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, starts, lengths, positions, counts, rows_per_block, slots, scaling, need_probs):
+    def forward(ctx, q, k, v, starts, lengths, positions, counts, rows_per_block, shared, slots, scaling,
+                need_probs):
         q, (k, v) = q.contiguous(), _read_in_place(k, v)
         out = torch.empty_like(q)
         arguments, ranges, lse, probs = _block_forward(q, k, v, starts, lengths, positions, counts, rows_per_block,
-                                                       slots, scaling, need_probs, out)
+                                                       shared, slots, scaling, need_probs, out)
         ctx.save_for_backward(q, k, v, *ranges, out, probs, lse)
-        ctx.setup = (slots, scaling, arguments)
+        ctx.setup = (shared, slots, scaling, arguments)
         return (probs if need_probs else None), out
 
     @staticmethod
     def backward(ctx, grad_probs, grad_out):
         q, k, v, starts, lengths, positions, counts, out, probs, lse = ctx.saved_tensors
         k, v = k.contiguous(), v.contiguous()  # laid out as their gradients
-        slots, scaling, arguments = ctx.setup
+        shared, slots, scaling, arguments = ctx.setup
         n, h, t, d = q.shape
         grad_out, grad_probs, delta = _backward_prologue(out, probs, grad_probs, grad_out)
         grad_q = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -510,10 +504,10 @@ class _BlockSparseAttention(torch.autograd.Function):
             kernel[(triton.cdiv(t, arguments["BLOCK_M"]), n * h)](
                 q, k, v, starts, lengths, positions, counts, lse, delta, grad_out,
                 grad_probs if grad_probs is not None else grad_out, grad_q, grad_k, grad_v,
-                t, k.shape[2], k.stride(1), starts.shape[-1], slots, scaling, h, h // k.shape[1],
+                t, k.shape[2], k.stride(1), starts.shape[-1], slots, scaling, h, h // k.shape[1], shared,
                 HAS_GRAD_PROBS=grad_probs is not None, **launch,
             )
-        return (grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype)) + (None,) * 8
+        return (grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype)) + (None,) * 9
 
 
 DECODE_SPLIT_SLOTS = 128  # slots per program of the split kernel while rows are few: 8 programs per 1024-key row
@@ -533,16 +527,19 @@ def split_shares(rows: int, slots: int) -> tuple[int, int]:
 def per_query_inference_attention(q, k, v, selection, scaling: float) -> torch.Tensor:
     """Context of per-query selections, for inference (no probabilities, no backward). The per-slot kernel needs
     every row's key index and a probability buffer (N, H, T, S) and walks the slots one by one; here each row's
-    ranges are read directly and its slots walked in tiles, cut into shares that programs walk side by side when
-    rows are few (a decode step: one row per head), then a second kernel merges the shares' online softmax; with
-    one share per row (a prefill) each program writes its row's context itself."""
+    ranges are read directly and its slots walked in tiles, for all the query heads that share the selection at
+    once (`heads_per_selection`: a key/value group's heads read each key once), cut into shares that programs walk
+    side by side when rows are few (a decode step: one row per head), then a second kernel merges the shares'
+    online softmax; with one share per row (a prefill) each program writes its rows' context itself."""
     q, (k, v) = q.contiguous(), _read_in_place(k, v)
     n, h, t, d = q.shape
     starts, lengths, counts = (x.to(torch.int32).contiguous() for x in (selection.starts, selection.lengths,
                                                                         selection.row_counts))
     gather = selection.key_positions is not None
     positions = selection.key_positions.to(torch.int32).contiguous() if gather else counts
-    splits, share = split_shares(n * h * t, selection.slots)
+    shared = selection.heads_per_selection
+    selection_rows = n * (h // shared) * t
+    splits, share = split_shares(selection_rows, selection.slots)
     block_d = max(16, triton.next_power_of_2(d))
     whole_row = splits == 1
     out = torch.empty_like(q)
@@ -550,10 +547,11 @@ def per_query_inference_attention(q, k, v, selection, scaling: float) -> torch.T
     partial = out if whole_row else torch.empty(n * h * t, splits, block_d + 2, dtype=torch.float32, device=q.device)
     num_ranges = starts.shape[-1]
     if t > 0 and num_ranges > 0:
-        _sparse_decode_split[(n * h * t, splits)](
+        _sparse_split[(selection_rows, splits)](
             q, k, v, starts, lengths, positions, counts, partial, out, t, k.shape[2], k.stride(1), num_ranges,
-            share, scaling, h, h // k.shape[1], HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=DECODE_TILE_SLOTS,
-            BLOCK_R=max(16, triton.next_power_of_2(num_ranges)), GATHER=gather, WHOLE_ROW=whole_row,
+            share, scaling, h, h // k.shape[1], shared, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=DECODE_TILE_SLOTS,
+            BLOCK_R=max(16, triton.next_power_of_2(num_ranges)), BLOCK_H=max(16, triton.next_power_of_2(shared)),
+            GATHER=gather, WHOLE_ROW=whole_row, **dot_arguments(q),
         )
         if not whole_row:
             _sparse_decode_combine[(n * h * t,)](partial, out, splits, HEAD_DIM=d, BLOCK_D=block_d,
@@ -568,8 +566,8 @@ def gated_block_attention(q, k, v, selection, scaling: float, scale: torch.Tenso
     (the output gate), written by the kernel into `offset`'s memory, which the caller gives up: no other buffer of
     the output's size is allocated. scale (N, H, T, 1) float32, offset (N, H, T, D) contiguous, in q's dtype."""
     _block_forward(q.contiguous(), *_read_in_place(k, v), selection.starts, selection.lengths,
-                   selection.key_positions, selection.row_counts, selection.rows_per_block, 0, scaling, False, offset,
-                   scale)
+                   selection.key_positions, selection.row_counts, selection.rows_per_block,
+                   selection.heads_per_selection, 0, scaling, False, offset, scale)
     return offset
 
 
@@ -585,5 +583,6 @@ def block_sparse_attention(q, k, v, selection, scaling: float, need_probs: bool)
     products; returns as `per_query_sparse_attention`."""
     return _BlockSparseAttention.apply(
         q, k, v, selection.starts, selection.lengths, selection.key_positions, selection.row_counts,
-        selection.rows_per_block, selection.slots if need_probs else 0, scaling, need_probs,
+        selection.rows_per_block, selection.heads_per_selection, selection.slots if need_probs else 0, scaling,
+        need_probs,
     )

@@ -36,39 +36,52 @@ sea_sparse_kernels = pytest.importorskip("sea.sea_sparse_kernels")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def random_problem(n=2, h=3, t=41, d=16, rows_per_block=1, dtype=torch.float32, kv_heads=None, padded=True):
+def random_problem(n=2, h=3, t=41, d=16, rows_per_block=1, dtype=torch.float32, kv_heads=None, padded=True,
+                   heads_per_selection=1):
     """Queries over 30 more keys than queries (as after a cache), a random rank -> position map, random row counts,
     and per block of rows 4 random rank ranges, some empty: of up to 70 keys for blocks (more than one key tile of
-    the block kernel), of up to 6 for single queries (the per-slot kernel walks slots one by one). Not `padded`:
-    every key valid, ranks are positions."""
+    the block kernel), of up to 6 for single queries (the per-slot kernel walks slots one by one); the last query
+    head's block 1 has no key at all. Not `padded`: every key valid, ranks are positions. `heads_per_selection`
+    consecutive query heads share their ranges."""
     keys = t + 30
     longest = 70 if rows_per_block > 1 else 6
     q = torch.randn(n, h, t, d, device=DEVICE).to(dtype).requires_grad_()
     k, v = (torch.randn(n, kv_heads or h, keys, d, device=DEVICE).to(dtype).requires_grad_() for _ in range(2))
-    blocks = -(-t // rows_per_block)
-    lengths = torch.randint(0, longest + 1, (n, h, blocks, 4), device=DEVICE) * (torch.rand(n, h, blocks, 4, device=DEVICE) > 0.2)
-    starts = (torch.rand(n, h, blocks, 4, device=DEVICE) * (keys - lengths + 1)).long()
-    lengths[0, 1, 1] = 0  # a block with no key at all
+    shape = (n, h // heads_per_selection, -(-t // rows_per_block), 4)
+    lengths = torch.randint(0, longest + 1, shape, device=DEVICE) * (torch.rand(shape, device=DEVICE) > 0.2)
+    starts = (torch.rand(shape, device=DEVICE) * (keys - lengths + 1)).long()
+    lengths[0, -1, 1] = 0
     positions = torch.stack([torch.randperm(keys, device=DEVICE) for _ in range(n)]) if padded else None
     counts = torch.randint(0, keys + 1, (n, t), device=DEVICE)
-    return q, k, v, SeaSelection(starts, lengths, positions, counts, rows_per_block)
+    return q, k, v, SeaSelection(starts, lengths, positions, counts, rows_per_block,
+                                 heads_per_selection=heads_per_selection)
+
+
+def per_head(selection: SeaSelection) -> SeaSelection:
+    """`selection` with every query head's ranges its own copy: what a shared selection must read like."""
+    shared = selection.heads_per_selection
+    return SeaSelection(selection.starts.repeat_interleave(shared, 1), selection.lengths.repeat_interleave(shared, 1),
+                        selection.key_positions, selection.row_counts, selection.rows_per_block)
 
 
 @pytest.mark.parametrize("rows_per_block, d, padded", [(1, 16, True), (16, 16, True), (32, 24, False)],
                          ids=["per-query", "blocks-16", "blocks-32-d24-no-padding"])
-@pytest.mark.parametrize("kv_heads", [3, 1], ids=["multi-head", "grouped-query"])
-def test_forward_and_gradients_match_the_float64_reference_path(kv_heads, rows_per_block, d, padded):
-    q, k, v, selection = random_problem(h=3, d=d, kv_heads=kv_heads, rows_per_block=rows_per_block, padded=padded)
+@pytest.mark.parametrize("kv_heads, shared", [(3, 1), (1, 1), (1, 3)],
+                         ids=["multi-head", "grouped-query", "grouped-query-shared-selection"])
+def test_forward_and_gradients_match_the_float64_reference_path(kv_heads, shared, rows_per_block, d, padded):
+    q, k, v, selection = random_problem(h=3, d=d, kv_heads=kv_heads, rows_per_block=rows_per_block, padded=padded,
+                                        heads_per_selection=shared)
     scaling = q.shape[-1] ** -0.5
     probs, context = sparse_attention_triton(q, k, v, selection, scaling)
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
-    # Grouped-query keys/values are repeated for the reference only (multi-head attention over copies).
+    # Grouped-query keys/values are repeated for the reference only (multi-head attention over copies), and a
+    # shared selection is copied to every head.
     repeat = lambda x: x.repeat_interleave(3 // kv_heads, dim=1)
-    ref_probs, ref_context = sparse_attention(q64, repeat(k64), repeat(v64), selection, scaling)
+    ref_probs, ref_context = sparse_attention(q64, repeat(k64), repeat(v64), per_head(selection), scaling)
     torch.testing.assert_close(probs.double(), ref_probs, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(context.double(), ref_context, rtol=1e-5, atol=1e-6)
-    empty = slice(rows_per_block, 2 * rows_per_block)  # the rows of block 1, which has no key in head 1
-    assert torch.all(context[0, 1, empty] == 0) and torch.all(probs[0, 1, empty] == 0)
+    empty = slice(rows_per_block, 2 * rows_per_block)  # the rows of block 1, which has no key in the last head
+    assert torch.all(context[0, -1, empty] == 0) and torch.all(probs[0, -1, empty] == 0)
 
     grad_probs, grad_context = torch.randn_like(ref_probs), torch.randn_like(ref_context)
     got = torch.autograd.grad((probs * grad_probs.float()).sum() + (context * grad_context.float()).sum(), (q, k, v))
@@ -98,6 +111,9 @@ def test_half_precision_within_one_percent_of_float32(dtype, rows_per_block):
     ref_probs, ref_context = sparse_attention(q32, k32, v32, selection, scaling)
     relative = lambda a, b: float((a.detach().float() - b.detach()).norm() / b.detach().norm())
     assert relative(context, ref_context) <= 1e-2 and relative(probs, ref_probs) <= 1e-2
+    with torch.no_grad():  # inference: the split kernel for single queries, matrix products in half precision
+        _, inference_context = sparse_attention_triton(q, k, v, selection, scaling, need_probs=False)
+    assert relative(inference_context, ref_context) <= 1e-2
     grad = torch.randn_like(ref_context)
     got = torch.autograd.grad((context.float() * grad).sum(), (q, k, v))
     want = torch.autograd.grad((ref_context * grad).sum(), (q32, k32, v32))
@@ -306,55 +322,63 @@ def test_split_kernel_shares_cover_every_slot_in_whole_tiles(rows, slots):
         assert splits == 1  # a prefill's rows fill the GPU alone
 
 
-@pytest.mark.parametrize("programs, padded, kv_heads", [(None, True, 3), (None, False, 1), (72, True, 1), (1, False, 3)],
+@pytest.mark.parametrize("programs, padded, kv_heads, shared",
+                         [(None, True, 3, 1), (None, False, 1, 1), (72, True, 1, 1), (1, False, 3, 1),
+                          (None, True, 1, 3), (1, True, 1, 3)],
                          ids=["shares-of-128", "shares-of-128-no-padding-grouped-query", "longer-shares-grouped-query",
-                              "one-program-per-row-no-padding"])
-def test_split_kernel_matches_the_float64_reference_path(kv_heads, padded, programs, monkeypatch):
+                              "one-program-per-row-no-padding", "shares-of-128-shared-selection",
+                              "one-program-per-row-shared-selection"])
+def test_split_kernel_matches_the_float64_reference_path(kv_heads, padded, programs, shared, monkeypatch):
     """Per-query selections at inference without probabilities take the split kernel: rows of up to ~800 slots
     (several shares: of 128 slots, as a decode step's few rows get, longer ones, or one share per row, as a
     prefill's many rows get), empty ranges, a row with no key at all, rows whose visible count cuts their ranges,
-    keys read in place from a larger buffer."""
+    keys read in place from a larger buffer, and selections that a key/value group's query heads share (each key
+    loaded once for all of them)."""
     if programs is not None:
         monkeypatch.setattr(sea_sparse_kernels, "SPLIT_KERNEL_PROGRAMS", programs)
     n, h, t, d, keys = 2, 3, 4, 24, 900
     q = torch.randn(n, h, t, d, device=DEVICE)
     k, v = (torch.randn(n, kv_heads, keys + 50, d, device=DEVICE)[:, :, :keys] for _ in range(2))
-    lengths = torch.randint(0, 200, (n, h, t, 5), device=DEVICE) * (torch.rand(n, h, t, 5, device=DEVICE) > 0.2)
-    starts = (torch.rand(n, h, t, 5, device=DEVICE) * (keys - lengths + 1)).long()
-    lengths[1, 2, 3] = 0
+    shape = (n, h // shared, t, 5)
+    lengths = torch.randint(0, 200, shape, device=DEVICE) * (torch.rand(shape, device=DEVICE) > 0.2)
+    starts = (torch.rand(shape, device=DEVICE) * (keys - lengths + 1)).long()
+    lengths[1, -1, 3] = 0
     positions = torch.stack([torch.randperm(keys, device=DEVICE) for _ in range(n)]) if padded else None
     counts = torch.randint(keys // 2, keys + 1, (n, t), device=DEVICE)
-    selection = SeaSelection(starts, lengths, positions, counts, 1)
+    selection = SeaSelection(starts, lengths, positions, counts, 1, heads_per_selection=shared)
     scaling = d**-0.5
     with torch.no_grad():
         probs, context = sparse_attention_triton(q, k, v, selection, scaling, need_probs=False)
-    splits, _ = sea_sparse_kernels.split_shares(n * h * t, selection.slots)
+    splits, _ = sea_sparse_kernels.split_shares(n * h // shared * t, selection.slots)
     shares_of_128 = -(-selection.slots // sea_sparse_kernels.DECODE_SPLIT_SLOTS)
     assert probs is None and selection.slots > 3 * sea_sparse_kernels.DECODE_SPLIT_SLOTS
     assert splits == {None: shares_of_128, 72: 3, 1: 1}[programs]
     repeat = lambda x: x.double().repeat_interleave(h // kv_heads, dim=1)
-    _, reference = sparse_attention(q.double(), repeat(k), repeat(v), selection, scaling)
+    _, reference = sparse_attention(q.double(), repeat(k), repeat(v), per_head(selection), scaling)
     torch.testing.assert_close(context.double(), reference, rtol=1e-5, atol=1e-6)
-    assert torch.all(context[1, 2, 3] == 0)
+    assert torch.all(context[1, -1, 3] == 0)
 
 
-# (causal family, query block size, candidate factor): both selection modes for the tiny OPT and Llama (Llama's
-# per-query mode with the exact re-ranking of candidates), one for each of the other families at its real small
-# shape, whose interpreted kernels take up to a minute on a CPU per mode (Qwen2's head_dim 64 also takes the
-# estimate kernels).
-KERNEL_CASES = [("opt", 1, 1), ("opt", 16, 1), ("llama", 16, 1), ("llama", 1, 2), ("qwen2", 1, 1), ("qwen3", 16, 1),
-                ("mistral", 16, 1)]
+# (causal family, query block size, candidate factor, group selection): both selection modes for the tiny OPT and
+# Llama (Llama's per-query mode with the exact re-ranking of candidates), one for each of the other families at its
+# real small shape, whose interpreted kernels take up to a minute on a CPU per mode (Qwen2's head_dim 64 also takes
+# the estimate kernels); the grouped-query families' selections shared by each key/value group in both modes
+# (Qwen2: groups of 7 heads).
+KERNEL_CASES = [("opt", 1, 1, False), ("opt", 16, 1, False), ("llama", 16, 1, False), ("llama", 1, 2, True),
+                ("qwen2", 1, 1, True), ("qwen3", 16, 1, False), ("mistral", 16, 1, True)]
 
 
 def test_every_causal_family_runs_the_kernels():
-    assert {model_type for model_type, _, _ in KERNEL_CASES} == set(CAUSAL)
+    assert {model_type for model_type, *_ in KERNEL_CASES} == set(CAUSAL)
 
 
-@pytest.mark.parametrize("model_type, block, candidates", KERNEL_CASES,
-                         ids=[f"{m}-block{b}" + (f"-candidates{c}" if c > 1 else "") for m, b, c in KERNEL_CASES])
-def test_model_with_the_kernel_equals_the_pytorch_path(model_type, block, candidates):
+@pytest.mark.parametrize("model_type, block, candidates, group", KERNEL_CASES,
+                         ids=[f"{m}-block{b}" + (f"-candidates{c}" if c > 1 else "") + ("-grouped" if g else "")
+                              for m, b, c, g in KERNEL_CASES])
+def test_model_with_the_kernel_equals_the_pytorch_path(model_type, block, candidates, group):
     torch.manual_seed(0)
-    sea = dict(sea_key_budget=8, sea_compressed_width=8, sea_query_block_size=block, sea_candidate_factor=candidates)
+    sea = dict(sea_key_budget=8, sea_compressed_width=8, sea_query_block_size=block, sea_candidate_factor=candidates,
+               sea_group_selection=group)
     model_class = converted_class(SEA_FAMILIES[model_type])
     reference = model_class(sea_test_config(model_type, **sea, sea_kernel="torch")).to(DEVICE).eval()
     kernel = model_class(sea_test_config(model_type, **sea, sea_kernel="triton")).to(DEVICE).eval()
