@@ -135,9 +135,9 @@ class SeaConfigMixin:
     sea_group_selection (`bool`, defaults to `False`):
         With grouped-query attention, the query heads that share a key/value head also share one selection of
         keys: a bin ranks by its largest share of attention in any head of the group (each head's ranking read as
-        shares, a softmax over the bins; NSA shares its selection within a group the same way, by the sum). One key
-        set per group is what lets a kernel read each selected key once for all the group's heads. No effect
-        without grouped heads.
+        shares, a softmax over the bins; NSA shares its selection within a group the same way, by the sum). The
+        selection is computed once per group, and at inference the Triton kernel reads each selected key once for
+        all the group's heads. No effect without grouped heads.
     sea_kernel (`str`, defaults to `"auto"`):
         Which implementation computes the sparse attention: `"auto"` picks the Triton kernel on CUDA when it can
         run (else the PyTorch path, with one warning saying why: e.g. training with attention dropout, which only

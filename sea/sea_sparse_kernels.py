@@ -254,19 +254,95 @@ def _block_sparse_backward(
 
 
 @triton.jit
-def _sparse_split(
+def _row_ranges(LENGTHS, selection_row, num_ranges, BLOCK_R: tl.constexpr):
+    """A split-kernel row's ranges, concatenated: their lengths, ends (slot s lies in the range whose end is the
+    first above s) and total."""
+    range_ids = tl.arange(0, BLOCK_R)
+    lengths = tl.load(LENGTHS + selection_row * num_ranges + range_ids, mask=range_ids < num_ranges, other=0)
+    return lengths, tl.cumsum(lengths, axis=0), tl.sum(lengths, axis=0)
+
+
+@triton.jit
+def _slot_tile(STARTS, POSITIONS, selection_row, num_ranges, lengths, ends, total, count, slots, batch, num_keys,
+               kv_base, dims, dim_ok, HEAD_DIM: tl.constexpr, GATHER: tl.constexpr):
+    """Slots `slots` (BLOCK_N,) of a split-kernel row: which hold a visible key, and the offsets of its key/value
+    rows in K and V, with their mask."""
+    passed = ends[None, :] <= slots[:, None]  # (BLOCK_N, BLOCK_R): ranges wholly before each slot
+    which = tl.sum(passed.to(tl.int32), axis=1)
+    before = tl.sum(tl.where(passed, lengths[None, :], 0), axis=1)
+    in_range = slots < total
+    rank = tl.load(STARTS + selection_row * num_ranges + which, mask=in_range, other=0) + slots - before
+    ok = in_range & (rank < count)
+    if GATHER:
+        position = tl.load(POSITIONS + batch * num_keys + rank, mask=ok, other=0)
+    else:
+        position = rank
+    offsets = kv_base + position[:, None].to(tl.int64) * HEAD_DIM + dims[None, :]
+    return ok, offsets, ok[:, None] & dim_ok[None, :]
+
+
+@triton.jit
+def _sparse_split_head(
+    Q, K, V, STARTS, LENGTHS, POSITIONS, COUNTS, PARTIAL, OUT,
+    num_queries, num_keys, kv_head_stride, num_ranges, split_slots, scaling, num_heads, group,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    GATHER: tl.constexpr, WHOLE_ROW: tl.constexpr,
+):
+    """One query row with a selection of its own (flattened (batch, head, row)) over slots [split x split_slots,
+    (split + 1) x split_slots) of its ranges, in float32 elementwise products: that share's running max,
+    normaliser and unnormalised context, written to PARTIAL[row, split] = [max, normaliser, context (BLOCK_D)];
+    with `WHOLE_ROW` (one share per row) the row's context itself, written to OUT (zero without keys), and nothing
+    left to merge."""
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    head = row // num_queries
+    batch = head // num_heads
+    query = row % num_queries
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    q = tl.load(Q + row * HEAD_DIM + dims, mask=dim_ok, other=0.0).to(tl.float32)
+    count = tl.load(COUNTS + batch * num_queries + query)
+    kv_base = key_value_head(head, num_heads, group) * kv_head_stride
+    lengths, ends, total = _row_ranges(LENGTHS, row, num_ranges, BLOCK_R)
+
+    running_max = tl.full([1], -_EMPTY, tl.float32)
+    normaliser = tl.zeros([1], tl.float32)
+    context = tl.zeros([BLOCK_D], tl.float32)
+    for offset in range(0, split_slots, BLOCK_N):
+        slots = split * split_slots + offset + tl.arange(0, BLOCK_N)
+        ok, offsets, tile_ok = _slot_tile(STARTS, POSITIONS, row, num_ranges, lengths, ends, total, count, slots,
+                                          batch, num_keys, kv_base, dims, dim_ok, HEAD_DIM, GATHER)
+        k = tl.load(K + offsets, mask=tile_ok, other=0.0).to(tl.float32)
+        scores = tl.where(ok, tl.sum(q[None, :] * k, axis=1) * scaling, -_EMPTY)
+        new_max = tl.maximum(running_max, tl.max(scores, axis=0))
+        p = tl.where(ok, tl.exp(scores - new_max), 0.0)
+        rescale = tl.exp(running_max - new_max)
+        v = tl.load(V + offsets, mask=tile_ok, other=0.0).to(tl.float32)
+        normaliser = normaliser * rescale + tl.sum(p, axis=0)
+        context = context * rescale + tl.sum(p[:, None] * v, axis=0)
+        running_max = new_max
+    if WHOLE_ROW:
+        row_normaliser = tl.sum(normaliser, axis=0)  # the (1,) running normaliser as a scalar
+        result = context / tl.where(row_normaliser > 0, row_normaliser, 1.0)
+        tl.store(OUT + row * HEAD_DIM + dims, result.to(OUT.dtype.element_ty), mask=dim_ok)
+    else:
+        record = PARTIAL + (row * tl.num_programs(1) + split) * (BLOCK_D + 2)
+        tl.store(record + tl.arange(0, 1), running_max)
+        tl.store(record + 1 + tl.arange(0, 1), normaliser)
+        tl.store(record + 2 + dims, context)
+
+
+@triton.jit
+def _sparse_split_group(
     Q, K, V, STARTS, LENGTHS, POSITIONS, COUNTS, PARTIAL, OUT,
     num_queries, num_keys, kv_head_stride, num_ranges, split_slots, scaling, num_heads, group, shared,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_H: tl.constexpr, GATHER: tl.constexpr, WHOLE_ROW: tl.constexpr, PRECISION: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
 ):
-    """One query row of the `shared` query heads that share a selection (flattened (batch, selection head, row)),
-    over slots [split x split_slots, (split + 1) x split_slots) of its ranges: each selected key and value is
-    loaded once for all those heads, which are the rows of the tile's matrix products. Writes each head's share
-    (running max, normaliser, unnormalised context) to PARTIAL[(batch, head, row), split] = [max, normaliser,
-    context (BLOCK_D)]; with `WHOLE_ROW` (one share per row) each head's context itself, to OUT (zero without
-    keys), and nothing is left to merge."""
+    """`_sparse_split_head` for the `shared` query heads that share a selection (flattened (batch, selection head,
+    row)): each selected key and value is loaded once for all of them, the rows of the tile's matrix products
+    (BLOCK_H >= 16: tensor cores). Writes each head's share or, with `WHOLE_ROW`, its context, as that kernel."""
     selection_row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     query = selection_row % num_queries
@@ -281,33 +357,17 @@ def _sparse_split(
                 other=0.0).to(DOT_DTYPE)
     count = tl.load(COUNTS + batch * num_queries + query)
     kv_base = key_value_head(first_head, num_heads, group) * kv_head_stride
-    # The row's ranges, concatenated: slot s lies in the range whose end is the first above s.
-    range_ids = tl.arange(0, BLOCK_R)
-    lengths = tl.load(LENGTHS + selection_row * num_ranges + range_ids, mask=range_ids < num_ranges, other=0)
-    ends = tl.cumsum(lengths, axis=0)
-    total = tl.sum(lengths, axis=0)
+    lengths, ends, total = _row_ranges(LENGTHS, selection_row, num_ranges, BLOCK_R)
 
     running_max = tl.full([BLOCK_H], -_EMPTY, tl.float32)
     normaliser = tl.zeros([BLOCK_H], tl.float32)
     context = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    first = split * split_slots
     for offset in range(0, split_slots, BLOCK_N):
-        slots = first + offset + tl.arange(0, BLOCK_N)
-        passed = ends[None, :] <= slots[:, None]  # (BLOCK_N, BLOCK_R): ranges wholly before each slot
-        which = tl.sum(passed.to(tl.int32), axis=1)
-        before = tl.sum(tl.where(passed, lengths[None, :], 0), axis=1)
-        in_range = slots < total
-        rank = tl.load(STARTS + selection_row * num_ranges + which, mask=in_range, other=0) + slots - before
-        ok = in_range & (rank < count)
-        if GATHER:
-            position = tl.load(POSITIONS + batch * num_keys + rank, mask=ok, other=0)
-        else:
-            position = rank
-        offsets = kv_base + position[:, None].to(tl.int64) * HEAD_DIM + dims[None, :]
-        tile_ok = ok[:, None] & dim_ok[None, :]
+        slots = split * split_slots + offset + tl.arange(0, BLOCK_N)
+        ok, offsets, tile_ok = _slot_tile(STARTS, POSITIONS, selection_row, num_ranges, lengths, ends, total, count,
+                                          slots, batch, num_keys, kv_base, dims, dim_ok, HEAD_DIM, GATHER)
         k = tl.load(K + offsets, mask=tile_ok, other=0.0).to(DOT_DTYPE)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scaling
-        scores = tl.where(ok[None, :], scores, -_EMPTY)
+        scores = tl.where(ok[None, :], tl.dot(q, tl.trans(k), input_precision=PRECISION) * scaling, -_EMPTY)
         new_max = tl.maximum(running_max, tl.max(scores, axis=1))
         p = tl.where(ok[None, :], tl.exp(scores - new_max[:, None]), 0.0)
         rescale = tl.exp(running_max - new_max)
@@ -547,12 +607,16 @@ def per_query_inference_attention(q, k, v, selection, scaling: float) -> torch.T
     partial = out if whole_row else torch.empty(n * h * t, splits, block_d + 2, dtype=torch.float32, device=q.device)
     num_ranges = starts.shape[-1]
     if t > 0 and num_ranges > 0:
-        _sparse_split[(selection_rows, splits)](
-            q, k, v, starts, lengths, positions, counts, partial, out, t, k.shape[2], k.stride(1), num_ranges,
-            share, scaling, h, h // k.shape[1], shared, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=DECODE_TILE_SLOTS,
-            BLOCK_R=max(16, triton.next_power_of_2(num_ranges)), BLOCK_H=max(16, triton.next_power_of_2(shared)),
-            GATHER=gather, WHOLE_ROW=whole_row, **dot_arguments(q),
-        )
+        common = (q, k, v, starts, lengths, positions, counts, partial, out, t, k.shape[2], k.stride(1), num_ranges,
+                  share, scaling, h, h // k.shape[1])
+        shapes = dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=DECODE_TILE_SLOTS,
+                      BLOCK_R=max(16, triton.next_power_of_2(num_ranges)), GATHER=gather, WHOLE_ROW=whole_row)
+        if shared == 1:
+            _sparse_split_head[(selection_rows, splits)](*common, **shapes)
+        else:  # 2 warps: 4x the elementwise products' speed at 4 heads (benchmarks/results/kernel_notes.md)
+            _sparse_split_group[(selection_rows, splits)](
+                *common, shared, BLOCK_H=max(16, triton.next_power_of_2(shared)), **shapes, **dot_arguments(q),
+                num_warps=2)
         if not whole_row:
             _sparse_decode_combine[(n * h * t,)](partial, out, splits, HEAD_DIM=d, BLOCK_D=block_d,
                                                  BLOCK_S=max(2, triton.next_power_of_2(splits)))

@@ -100,10 +100,12 @@ def test_forward_and_gradients_match_the_float64_reference_path(kv_heads, shared
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5, msg=f"grad {name} without probabilities")
 
 
-@pytest.mark.parametrize("rows_per_block", [1, 16], ids=["per-query", "blocks"])
+@pytest.mark.parametrize("rows_per_block, shared", [(1, 1), (1, 3), (16, 1)],
+                         ids=["per-query", "per-query-shared-selection", "blocks"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_within_one_percent_of_float32(dtype, rows_per_block):
-    q, k, v, selection = random_problem(dtype=dtype, rows_per_block=rows_per_block)
+def test_half_precision_within_one_percent_of_float32(dtype, rows_per_block, shared):
+    q, k, v, selection = random_problem(dtype=dtype, rows_per_block=rows_per_block, kv_heads=3 // shared,
+                                        heads_per_selection=shared)
     scaling = q.shape[-1] ** -0.5
     probs, context = sparse_attention_triton(q, k, v, selection, scaling)
     assert probs.dtype == dtype and context.dtype == dtype
