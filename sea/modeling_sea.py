@@ -55,7 +55,7 @@ from transformers.models.qwen3.modeling_qwen3 import (
     Qwen3Model,
     Qwen3PreTrainedModel,
 )
-from transformers.utils import logging
+from transformers.utils import is_torchdynamo_compiling, logging
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_sea import (
@@ -109,7 +109,9 @@ def prepare_causal_inputs(decoder, input_ids, inputs_embeds, attention_mask, giv
     caching), the number of cached positions, and the (N, T_all) key-validity mask of every position so far (also
     stored in the cache, so a decode step without `attention_mask` keeps the prompt's padding). The mask is None
     when no position can be padding (no `attention_mask`, nothing cached): the layers then skip every padding
-    step, and nothing waits on its values (which `torch.export` could not trace)."""
+    step, and nothing waits on its values (which `torch.export` could not trace). It is None too when it marks no
+    padding (generate's all-ones masks), checked here once per forward instead of in every layer: the check waits
+    for the device; a traced graph (torch.export, torch.compile) skips it and passes the mask on."""
     if (input_ids is None) ^ (inputs_embeds is not None):
         raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
     if inputs_embeds is None:
@@ -152,6 +154,8 @@ def prepare_causal_inputs(decoder, input_ids, inputs_embeds, attention_mask, giv
         key_valid = torch.cat([cache.key_valid, new_valid], dim=1)
     if cache is not None:
         cache.key_valid = new_valid if key_valid is None else key_valid
+    if key_valid is not None and not is_torchdynamo_compiling() and bool(key_valid.all()):
+        key_valid = None
     return inputs_embeds, cache, past, key_valid
 
 

@@ -67,7 +67,7 @@ class SeaSelection:
     or beyond its own visible-key count `row_counts` (N, T) (in a causal block, the keys after the row). Slot s of
     a row is the s-th rank of that concatenation; `key_positions` (N, T_all) maps ranks to key positions (None
     when every key is valid: then rank and position are the same, and the Triton kernel reads keys contiguously).
-    `max_slots`, when known, bounds `slots` from shapes and the budget rule alone.
+    `max_slots`, when known, is `slots`, bounding every row from shapes and the budget rule alone.
     """
 
     starts: torch.Tensor
@@ -80,10 +80,11 @@ class SeaSelection:
 
     @functools.cached_property
     def slots(self) -> int:
-        """Slots per row: the longest concatenation of a block's ranges. A traced graph (torch.export,
-        torch.compile) cannot size tensors by that data, so it takes `max_slots`: the extra slots are unused, which
-        leaves every result the same."""
-        if self.max_slots is not None and is_torchdynamo_compiling():
+        """Slots per row: `max_slots` when known, else the longest concatenation of a block's ranges. Reading that
+        length waits for the device (and a traced graph, torch.export or torch.compile, cannot size tensors by it);
+        the bound is what a long input's rows fill anyway, and extra slots are unused, which leaves every result the
+        same."""
+        if self.max_slots is not None:
             return self.max_slots
         return int(self.lengths.sum(-1).max()) if self.lengths.numel() else 0
 
@@ -821,10 +822,15 @@ def select(inputs: SeaRankingInputs, ranking: torch.Tensor, rows_log_mass, rule:
     `rows_log_mass(step, starts, lengths, counts)`: `range_log_mass` of every `step`-th query row.
 
     A row's ranges are disjoint ranks of the keys it sees, so it reads at most T_all of them, and under the
-    "constant" rule at most the budget plus the rest of its block: the selection's `max_slots`."""
+    "constant" rule at most the budget plus the rest of its block: the selection's `max_slots`. (Under the
+    "reference" rule the bound is every key, which sizes the slots only where their lengths cannot be read: in a
+    traced graph.)"""
     block, counts, num_keys = inputs.block_size, inputs.counts, inputs.k.shape[2]
     ranking = inputs.per_group(ranking)
-    max_slots = min(num_keys, rule.budget + block - 1) if rule.budget_rule == "constant" else num_keys
+    if rule.budget_rule == "constant":
+        max_slots = min(num_keys, rule.budget + block - 1)
+    else:
+        max_slots = num_keys if is_torchdynamo_compiling() else None
     if block == 1:
         edges = bin_edges(counts, inputs.width)
         ranking = reranked(anchored(ranking, edges, rule.anchor_bins), edges,
