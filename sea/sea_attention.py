@@ -67,7 +67,8 @@ class SeaSelection:
     or beyond its own visible-key count `row_counts` (N, T) (in a causal block, the keys after the row). Slot s of
     a row is the s-th rank of that concatenation; `key_positions` (N, T_all) maps ranks to key positions (None
     when every key is valid: then rank and position are the same, and the Triton kernel reads keys contiguously).
-    `max_slots`, when known, is `slots`, bounding every row from shapes and the budget rule alone.
+    `max_slots`, when known, bounds every row from shapes and the budget rule alone; None: `slots` is read from the
+    lengths.
     """
 
     starts: torch.Tensor
@@ -78,15 +79,17 @@ class SeaSelection:
     max_slots: int | None = None
     heads_per_selection: int = 1
 
-    @functools.cached_property
+    def __post_init__(self):
+        if self.max_slots is None:  # read once, here: it waits for the device
+            self.max_slots = int(self.lengths.sum(-1).max()) if self.lengths.numel() else 0
+
+    @property
     def slots(self) -> int:
-        """Slots per row: `max_slots` when known, else the longest concatenation of a block's ranges. Reading that
+        """Slots per row: `max_slots` when given, else the longest concatenation of a block's ranges. Reading that
         length waits for the device (and a traced graph, torch.export or torch.compile, cannot size tensors by it);
         the bound is what a long input's rows fill anyway, and extra slots are unused, which leaves every result the
         same."""
-        if self.max_slots is not None:
-            return self.max_slots
-        return int(self.lengths.sum(-1).max()) if self.lengths.numel() else 0
+        return self.max_slots
 
     def rows(self, first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Key positions (N, H / heads_per_selection, last - first, slots) of query rows first..last - 1 (one per
