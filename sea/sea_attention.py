@@ -473,13 +473,13 @@ def range_log_mass(q, k, v, starts, lengths, positions, counts, scaling: float, 
     for r0 in range(0, r, rows_per_chunk):
         rows = slice(r0, min(r, r0 + rows_per_chunk))
         part_lengths = lengths[:, :, rows]
-        selection = SeaSelection(starts[:, :, rows], part_lengths, positions, counts[:, rows], 1,
-                                 heads_per_selection=shared)
+        # Sized by every chunk's bound, `slots`: reading each chunk's lengths again would wait for the device.
+        selection = SeaSelection(starts[:, :, rows], part_lengths, positions, counts[:, rows], 1, slots, shared)
         probs, _ = attend(q[:, :, rows].contiguous(), k, v, selection, scaling, True)
         prefix = F.pad(at_least_float32(probs).cumsum(-1), (1, 0))
-        ends = part_lengths.cumsum(-1).repeat_interleave(shared, 1)
-        part_lengths = part_lengths.repeat_interleave(shared, 1)
-        masses.append(prefix.gather(-1, ends) - prefix.gather(-1, ends - part_lengths))
+        head_lengths = part_lengths.repeat_interleave(shared, 1)  # per query head, as the probabilities are
+        ends = head_lengths.cumsum(-1)
+        masses.append(prefix.gather(-1, ends) - prefix.gather(-1, ends - head_lengths))
     return torch.cat(masses, 2).clamp_min(torch.finfo(torch.float32).tiny).log()
 
 
