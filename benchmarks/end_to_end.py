@@ -20,10 +20,12 @@ Variants (a cell is one shape, batch, length, mode and variant):
   SDPA picks its own backend (the static cache's mask rules flash out). transformers compiles only on
   accelerators: on the CPU this is the StaticCache alone, and each cell records whether generate compiled.
 - sea: `convert_to_sea(dense, sea_key_budget=--key-budget)`, every other SEA setting at its default; decode is
-  plain generate with SEA's own SeaCache (SEA models do not support a StaticCache).
+  plain generate with SEA's own growing SeaCache.
 - sea_grouped: the same model with `config.sea_group_selection = True` (set on the loaded model's config, as a user
   would: the field is read at every call): one selection per key/value group, whose query heads the sparse kernel
   serves with each selected key loaded once.
+- sea_static_compiled, sea_grouped_static_compiled (decode only): those two with static_compiled's generate
+  options: a SeaStaticCache and the decode step compiled with CUDA graphs.
 
 Prefill: `model(ids, logits_to_keep=1)`, the last token's logits, with the model's default use_cache (the cache a
 generation starts from is built too); median of --repeats calls after a warm-up call.
@@ -100,14 +102,19 @@ GPU_SHAPES = ("smollm2-135m", "llama-1b", "opt-1.3b")
 SDPA_BACKENDS = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
                  "sdpa_math": SDPBackend.MATH}
 # SEA variant -> the SEA settings it sets on the converted model's config; every other variant is dense.
-SEA_VARIANTS = {"sea": {"sea_group_selection": False}, "sea_grouped": {"sea_group_selection": True}}
+SEA_VARIANTS = {"sea": {"sea_group_selection": False}, "sea_grouped": {"sea_group_selection": True},
+                "sea_static_compiled": {"sea_group_selection": False},
+                "sea_grouped_static_compiled": {"sea_group_selection": True}}
+# The decode variants that generate with a static cache and the decode step compiled.
+STATIC_COMPILED = ("static_compiled", "sea_static_compiled", "sea_grouped_static_compiled")
 # mode -> its variants.
-VARIANTS = {"prefill": ("sdpa_flash", "sdpa_cudnn", "sdpa_math", "flex_attention", *SEA_VARIANTS),
-            "decode": ("sdpa_flash", "sdpa_cudnn", "sdpa_math", "flex_attention", "static_compiled", *SEA_VARIANTS)}
+VARIANTS = {"prefill": ("sdpa_flash", "sdpa_cudnn", "sdpa_math", "flex_attention", "sea", "sea_grouped"),
+            "decode": ("sdpa_flash", "sdpa_cudnn", "sdpa_math", "flex_attention", *STATIC_COMPILED[:1],
+                       *SEA_VARIANTS)}
 ALL_VARIANTS = tuple(dict.fromkeys(v for variants in VARIANTS.values() for v in variants))
-SMOKE_DEFAULTS = {  # sea_grouped differs from sea by a config field only: the smoke run keeps to one of them
+SMOKE_DEFAULTS = {  # the grouped variants differ by a config field only: the smoke run keeps to the per-head ones
     "shapes": ["tiny-llama", "tiny-opt"], "lengths": [48, 96], "batches": [1, 2],
-    "variants": [v for v in ALL_VARIANTS if v != "sea_grouped"],
+    "variants": [v for v in ALL_VARIANTS if "grouped" not in v],
     "dtype": "float32", "device": "cpu", "key_budget": 16, "new_tokens": 4, "repeats": 1, "max_positions": 128,
     "work_dir": "outputs/end-to-end-smoke", "output": "outputs/end-to-end-smoke/end_to_end_smoke",
 }
@@ -315,7 +322,7 @@ def measure(model, key: dict, args, device: str) -> dict:
     """One cell's times and memory (see the module docstring for what each mode measures)."""
     generator = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(3, model.config.vocab_size, (key["batch"], key["length"]), generator=generator).to(device)
-    static = key["variant"] == "static_compiled"
+    static = key["variant"] in STATIC_COMPILED
     # No compiled graph (nor its CUDA-graph memory) of an earlier cell: the static cells compile for their own shapes,
     # as in a user's process.
     torch._dynamo.reset()
@@ -443,7 +450,7 @@ def markdown(cells: list[dict], record: dict, settings: dict, skipped: dict) -> 
     versions = ", ".join(f"{name} {version}" for name, version in record["versions"].items())
     lines = [f"# End to end: dense vs SEA, {settings['dtype']}, random weights", "", f"```\n{record['command']}\n```", "",
              (f"Device: {record['device']}; {versions}; SEA key budget {settings['key_budget']}, every other SEA "
-              f"setting at its default but sea_grouped's sea_group_selection=True; decode over {settings['new_tokens']} "
+              f"setting at its default but the grouped variants' sea_group_selection=True; decode over {settings['new_tokens']} "
               "new tokens."), "",
              ("Each variant's time (ms; decode: ms per new token) with, in brackets, the memory its calls added at "
               "their peak to what the cell started with (the weights); each SEA variant's speed-up over the fastest "

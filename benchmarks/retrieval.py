@@ -243,9 +243,10 @@ def diagnose(model, trials: dict) -> list[dict]:
             window = slice(int(trials["needle_starts"][i]), int(trials["needle_starts"][i]) + NEEDLE_WINDOW)
             trial_masses, trial_ranks = [], []
             for width, q, k, key_valid, estimate in records:
-                probs = exact_attention(q, k, key_valid, True, q.shape[-1] ** -0.5, slice(0, 1))[0][0, :, 0]
+                counts = visible_key_counts(key_valid, True, key_valid[:, -1:])
+                probs = exact_attention(q, k, key_valid, counts, True, q.shape[-1] ** -0.5, slice(0, 1))[0][0, :, 0]
                 trial_masses.append(probs[:, window].sum(-1))
-                edges = bin_edges(visible_key_counts(key_valid, True, 1), width)[0, 0]  # no padding: rank = position
+                edges = bin_edges(counts, width)[0, 0]  # no padding: rank = position
                 top_token = window.start + probs[:, window].argmax(-1)
                 needle_bin = torch.searchsorted(edges, top_token, right=True) - 1
                 trial_ranks.append((estimate > estimate.gather(-1, needle_bin[:, None])).sum(-1))

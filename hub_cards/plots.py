@@ -69,10 +69,10 @@ def attention_maps(student, teacher, inputs: dict, layer: int, head: int) -> dic
     valid = output.key_valid[:1].cpu()
     q, k = (teacher_layers[layer][name][:1, head : head + 1].double().cpu() for name in ("q", "k"))
     t = q.shape[2]
-    teacher_map, visible = exact_attention(q, k, valid, module.causal, q.shape[-1] ** -0.5, slice(0, t))
+    counts = visible_key_counts(valid, module.causal, valid[:, -t:])
+    teacher_map, visible = exact_attention(q, k, valid, counts, module.causal, q.shape[-1] ** -0.5, slice(0, t))
     teacher_map, visible = teacher_map[0, 0], visible[0]
-
-    counts = visible_key_counts(valid, module.causal, t)[0]
+    counts = counts[0]
     edges = bin_edges(counts[None], output.estimate_log_probs.shape[-1])[0]
     estimate = output.estimate_log_probs[0, head].double().exp().cpu()
     estimate_map = torch.zeros(t, t, dtype=torch.float64)

@@ -10,6 +10,7 @@ causality itself), so no T x T mask is ever built.
 import copy
 
 import torch
+import torch.nn.functional as F
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.bert.modeling_bert import (
@@ -70,7 +71,7 @@ from .configuration_sea import (
     SeaQwen3Config,
     SeaRotaryConfigMixin,
 )
-from .sea_cache import SeaCache
+from .sea_cache import SeaCache, SeaCacheMixin, SeaStaticCache
 from .sea_layer import SeaAttention
 
 logger = logging.get_logger(__name__)
@@ -120,7 +121,9 @@ def prepare_causal_inputs(decoder, input_ids, inputs_embeds, attention_mask, giv
     n, t = inputs_embeds.shape[:2]
     if t == 0:
         raise ValueError("The input is empty: SEA models need at least one token.")
-    if torch.compiler.is_exporting():
+    # torch 2.11 also reports exporting inside torch.compile's traces, where a static cache is what compiled
+    # generation continues: only a forward without one is taken for an export.
+    if torch.compiler.is_exporting() and not isinstance(given, SeaStaticCache):
         # An exported program's outputs are tensors (or registered containers): SEA's cache is neither.
         if use_cache or given is not None:
             raise ValueError(
@@ -139,13 +142,13 @@ def prepare_causal_inputs(decoder, input_ids, inputs_embeds, attention_mask, giv
                 "sequences."
             )
         given, use_cache = None, False
-    cache = SeaCache.for_model(given, config) if use_cache or given is not None else None
-    past = cache.get_seq_length() if cache is not None else 0
-    if past + t > config.max_position_embeddings:
-        raise ValueError(
-            f"{past + t} tokens exceed max_position_embeddings={config.max_position_embeddings} of this model; "
-            "truncate the input or generate fewer tokens."
-        )
+    cache = SeaCacheMixin.for_model(given, config) if use_cache or given is not None else None
+    past = cache.get_seq_length() if cache is not None else 0  # a static cache's: a tensor, so no step recompiles
+    if not is_torchdynamo_compiling():
+        check_length(int(past) + t, config, cache)
+    if isinstance(cache, SeaStaticCache):
+        new_slots = cache.begin_forward(n, t, inputs_embeds.device)
+        return inputs_embeds, cache, past, static_key_valid(cache, attention_mask, new_slots)
     new_valid = torch.ones(n, t, dtype=torch.bool, device=inputs_embeds.device)
     key_valid = None
     if attention_mask is not None:
@@ -157,6 +160,42 @@ def prepare_causal_inputs(decoder, input_ids, inputs_embeds, attention_mask, giv
     if key_valid is not None and not is_torchdynamo_compiling() and bool(key_valid.all()):
         key_valid = None
     return inputs_embeds, cache, past, key_valid
+
+
+def check_length(total: int, config, cache) -> None:
+    """Refuses a forward whose positions so far exceed the model's, or the static cache's slots."""
+    if total > config.max_position_embeddings:
+        raise ValueError(
+            f"{total} tokens exceed max_position_embeddings={config.max_position_embeddings} of this model; "
+            "truncate the input or generate fewer tokens."
+        )
+    if isinstance(cache, SeaStaticCache) and total > cache.max_cache_len:
+        raise ValueError(
+            f"{total} tokens exceed this SeaStaticCache's max_cache_len={cache.max_cache_len}; make a larger cache "
+            "(generate sizes it by max_length, or by generation_config.max_cache_len)."
+        )
+
+
+def static_key_valid(cache: SeaStaticCache, attention_mask: torch.Tensor | None, new_slots: torch.Tensor):
+    """The key mask of a static cache's slots once this forward's positions are in: the given mask of every
+    position so far, (N, max_cache_len) as generate() pads it or (N, positions so far), else the cache's own with
+    the new slots valid. Unfilled slots are invalid, which is how SEA's layers tell them from keys. Kept in the
+    cache, in place, so a step without `attention_mask` keeps the prompt's padding."""
+    buffer = cache.key_valid
+    if attention_mask is None:
+        return buffer.index_fill_(1, new_slots, True)
+    n, slots = buffer.shape
+    if attention_mask.shape != (n, slots):
+        filled = None if is_torchdynamo_compiling() else int(new_slots[-1]) + 1
+        if attention_mask.shape != (n, filled):
+            raise ValueError(
+                f"A SEA model continuing a SeaStaticCache takes a 2-D `attention_mask` of shape (batch, max_cache_len) "
+                f"= {(n, slots)}, or eagerly (batch, positions so far) = {(n, filled)}, with 1 for tokens and 0 for "
+                f"padding; got shape {tuple(attention_mask.shape)}."
+            )
+        attention_mask = F.pad(attention_mask, (0, slots - filled))
+    filled_slots = torch.arange(slots, device=buffer.device) <= new_slots[-1]
+    return buffer.copy_(attention_mask.bool() & filled_slots)
 
 
 def wants_attentions(attention: torch.nn.Module, requested: bool | None) -> bool:
@@ -216,12 +255,12 @@ class SeaOptAttention(OPTAttention):
         query = (self.q_proj(hidden_states) * self.scaling).view(shape).transpose(1, 2)
         key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
         value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-        state = None
+        state = new_slots = None
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
-            state = cache.sea_state(self.layer_idx)
+            state, new_slots = cache.sea_state(self.layer_idx), cache.new_slots
         result = self.sea(query, key, value, attention_mask, scaling=1.0, state=state, need_probs=output_attentions,
-                          dropout=self.dropout if self.training else 0.0)
+                          dropout=self.dropout if self.training else 0.0, new_slots=new_slots)
         if cache is not None:
             cache.set_sea_state(self.layer_idx, result.state)
         output = self.out_proj(heads_to_hidden(result.context))
@@ -259,11 +298,14 @@ class SeaOptDecoder(SeaOptPreTrainedModel, OPTDecoder):
         inputs_embeds, cache, past, key_valid = prepare_causal_inputs(
             self, input_ids, inputs_embeds, attention_mask, given_cache(cache, past_key_values), use_cache
         )
+        t = inputs_embeds.shape[1]
         if position_ids is None and key_valid is None:
-            position_ids = torch.arange(past, past + inputs_embeds.shape[1], device=inputs_embeds.device)[None]
+            position_ids = (torch.arange(t, device=inputs_embeds.device) + past)[None]
         elif position_ids is None:  # OPT's rule: positions count the tokens, not the padding
             mask = key_valid.long()
-            position_ids = (mask.cumsum(-1) * mask - 1)[:, past:]
+            token_positions = mask.cumsum(-1) * mask - 1
+            new_slots = cache.new_slots if cache is not None else None
+            position_ids = token_positions[:, -t:] if new_slots is None else token_positions.index_select(1, new_slots)
         pos_embeds = self.embed_positions(None, past, position_ids=position_ids)
         if self.project_in is not None:
             inputs_embeds = self.project_in(inputs_embeds)
@@ -305,18 +347,37 @@ class SeaCausalLMMixin:
         # No plain DynamicCache, static, offloaded or quantized cache can hold SEA's state.
         return False
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        """A fresh `SeaCache` when the user gave no cache and caching is on (chunked prefill needs one before the
-        first forward); otherwise transformers' checks of a user's cache."""
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
+                                      max_cache_length):
+        """A fresh SEA cache when the user gave no cache and caching is on (chunked prefill needs one before the
+        first forward): a `SeaStaticCache` of `max_cache_length` slots (or `generation_config.max_cache_len`, when
+        larger) for `cache_implementation="static"`, a `SeaCache` otherwise; with a user's cache, transformers'
+        checks of it."""
         given = given_cache(model_kwargs.get("cache"), model_kwargs.get("past_key_values"))
         if given is not None or generation_config.use_cache is False:
-            return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        if generation_config.cache_implementation is not None:
+            return super()._prepare_cache_for_generation(
+                generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+            )
+        implementation = generation_config.cache_implementation
+        if implementation == "static":
+            slots = max(max_cache_length, getattr(generation_config, "max_cache_len", None) or 0)
+            model_kwargs[CACHE_NAME] = SeaStaticCache(self.config, slots)
+            return
+        if implementation not in (None, "dynamic"):
             logger.warning_once(
-                f"SEA models generate with their own SeaCache: cache_implementation="
-                f"{generation_config.cache_implementation!r} is ignored."
+                f"SEA models generate with their own SeaCache or, for cache_implementation='static', SeaStaticCache: "
+                f"cache_implementation={implementation!r} is ignored."
             )
         model_kwargs[CACHE_NAME] = SeaCache(self.config)
+
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, **kwargs):
+        """What generate() passes as `attention_mask` with a compilable cache: for a `SeaStaticCache`, the 2-D
+        padding mask padded with zeros to the cache's slots, a shape that stays the same at every step (SEA layers
+        read (N, T) padding masks, never 4-D ones)."""
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if attention_mask is None or not isinstance(cache, SeaStaticCache):
+            return attention_mask
+        return F.pad(attention_mask, (0, cache.max_cache_len - attention_mask.shape[1]))
 
     def generate(self, inputs=None, generation_config=None, **kwargs):
         """`GenerationMixin.generate`, after checking that the prompt plus the new tokens fit the model's
@@ -387,13 +448,13 @@ class SeaRotaryAttentionMixin:
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         # Rotated queries and keys feed both the estimate and the exact scores, as they feed dense attention.
         query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
-        state = None
+        state = new_slots = None
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
-            state = cache.sea_state(self.layer_idx)
+            state, new_slots = cache.sea_state(self.layer_idx), cache.new_slots
         output_attentions = wants_attentions(self, kwargs.get("output_attentions"))
         result = self.sea(query, key, value, attention_mask, scaling=self.scaling, state=state, need_probs=output_attentions,
-                          dropout=self.attention_dropout if self.training else 0.0)
+                          dropout=self.attention_dropout if self.training else 0.0, new_slots=new_slots)
         if cache is not None:
             cache.set_sea_state(self.layer_idx, result.state)
         output = self.o_proj(heads_to_hidden(result.context))
@@ -429,7 +490,7 @@ class SeaRotaryModelMixin:
             self, input_ids, inputs_embeds, attention_mask, given_cache(cache, past_key_values), use_cache
         )
         if position_ids is None:  # Llama's rule: positions count every slot, padding included
-            position_ids = torch.arange(past, past + inputs_embeds.shape[1], device=inputs_embeds.device)[None]
+            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past)[None]
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         for layer in self.layers[: self.config.num_hidden_layers]:

@@ -201,12 +201,15 @@ class SeaAttentionOutput:
         return dense.scatter_add_(-1, self.selection.key_index, probs)
 
 
-def visible_key_counts(key_valid: torch.Tensor, causal: bool, num_queries: int) -> torch.Tensor:
-    """(N, num_queries) number of valid keys visible to each query; the queries are the last `num_queries` of the
-    key positions. Padded queries are computed like the others, as dense attention does; a query that sees no
-    valid key gets zeros."""
-    counts = key_valid.long().cumsum(-1)[:, -num_queries:]
-    return counts if causal else counts[:, -1:].expand_as(counts)
+def visible_key_counts(key_valid: torch.Tensor, causal: bool, new_valid: torch.Tensor) -> torch.Tensor:
+    """(N, T) number of valid keys visible to each of the T new queries, whose own positions' validity is
+    `new_valid` (N, T): the last T positions, or wherever a static cache wrote them, as long as no valid key lies
+    after them (its unfilled slots are invalid). Padded queries are computed like the others, as dense attention
+    does; a query that sees no valid key gets zeros."""
+    total = key_valid.sum(-1, keepdim=True)
+    if not causal:
+        return total.expand(new_valid.shape)
+    return total - new_valid.sum(-1, keepdim=True) + new_valid.long().cumsum(-1)
 
 
 def valid_key_positions(key_valid: torch.Tensor) -> torch.Tensor:
@@ -221,17 +224,16 @@ def bin_edges(counts: torch.Tensor, width: int) -> torch.Tensor:
     return torch.div(counts.unsqueeze(-1) * b, width, rounding_mode="floor")
 
 
-def exact_attention(q, k, key_valid, causal: bool, scaling: float, rows: slice):
+def exact_attention(q, k, key_valid, counts, causal: bool, scaling: float, rows: slice):
     """Dense softmax attention probabilities (N, H, C, T_all), at least float32, of query rows `rows` of q
-    (N, H, T, D), the queries of the last T of the T_all key positions, over k (N, H_kv, T_all, D) (query head i
-    reads key head i // (H / H_kv)); zero on keys a row does not see. Also which keys each row sees (N, C, T_all).
-    O(C x T_all) per call: the teacher of the distillation losses and the oracle selection."""
-    n, _, t, _ = q.shape
-    t_all = k.shape[2]
+    (N, H, T, D), the new queries with `counts` (N, T) from `visible_key_counts`, over k (N, H_kv, T_all, D) (query
+    head i reads key head i // (H / H_kv)); zero on keys a row does not see (a causal row sees the valid keys of
+    rank below its count). Also which keys each row sees (N, C, T_all). O(C x T_all) per call: the teacher of the
+    distillation losses and the oracle selection."""
+    n, t_all = q.shape[0], k.shape[2]
     visible = key_valid[:, None, :].expand(n, rows.stop - rows.start, t_all)
     if causal:
-        query_positions = torch.arange(rows.start, rows.stop, device=q.device) + (t_all - t)
-        visible = visible & (torch.arange(t_all, device=q.device) <= query_positions[:, None])
+        visible = visible & (key_valid.long().cumsum(-1)[:, None, :] <= counts[:, rows, None])
     grouped_q = at_least_float32(q[:, :, rows]).unflatten(1, (k.shape[1], -1))
     scores = (grouped_q @ at_least_float32(k).unsqueeze(2).transpose(-1, -2)).flatten(1, 2) * scaling
     scores = scores.masked_fill(~visible[:, None], float("-inf"))
@@ -256,17 +258,18 @@ def binned_rows(probs: torch.Tensor, edge_prefix: torch.Tensor) -> torch.Tensor:
     return at_edges.diff(dim=-1).clamp_min(0)
 
 
-def exact_bin_log_mass(q, k, key_valid, positions, counts, causal: bool, scaling: float, width: int) -> torch.Tensor:
+def exact_bin_log_mass(q, k, key_valid, counts, bin_counts, causal: bool, scaling: float, width: int) -> torch.Tensor:
     """(N, H, T, M) log of the dense attention mass in each of every query's M bins, computed exactly in chunks of
     query rows (nothing T x T at once, but O(T x T_all) work): what the oracle selection ranks bins by, an upper
-    bound for any bin selector at the same budget."""
+    bound for any bin selector at the same budget. Each row attends as its `counts` let it and is binned over
+    `bin_counts` (the counts its bins are laid over: `SeaRankingInputs.ranking_counts`)."""
     n, h, t, _ = q.shape
-    edge_prefix = bin_edge_prefix_lengths(key_valid, bin_edges(counts, width))
+    edge_prefix = bin_edge_prefix_lengths(key_valid, bin_edges(bin_counts, width))
     rows_per_chunk = max(1, SCORE_CHUNK_ELEMENTS // max(1, n * h * k.shape[2]))
     masses = []
     for r0 in range(0, t, rows_per_chunk):
         rows = slice(r0, min(t, r0 + rows_per_chunk))
-        probs, _ = exact_attention(q, k, key_valid, causal, scaling, rows)
+        probs, _ = exact_attention(q, k, key_valid, counts, causal, scaling, rows)
         masses.append(binned_rows(probs, edge_prefix[:, :, rows]))
     return torch.cat(masses, 2).clamp_min(torch.finfo(torch.float32).tiny).log()
 
@@ -356,25 +359,27 @@ def key_summary_scores(q, k, key_valid, positions, counts, causal: bool, scaling
 POSITION_CODE_BASE = 10000.0
 
 
-def positional_code(key_valid: torch.Tensor, head_dim: int, causal: bool, num_new: int) -> torch.Tensor:
-    """(N, num_new, D) position channel of the last `num_new` keys, fed to the kernel attention, by rank among the
-    valid tokens (so padding does not shift it); no weights, so nothing about it grows with the context or stops
-    at a trained length. Causal: sines and cosines of the rank at D / 2 geometric frequencies (a key's rank never
-    changes as tokens are appended, so the code can enter prefix sums). Bidirectional: a soft one-hot of the
-    relative position rank / (L - 1) spread linearly over D channels. Zero for padded tokens."""
-    rank = (key_valid.long().cumsum(-1) - 1).clamp_min(0)[:, -num_new:].to(torch.float32)
+def positional_code(new_valid: torch.Tensor, counts: torch.Tensor, head_dim: int, causal: bool) -> torch.Tensor:
+    """(N, T, D) position channel of the T new keys, fed to the kernel attention, by rank among the valid tokens
+    (so padding does not shift it); `new_valid` is their validity and `counts` their `visible_key_counts`. No
+    weights, so nothing about it grows with the context or stops at a trained length. Causal: sines and cosines
+    of the rank at D / 2 geometric frequencies (a key's rank never changes as tokens are appended, so the code can
+    enter prefix sums). Bidirectional (every key is new): a soft one-hot of the relative position rank / (L - 1)
+    spread linearly over D channels. Zero for padded tokens."""
+    rank = counts - 1 if causal else new_valid.long().cumsum(-1) - 1
+    rank = rank.clamp_min(0).to(torch.float32)
     if causal:
         pairs = head_dim // 2
-        frequencies = POSITION_CODE_BASE ** (-torch.arange(pairs, device=key_valid.device, dtype=torch.float32) / max(pairs, 1))
+        frequencies = POSITION_CODE_BASE ** (-torch.arange(pairs, device=new_valid.device, dtype=torch.float32) / max(pairs, 1))
         angles = rank.unsqueeze(-1) * frequencies
         code = torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)
         code = F.pad(code, (0, head_dim - 2 * pairs))  # an odd head size: the last channel stays zero
     else:
-        length = key_valid.sum(-1, keepdim=True).clamp_min(2)
+        length = counts[:, :1].clamp_min(2)
         where = rank / (length - 1) * (head_dim - 1)
-        channels = torch.arange(head_dim, device=key_valid.device, dtype=torch.float32)
+        channels = torch.arange(head_dim, device=new_valid.device, dtype=torch.float32)
         code = (1 - (channels - where.unsqueeze(-1)).abs()).clamp_min(0)
-    return code * key_valid[:, -num_new:].unsqueeze(-1)
+    return code * new_valid.unsqueeze(-1)
 
 
 def kernel_features(x: torch.Tensor, projection: torch.Tensor, causal: bool, key_valid: torch.Tensor | None):
@@ -759,13 +764,21 @@ def scored_ranking(score, inputs: SeaRankingInputs) -> torch.Tensor:
     return inputs.per_block(scores)
 
 
+def oracle_ranking(inputs: SeaRankingInputs) -> torch.Tensor:
+    """Bins ranked by the exact attention mass in them (`exact_bin_log_mass`), each row with its own causal
+    attention."""
+    scores = exact_bin_log_mass(inputs.q, inputs.k, inputs.key_valid, inputs.counts, inputs.ranking_counts,
+                                inputs.causal, inputs.scaling, inputs.width)
+    return inputs.per_block(scores)
+
+
 # What `select` ranks bins by, per `sea_baseline` (None: SEA itself). Every ranking maps the forward's
 # `SeaRankingInputs` to one (N, H, R, M) ranking per query block; larger ranks first.
 BIN_RANKINGS = {
     None: estimated_ranking,
     "local_window": newest_first_ranking,
     "random_mask": random_ranking,
-    "oracle": functools.partial(scored_ranking, exact_bin_log_mass),
+    "oracle": oracle_ranking,
     "key_means": functools.partial(scored_ranking, key_mean_scores),
     "key_bounds": functools.partial(scored_ranking, key_bound_scores),
     "key_summaries": functools.partial(scored_ranking, key_summary_scores),

@@ -1,14 +1,18 @@
-"""The KV cache of causal SEA models.
+"""The KV caches of causal SEA models.
 
-A `DynamicCache` (keys and values per layer, so everything in transformers that reads or reorders a cache keeps
-working) that also holds each layer's `SeaCausalState` and the padding mask of every position so far. With them a
-decode step reads only the new token's selected keys, not the whole prefix; and its layers append in place
-(`SeaKeyValueLayer`), so a decode step does not copy the prefix either.
+`SeaCache` is a `DynamicCache` (keys and values per layer, so everything in transformers that reads or reorders a
+cache keeps working); `SeaStaticCache` is transformers' static layout (fixed buffers of `max_cache_len` slots,
+written in place), what compiled generation needs. Both also hold each layer's `SeaCausalState` and the padding
+mask of every position so far. With them a decode step reads only the new token's selected keys, not the whole
+prefix; `SeaCache`'s layers append in place (`SeaKeyValueLayer`), so a decode step does not copy the prefix either.
 """
 
+from dataclasses import fields
+
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers import Cache, DynamicCache, StaticCache
+from transformers.cache_utils import DynamicLayer, StaticLayer
+from transformers.utils import is_torchdynamo_compiling
 
 from .sea_attention import SeaCausalState
 
@@ -110,26 +114,26 @@ class SeaKeyValueLayer(DynamicLayer):
         super().reset()
 
 
-class SeaCache(DynamicCache):
-    """Keys/values like `DynamicCache` (appended in place, `SeaKeyValueLayer`), plus SEA's per-layer causal state
-    and the key padding mask."""
+class SeaCacheMixin:
+    """What both SEA caches hold beside transformers' keys and values: the signature of the model that filled
+    them, each layer's `SeaCausalState` and the (N, T) key padding mask; and how a model's forward finds its
+    cache (`for_model`)."""
 
-    def __init__(self, config):
-        super().__init__()
-        self.layer_class_to_replicate = SeaKeyValueLayer
+    def _init_sea(self, config) -> None:
         self.signature = model_signature(config)
         self.sea_states: dict[int, SeaCausalState] = {}
-        self.key_valid: torch.Tensor | None = None  # (N, T_cached) bool
+        self.key_valid: torch.Tensor | None = None  # (N, T_cached) bool; a static cache's (N, max_cache_len)
         self.cropped = False  # tokens were removed: the SEA states no longer match the keys
 
     @classmethod
-    def for_model(cls, given, config) -> "SeaCache":
-        """The cache a SEA forward should continue: the `given` cache itself when it is a SeaCache of this model,
-        a new SeaCache in place of an empty cache, and a clear error for anything else."""
-        if isinstance(given, SeaCache):
+    def for_model(cls, given, config) -> "SeaCacheMixin":
+        """The cache a SEA forward should continue: the `given` cache itself when it is a SEA cache of this model,
+        a new `SeaCache` in place of an empty cache (a `SeaStaticCache` of its size in place of an empty
+        `StaticCache`), and a clear error for anything else."""
+        if isinstance(given, SeaCacheMixin):
             if given.signature != model_signature(config):
                 raise ValueError(
-                    f"This SeaCache was built by a different model ({given.signature}); this model is "
+                    f"This {type(given).__name__} was built by a different model ({given.signature}); this model is "
                     f"{model_signature(config)}. Start generation without a cache."
                 )
             if given.cropped:
@@ -140,11 +144,18 @@ class SeaCache(DynamicCache):
                 )
             return given
         if given is None or given.get_seq_length() == 0:
-            return cls(config)
+            if isinstance(given, StaticCache):
+                return SeaStaticCache(config, given.layers[0].max_cache_len)
+            return SeaCache(config)
         raise ValueError(
             f"A SEA model cannot continue a filled {type(given).__name__}: it needs SEA's own state beside "
             "the keys and values. Pass no cache (generate() makes a SeaCache) or one the model returned."
         )
+
+    @property
+    def new_slots(self) -> torch.Tensor | None:
+        """Where the current forward's positions lie in the buffers, when not at their end (`SeaAttention`)."""
+        return None
 
     def sea_state(self, layer_idx: int) -> SeaCausalState | None:
         return self.sea_states.get(layer_idx)
@@ -173,6 +184,16 @@ class SeaCache(DynamicCache):
     def is_croppable(self) -> bool:
         return False
 
+
+class SeaCache(SeaCacheMixin, DynamicCache):
+    """Keys/values like `DynamicCache` (appended in place, `SeaKeyValueLayer`), plus SEA's per-layer causal state
+    and the key padding mask."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.layer_class_to_replicate = SeaKeyValueLayer
+        self._init_sea(config)
+
     def crop(self, tokens_to_remove: int) -> None:
         """SEA's kernel-attention prefix sums cannot drop tokens. Removing none is a no-op (generate() calls
         `crop(0)` between steps on some devices); removing some crops the keys and values but leaves the cache
@@ -191,4 +212,64 @@ class SeaCache(DynamicCache):
         super().reset()
         self.sea_states = {}
         self.key_valid = None
+        self.cropped = False
+
+
+class SeaStaticCache(SeaCacheMixin, Cache):
+    """transformers' static cache layout for SEA: every layer's keys and values in buffers of `max_cache_len`
+    slots (`StaticLayer`, written in place), and the SEA states and the (N, max_cache_len) key mask in fixed
+    buffers too, updated in place, so that a decode step has the same shapes and addresses at every position: what
+    `torch.compile(fullgraph=True)` and CUDA graphs need (`generate(cache_implementation="static")`). Slots after
+    the positions so far are unfilled, and the key mask marks them invalid. SEA applies no sliding window, so every
+    layer is a full one, whatever the config's `sliding_window`."""
+
+    def __init__(self, config, max_cache_len: int):
+        super().__init__(layers=[StaticLayer(max_cache_len) for _ in range(config.num_hidden_layers)])
+        self._init_sea(config)
+        self._new_slots: torch.Tensor | None = None
+
+    @property
+    def max_cache_len(self) -> int:
+        return self.layers[0].max_cache_len
+
+    @property
+    def new_slots(self) -> torch.Tensor | None:
+        return self._new_slots
+
+    def begin_forward(self, batch_size: int, num_new: int, device: torch.device) -> torch.Tensor:
+        """Called once per forward, before any layer writes: the slots (T,) the forward's positions go to."""
+        if self.key_valid is None:
+            self.key_valid = self._static(torch.zeros(batch_size, self.max_cache_len, dtype=torch.bool, device=device))
+        past = self.layers[0].cumulative_length if self.layers[0].is_initialized else 0
+        self._new_slots = torch.arange(num_new, device=device) + past
+        return self._new_slots
+
+    @staticmethod
+    def _static(buffer: torch.Tensor) -> torch.Tensor:
+        # A fixed address for CUDA graphs (as transformers' StaticLayer does); not while tracing, which rejects it.
+        if not is_torchdynamo_compiling():
+            torch._dynamo.mark_static_address(buffer)
+        return buffer
+
+    def set_sea_state(self, layer_idx: int, state: SeaCausalState) -> None:
+        """Copies `state` into the layer's state buffers (made at the first forward): in place, so compiled
+        decode steps keep reading and writing the same addresses."""
+        kept = self.sea_states.get(layer_idx)
+        if kept is None:
+            self.sea_states[layer_idx] = state.map(lambda t: self._static(t.clone()))
+            return
+        for field in fields(state):
+            getattr(kept, field.name).copy_(getattr(state, field.name))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove:
+            raise ValueError("A SeaStaticCache cannot drop tokens: SEA's kernel-attention prefix sums cannot.")
+
+    def reset(self) -> None:
+        """Empties the cache for a new generation, keeping its buffers (as `StaticCache.reset` does)."""
+        super().reset()
+        for state in self.sea_states.values():
+            state.map(torch.Tensor.zero_)
+        if self.key_valid is not None:
+            self.key_valid.zero_()
         self.cropped = False

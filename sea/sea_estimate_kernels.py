@@ -37,6 +37,7 @@ def _kernel_features(X, PROJECTION, base, rows, keep, num_features, scale, eps,
                      HEAD_DIM: tl.constexpr, BLOCK_F: tl.constexpr, SUMS_PRECISION: tl.constexpr):
     """`kernel_features` of rows base + `rows` of X: relu(x D^-1/4 P^T) + eps, (rows, BLOCK_F) float32, zero
     in the padding features and in the rows not kept."""
+    scale, eps = tl.cast(scale, tl.float32), tl.cast(eps, tl.float32)  # inductor passes Python floats as float64
     dims = tl.arange(0, HEAD_DIM)
     features = tl.arange(0, BLOCK_F)
     used = features < num_features
@@ -206,6 +207,7 @@ def _encode_chunk(est_code, est_value, value_in, valid, rows, row_ok, sum_v, hea
     """The encoder (linear, layer norm, GELU) of a chunk's rows [est_code || est_value || v] (the estimate in
     the values' dtype), stored into ENCODING for the rows that have a slot in ROW_SLOT; with gates, the rows'
     output gate. Returns `sum_v` (the valid values before the chunk) plus the chunk's valid values."""
+    norm_eps = tl.cast(norm_eps, tl.float32)  # inductor passes Python floats as float64
     outputs = tl.arange(0, 2 * HEAD_DIM)
     hidden = tl.dot(est_code.to(DOT_DTYPE), _encoder_weight_t(W, 0, HEAD_DIM).to(DOT_DTYPE),
                     input_precision=PRECISION)

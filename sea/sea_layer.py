@@ -200,15 +200,15 @@ class SeaAttention(nn.Module):
             cnn_hidden_rows=rows.clone(),
         )
 
-    def estimate(self, q, k_new, v_new, key_valid, counts, state, inference: bool,
+    def estimate(self, q, k_new, v_new, new_valid, counts, state, inference: bool,
                  leading_rows_only: bool = False) -> SeaEstimate:
         """The estimate of the new queries' attention over bins (causal `leading_rows_only`: of the first row of
-        every query block), with what its pass computes along the way (`SeaEstimate`). `k_new`, `v_new` are the
-        keys and values of the new positions (the last T of `key_valid`); `inference` as in the module docstring."""
+        every query block), with what its pass computes along the way (`SeaEstimate`). `k_new`, `v_new` and
+        `new_valid` are the keys, values and validity of the new positions; `inference` as in the module
+        docstring."""
         n, _, t, d = v_new.shape
         h = self.num_heads
-        new_valid = key_valid[:, -t:]
-        code = positional_code(key_valid, d, self.causal, t).to(v_new.dtype)
+        code = positional_code(new_valid, counts, d, self.causal).to(v_new.dtype)
         needed = leading = None
         if leading_rows_only:  # decode and refine only the rows the CNN needs for the blocks' first rows
             needed, leading = self.cnn.rows_needed(self.query_block_size, t, q.device)
@@ -255,6 +255,7 @@ class SeaAttention(nn.Module):
         state: SeaCausalState | None = None,
         need_probs: bool = True,
         dropout: float = 0.0,
+        new_slots: torch.Tensor | None = None,
     ) -> SeaAttentionOutput:
         """q: (N, H, T, D) queries of the last T positions; k, v: (N, H_kv, T_all, D) keys and values of every
         position so far (T_all = T without a cache); key_valid: (N, T_all) bool, True for real tokens (None: no
@@ -266,7 +267,9 @@ class SeaAttention(nn.Module):
         keys (the first of every block): `estimate_log_probs` has
         one row per block. Training losses and plots ask for probabilities and get every row. `dropout`: the
         attention dropout of the sparse probabilities, which the model passes in training only (as transformers'
-        attention does); it changes the context, not the returned probabilities."""
+        attention does); it changes the context, not the returned probabilities. `new_slots` (T,): where the
+        new positions lie in k, v and key_valid when they are not the last T, as in a static cache's buffers,
+        whose unfilled slots after them `key_valid` marks invalid."""
         inference = not torch.is_grad_enabled()  # the one place the grad mode is read (see the module docstring)
         n, _, t, _ = q.shape
         if torch.compiler.is_exporting() and not isinstance(k.shape[2], int):
@@ -280,16 +283,19 @@ class SeaAttention(nn.Module):
             key_valid = torch.ones(n, k.shape[2], dtype=torch.bool, device=q.device)
         if self.causal and state is None:
             state = self.initial_state(n, v.dtype, v.device)
-        counts = visible_key_counts(key_valid, self.causal, t)
+        if new_slots is None:
+            k_new, v_new, new_valid = k[:, :, -t:], v[:, :, -t:], key_valid[:, -t:]
+        else:
+            k_new, v_new, new_valid = k.index_select(2, new_slots), v.index_select(2, new_slots), key_valid.index_select(1, new_slots)
+        counts = visible_key_counts(key_valid, self.causal, new_valid)
         # No padding: a key's rank is its position. A given mask of all ones is checked, which waits for the GPU,
         # and is data that a traced graph (torch.export, torch.compile) cannot branch on: there a given mask takes
         # the general path, which gives the same result.
         unpadded = unpadded or (not is_torchdynamo_compiling() and bool(key_valid.all()))
         positions = None if unpadded else valid_key_positions(key_valid)
-        v_new = v[:, :, -t:]
         leading_rows_only = (self.causal and self.query_block_size > 1 and self.block_ranking == "first_row"
                              and not need_probs)
-        estimate = self.estimate(q, k[:, :, -t:], v_new, key_valid, counts, state, inference, leading_rows_only)
+        estimate = self.estimate(q, k_new, v_new, new_valid, counts, state, inference, leading_rows_only)
 
         def output(context, probs, selection):
             return SeaAttentionOutput(context, probs, selection, estimate.log_probs, estimate.state, q, k, key_valid)

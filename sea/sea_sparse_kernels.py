@@ -36,6 +36,7 @@ def _sparse_forward(
     num_queries, kv_head_stride, slots, scaling, num_heads, group,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    scaling = tl.cast(scaling, tl.float32)  # inductor passes Python floats as float64
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     # Offsets in int64: a (batch x head x row x dim) tensor may pass 2^31 elements.
     head = tl.program_id(1).to(tl.int64)  # flattened (batch, head)
@@ -84,6 +85,7 @@ def _sparse_backward(
     num_queries, kv_head_stride, slots, scaling, num_heads, group,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_GRAD_PROBS: tl.constexpr,
 ):
+    scaling = tl.cast(scaling, tl.float32)  # inductor passes Python floats as float64
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     head = tl.program_id(1).to(tl.int64)
     row_ok = rows < num_queries
@@ -162,6 +164,7 @@ def _block_sparse_forward(
     GATED: tl.constexpr,
 ):
     """GATED: OUT holds the output gate's offset, and the program writes GATE_SCALE x attention + offset."""
+    scaling = tl.cast(scaling, tl.float32)  # inductor passes Python floats as float64
     batch, row_ok, dims, dim_ok, q_rows, count, kv_base, range_base = _query_block(
         COUNTS, num_queries, kv_head_stride, num_ranges, num_heads, group, shared, HEAD_DIM, BLOCK_M, BLOCK_D)
     q = tl.load(Q + q_rows[:, None] * HEAD_DIM + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :],
@@ -219,6 +222,7 @@ def _block_sparse_backward(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_GRAD_PROBS: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, GATHER: tl.constexpr,
 ):
+    scaling = tl.cast(scaling, tl.float32)  # inductor passes Python floats as float64
     batch, row_ok, dims, dim_ok, q_rows, count, kv_base, range_base = _query_block(
         COUNTS, num_queries, kv_head_stride, num_ranges, num_heads, group, shared, HEAD_DIM, BLOCK_M, BLOCK_D)
     row_tile = q_rows[:, None] * HEAD_DIM + dims[None, :]
@@ -293,6 +297,7 @@ def _sparse_split_head(
     normaliser and unnormalised context, written to PARTIAL[row, split] = [max, normaliser, context (BLOCK_D)];
     with `WHOLE_ROW` (one share per row) the row's context itself, written to OUT (zero without keys), and nothing
     left to merge."""
+    scaling = tl.cast(scaling, tl.float32)  # inductor passes Python floats as float64
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     head = row // num_queries
@@ -343,6 +348,7 @@ def _sparse_split_group(
     """`_sparse_split_head` for the `shared` query heads that share a selection (flattened (batch, selection head,
     row)): each selected key and value is loaded once for all of them, the rows of the tile's matrix products
     (BLOCK_H >= 16: tensor cores). Writes each head's share or, with `WHOLE_ROW`, its context, as that kernel."""
+    scaling = tl.cast(scaling, tl.float32)  # inductor passes Python floats as float64
     selection_row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     query = selection_row % num_queries

@@ -4,22 +4,40 @@ import importlib.resources
 
 import pytest
 import torch
-from transformers import DynamicCache, GenerationConfig, OPTConfig, OPTForCausalLM, pipeline
+from torch._dynamo.testing import CompileCounterWithBackend
+from transformers import DynamicCache, GenerationConfig, OPTConfig, OPTForCausalLM, StaticCache, pipeline
 
-from conftest import TINY_OPT, randomize_sea_gates
+from conftest import TINY_OPT, dense_test_model, randomize_sea_gates
 from conversion.convert import convert_to_sea
+from sea.modeling_sea import CACHE_NAME
+from sea.sea_cache import SeaCache, SeaStaticCache
 from sea.sea_layer import SeaAttention
-from sea.sea_cache import SeaCache
 from test_hub_roundtrip import run_without_project
 
 LONG_OPT = dict(TINY_OPT, max_position_embeddings=1100)
 
 
-def sea_model(vocab_size: int = 120, **sea):
-    dense = OPTForCausalLM(OPTConfig(**dict(LONG_OPT, vocab_size=vocab_size))).eval()
+def sea_model(vocab_size: int = 120, family: str = "opt", **sea):
+    """A converted OPT (or, with `family="llama"`, a Llama with grouped key/value heads) whose gates are not
+    neutral, and whose budget selects among the keys of any prompt here longer than 16 tokens."""
+    if family == "opt":
+        dense = OPTForCausalLM(OPTConfig(**dict(LONG_OPT, vocab_size=vocab_size))).eval()
+    else:
+        dense = dense_test_model(family, vocab_size=vocab_size).eval()
     model = convert_to_sea(dense, **{"sea_key_budget": 16, "sea_compressed_width": 16, **sea})
     randomize_sea_gates(model)
     return model
+
+
+def left_padded_prompts(lengths, vocab_size: int = 120):
+    """Random prompts of `lengths` as one left-padded batch: (ids, attention_mask)."""
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        ids[row, width - length:] = torch.randint(3, vocab_size, (length,))
+        mask[row, width - length:] = 1
+    return ids, mask
 
 
 class SelectionRecorder:
@@ -263,6 +281,84 @@ def test_cache_under_autograd_never_writes_into_keys_a_graph_saved():
     cache.update(*rows(1), 0)
     scores.backward()
     torch.testing.assert_close(queries.grad, keys.sum(-2, keepdim=True))
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+@pytest.mark.parametrize("mode", [dict(do_sample=False), dict(num_beams=3, do_sample=False)], ids=["greedy", "beams"])
+def test_static_cache_generation_equals_dynamic_cache_generation(family, mode):
+    """`generate(cache_implementation="static")` decodes with a SeaStaticCache (fixed buffers of max_length
+    slots, the unfilled ones masked, the SEA state updated in place) the tokens and logits of the growing
+    SeaCache, on a left-padded batch."""
+    model = sea_model(family=family)
+    ids, mask = left_padded_prompts([int(n) for n in torch.randint(18, 40, (2,))])
+    outputs = {}
+    with torch.no_grad():
+        for implementation in ("dynamic", "static"):
+            outputs[implementation] = model.generate(
+                ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10, output_logits=True,
+                return_dict_in_generate=True, cache_implementation=implementation, **mode,
+            )
+    assert isinstance(outputs["static"][CACHE_NAME], SeaStaticCache)
+    assert torch.equal(outputs["static"].sequences, outputs["dynamic"].sequences)
+    torch.testing.assert_close(torch.stack(outputs["static"].logits), torch.stack(outputs["dynamic"].logits),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_static_decoding_is_one_graph_and_equals_eager_decoding():
+    """The SEA classes claim `_can_compile_fullgraph`: with a SeaStaticCache the forward compiles with
+    fullgraph=True, every decode step reuses one graph (the prefill has the other) and compiled generation decodes
+    what eager generation does, logits included. The backend is AOT autograd's eager one, which traces and
+    functionalises the graph as inductor does before its code generation (inductor itself takes ~90 s on two CPU
+    cores for these two graphs; the GPU check runs it, with CUDA graphs)."""
+    model = sea_model(family="llama")
+    ids, mask = left_padded_prompts([21, 30])
+    settings = dict(attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False, output_logits=True,
+                    return_dict_in_generate=True, cache_implementation="static")
+    with torch.no_grad():
+        eager = model.generate(ids, **settings)
+        counter = CompileCounterWithBackend("aot_eager")
+        model.forward = torch.compile(model.forward, fullgraph=True, backend=counter)
+        compiled = model.generate(ids, **settings)
+        again = model.generate(ids, **settings)
+    assert counter.frame_count == 2, "a decode step recompiled"
+    assert torch.equal(compiled.sequences, eager.sequences) and torch.equal(again.sequences, eager.sequences)
+    torch.testing.assert_close(torch.stack(compiled.logits), torch.stack(eager.logits), rtol=1e-4, atol=1e-5)
+
+
+def test_chunked_forwards_into_a_static_cache_equal_one_forward():
+    """Forwards of several tokens continuing a SeaStaticCache (a chunked prefill) give the logits of one forward
+    over everything, with the mask of the positions so far or padded to the cache's slots; an empty StaticCache
+    handed in becomes a SeaStaticCache of its size; a forward past the slots fails clearly."""
+    model = sea_model(family="llama")
+    ids, mask = left_padded_prompts([60, 47])
+    with torch.no_grad():
+        whole = model(ids, attention_mask=mask).logits
+        cache = StaticCache(model.config, max_cache_len=64)
+        pieces = []
+        for start, end in [(0, 17), (17, 18), (18, 41), (41, 60)]:
+            given = mask[:, :end] if start < 20 else torch.nn.functional.pad(mask[:, :end], (0, 64 - end))
+            out = model(ids[:, start:end], attention_mask=given, use_cache=True, **{CACHE_NAME: cache})
+            cache = out[CACHE_NAME]
+            pieces.append(out.logits)
+        assert isinstance(cache, SeaStaticCache) and int(cache.get_seq_length()) == 60
+        valid = mask.bool()
+        assert (torch.cat(pieces, 1) - whole)[valid].abs().max() <= 1e-4
+        with pytest.raises(ValueError, match="max_cache_len=64"):
+            model(ids[:, :5], use_cache=True, **{CACHE_NAME: cache})
+
+
+def test_reset_static_cache_generates_again_in_the_same_buffers():
+    model = sea_model()
+    ids = torch.randint(3, 120, (1, 25))
+    with torch.no_grad():
+        want = model(ids[:, 20:]).logits
+        cache = SeaStaticCache(model.config, 40)
+        model(torch.randint(3, 120, (1, 12)), use_cache=True, **{CACHE_NAME: cache})
+        keys, state = cache.layers[0].keys, cache.sea_state(0).kv_sum
+        cache.reset()
+        again = model(ids[:, 20:], use_cache=True, **{CACHE_NAME: cache}).logits
+    torch.testing.assert_close(again, want, rtol=1e-4, atol=1e-5)
+    assert cache.layers[0].keys is keys and cache.sea_state(0).kv_sum is state
 
 
 def test_reset_cache_starts_over_and_a_cropped_cache_cannot_continue():

@@ -42,7 +42,7 @@ def test_causal_positional_code_is_a_sinusoid_of_the_rank_among_valid_tokens(hea
     codes they have within the whole sequence."""
     t = int(torch.randint(40, 90, ()))
     valid = random_padding(t)
-    code = positional_code(valid, head_dim, True, t).double()
+    code = positional_code(valid, visible_key_counts(valid, True, valid), head_dim, True).double()
     pairs = head_dim // 2
     want = torch.zeros(N, t, head_dim, dtype=torch.float64)
     for row in range(N):
@@ -55,7 +55,8 @@ def test_causal_positional_code_is_a_sinusoid_of_the_rank_among_valid_tokens(hea
                 rank += 1
     torch.testing.assert_close(code, want, rtol=0, atol=1e-4)
     new = int(torch.randint(1, t, ()))
-    torch.testing.assert_close(positional_code(valid, head_dim, True, new), code[:, -new:].float())
+    tail = valid[:, -new:]
+    torch.testing.assert_close(positional_code(tail, visible_key_counts(valid, True, tail), head_dim, True), code[:, -new:].float())
 
 
 def random_padding(t: int) -> torch.Tensor:
@@ -90,7 +91,7 @@ def dense_reference(op, q, k, v, valid, selection, scaling, causal):
     probs = torch.softmax(scores.masked_fill(~chosen, float("-inf")), -1).nan_to_num(0.0)
     sparse = probs @ v
     state = op.initial_state(n, torch.float32, q.device) if causal else None
-    counts = visible_key_counts(valid, causal, t)
+    counts = visible_key_counts(valid, causal, valid)
     estimate = op.estimate(q.float(), k.float(), v.float(), valid, counts, state, not torch.is_grad_enabled())
     log_probs = estimate.log_probs
     gates = op.gates(estimate.encoding).double()
@@ -528,7 +529,7 @@ def test_key_summary_scores_match_each_bins_keys(causal):
     q = torch.randn(N, 4, t, 16, dtype=torch.float64)
     k = torch.randn(N, 2, t, 16, dtype=torch.float64)
     valid = random_padding(t)
-    counts = visible_key_counts(valid, causal, t)
+    counts = visible_key_counts(valid, causal, valid)
     positions = sea_attention.valid_key_positions(valid)
     means = sea_attention.key_mean_scores(q, k, valid, positions, counts, causal, 0.5, width)
     bounds = sea_attention.key_bound_scores(q, k, valid, positions, counts, causal, 0.5, width)
@@ -636,7 +637,7 @@ def test_key_summaries_put_first_the_best_bins_of_both_key_rankings():
     q = torch.randn(N, 4, t, 16, dtype=torch.float64)
     k = torch.randn(N, 2, t, 16, dtype=torch.float64)
     valid = torch.ones(N, t, dtype=torch.bool)
-    counts = visible_key_counts(valid, True, t)
+    counts = visible_key_counts(valid, True, valid)
     arguments = (q, k, valid, None, counts, True, 0.5, width)
     summaries = sea_attention.key_summary_scores(*arguments)
     rows = slice(width, t)  # rows that see at least one key per bin

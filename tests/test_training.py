@@ -33,7 +33,7 @@ def reference_losses(tq, tk, out, valid, causal, rows_counted=None):
     comparing its rank with the bin edges."""
     n, h, t, d = tq.shape
     width = out.estimate_log_probs.shape[-1]
-    edges = bin_edges(visible_key_counts(valid, causal, t), width)
+    edges = bin_edges(visible_key_counts(valid, causal, valid), width)
     sums = dict.fromkeys(("estimate_kl", "estimate_mse", "sparse_kl", "sparse_mse", "teacher_mass", "key_fraction"), 0.0)
     rows = 0
     for b in range(n):
@@ -105,7 +105,7 @@ def test_estimate_kl_in_bins_has_the_gradient_of_the_kl_over_every_key():
     binned = gradient(lambda out: attention_losses(teacher_q, teacher_k, out, True, chunk=4)["estimate_kl"])
 
     def full_kl(out):
-        edges = bin_edges(visible_key_counts(valid, True, t), width)[0]
+        edges = bin_edges(visible_key_counts(valid, True, valid), width)[0]
         total = 0.0
         for i in range(t):
             scores = (teacher_q[0, :, i, None] @ teacher_k[0, :, : i + 1].transpose(-1, -2)).squeeze(-2) / math.sqrt(d)

@@ -168,9 +168,9 @@ def test_causal_estimate_kernel_matches_the_pytorch_path(d, heads, kv_heads, dty
     state.kv_sum.uniform_(0, 5)
     state.k_sum.uniform_(0, 5)
     state.value_sum.normal_(std=5)
-    code = positional_code(valid, d, True, t).to(dtype)
     # As after a cached prefix of 7 valid tokens: counts include the earlier keys.
-    counts = visible_key_counts(torch.cat([torch.ones(n, 7, dtype=torch.bool, device=DEVICE), valid], 1), True, t)
+    counts = visible_key_counts(torch.cat([torch.ones(n, 7, dtype=torch.bool, device=DEVICE), valid], 1), True, valid)
+    code = positional_code(valid, counts, d, True).to(dtype)
     rows = torch.randperm(t, device=DEVICE)[:40].sort().values
     sums, weights = (state.kv_sum, state.k_sum, state.value_sum), op.estimator_weights
     with torch.no_grad():
@@ -404,6 +404,30 @@ def test_model_with_the_kernel_equals_the_pytorch_path(model_type, block, candid
                 logits[name] = model(token, attention_mask=step_mask, past_key_values=caches[name], use_cache=True).logits
             torch.testing.assert_close(logits["kernel"], logits["reference"], rtol=1e-4, atol=1e-5)
         assert not caches["kernel"].layers[0].keys.is_contiguous()
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="generate() compiles on accelerators only; on the CPU, "
+                    "test_generation.py traces the same compiled decode step")
+def test_generate_compiles_static_decoding_over_the_kernels_and_decodes_as_eager_generation():
+    """On CUDA, `generate(cache_implementation="static")` compiles the decode step itself (transformers' default
+    compile config: inductor with CUDA graphs) over SEA's Triton kernels, as it does for dense models: one graph
+    for every step, and the tokens and logits of eager generation with the growing SeaCache."""
+    torch.manual_seed(0)
+    config = sea_test_config("llama", sea_key_budget=32, sea_compressed_width=16)
+    model = converted_class(SEA_FAMILIES["llama"])(config).to(DEVICE).eval()
+    ids = torch.randint(3, 120, (2, 300), device=DEVICE)
+    mask = torch.ones_like(ids)
+    mask[1, :37] = 0
+    settings = dict(attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False, output_logits=True,
+                    return_dict_in_generate=True)
+    torch._dynamo.reset()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        eager = model.generate(ids, **settings)
+        compiled = model.generate(ids, cache_implementation="static", **settings)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1, "generate did not compile one graph"
+    assert torch.equal(compiled.sequences, eager.sequences)
+    torch.testing.assert_close(torch.stack(compiled.logits), torch.stack(eager.logits), rtol=1e-3, atol=1e-4)
 
 
 def test_forced_kernel_without_a_usable_triton_is_a_clear_error():

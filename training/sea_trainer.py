@@ -166,7 +166,7 @@ def attention_losses(teacher_q, teacher_k, output, causal: bool, chunk: int, row
     n, h, t, d = teacher_q.shape
     key_valid = output.key_valid
     width = output.estimate_log_probs.shape[-1]
-    counts = visible_key_counts(key_valid, causal, t)
+    counts = visible_key_counts(key_valid, causal, key_valid[:, -t:])
     edges = bin_edges(counts, width)
     edge_prefix = bin_edge_prefix_lengths(key_valid, edges)
     totals = dict.fromkeys(("estimate_kl", "estimate_mse", "sparse_kl", "sparse_mse", "teacher_mass", "key_fraction"), 0.0)
@@ -174,7 +174,7 @@ def attention_losses(teacher_q, teacher_k, output, causal: bool, chunk: int, row
     for r0 in range(0, t, chunk):
         rows = slice(r0, min(t, r0 + chunk))
         c = rows.stop - r0
-        teacher_p, _ = exact_attention(teacher_q, teacher_k, key_valid, causal, d**-0.5, rows)
+        teacher_p, _ = exact_attention(teacher_q, teacher_k, key_valid, counts, causal, d**-0.5, rows)
         binned = binned_rows(teacher_p, edge_prefix[:, :, rows])  # teacher mass per student bin
         estimate = output.estimate_log_probs[:, :, rows]
         # Rows of real queries that see at least one key (a padded query's row means nothing), if counted.
