@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
 from transformers import BertForMaskedLM, BertForSequenceClassification, OPTConfig, OPTForCausalLM
 
 from conftest import OPT_125M, TINY_LLAMA, randomize_sea_gates, sea_test_config, tiny_bert_config, tiny_opt_config
@@ -74,6 +75,25 @@ def test_small_budget_outputs_finite_and_sparse_attentions_returned(family):
         assert probs[1, :, :, :20].abs().sum() == 0, "padded keys got attention"
         if family == "opt":
             assert probs.triu(1).abs().sum() == 0, "future keys got attention"
+
+
+@pytest.mark.parametrize("model_type", SEA_FAMILIES)
+def test_forward_compiles_into_one_graph_and_equals_eager(model_type):
+    """What `_can_compile_fullgraph` claims (and `torch.compile(model, fullgraph=True)` needs): a padded batch's
+    forward traces into one graph with no break, and the compiled forward gives the eager logits (AOT autograd's
+    eager backend: the trace inductor compiles, without its code generation)."""
+    config = sea_test_config(model_type, sea_key_budget=8, sea_compressed_width=8)
+    sea = converted_class(SEA_FAMILIES[model_type])(config).eval()
+    randomize_sea_gates(sea)
+    ids = random_ids(2, 40)
+    mask = torch.ones_like(ids)
+    mask[1, : int(torch.randint(1, 20, ()))] = 0
+    counter = CompileCounterWithBackend("aot_eager")
+    with torch.no_grad():
+        want = sea(ids, attention_mask=mask).logits
+        got = torch.compile(sea, fullgraph=True, backend=counter)(ids, attention_mask=mask).logits
+    assert counter.frame_count == 1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("model_type", SEA_FAMILIES)
