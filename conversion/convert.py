@@ -49,6 +49,17 @@ def family_of(model_type: str) -> SeaFamily:
     return SEA_FAMILIES[model_type]
 
 
+def dense_family(config) -> SeaFamily:
+    """The family of a dense model's config; a `ValueError` for an unsupported type, or for a SEA model's config
+    (which carries its dense family's `model_type`, and keeps its SEA fields when read without the remote code)."""
+    if isinstance(config, SeaConfigMixin) or "sea_key_budget" in config.to_dict():
+        raise ValueError(
+            "This is already a SEA model (its config has SEA fields such as sea_key_budget): convert or distil the "
+            "dense model it was made from."
+        )
+    return family_of(config.model_type)
+
+
 def load_dense(
     model: str | os.PathLike, num_labels: int | None = None, gguf_file: str | None = None,
     dtype: torch.dtype | str = "auto",
@@ -58,7 +69,7 @@ def load_dense(
     `dtype` is from_pretrained's: "auto" keeps the checkpoint's own (see DTYPES)."""
     gguf = {} if gguf_file is None else {"gguf_file": gguf_file}
     config = AutoConfig.from_pretrained(model, **gguf)
-    family = family_of(config.model_type)
+    family = dense_family(config)
     extra = {} if num_labels is None or family.causal else {"num_labels": num_labels}
     return getattr(transformers, family.auto_class).from_pretrained(model, dtype=dtype, **extra, **gguf)
 
@@ -66,7 +77,7 @@ def load_dense(
 def sea_config_for(dense_config, **sea_options):
     fields = {k: v for k, v in dense_config.to_dict().items() if k not in NOT_INHERITED}
     fields.update({k: v for k, v in sea_options.items() if v is not None})
-    return family_of(dense_config.model_type).config_class(**fields)
+    return dense_family(dense_config).config_class(**fields)
 
 
 def convert_to_sea(
@@ -83,7 +94,7 @@ def convert_to_sea(
         # A quantised GGUF file is dequantised to float32 whatever dtype is asked (another one only adds a warning
         # about its packed-weight kernels): it is cast below, as the SEA model is built.
         dense = load_dense(dense, num_labels, gguf_file, "auto" if gguf_file else dtype)
-    family = family_of(dense.config.model_type)
+    family = dense_family(dense.config)
     sea_class = converted_class(family)
     config = sea_config_for(dense.config, **sea_options)
     if num_labels is not None and not family.causal:

@@ -42,7 +42,7 @@ def usage_code(task: str, repo: str) -> str:
         f"from transformers import {auto_class}, AutoTokenizer",
         "",
         f'repo = "{repo}"',
-        "tokenizer = AutoTokenizer.from_pretrained(repo, trust_remote_code=True)",
+        "tokenizer = AutoTokenizer.from_pretrained(repo)",
         f"model = {auto_class}.from_pretrained(repo, trust_remote_code=True)",
     ]
     if task == "causal-lm":
@@ -104,7 +104,7 @@ def render_card(folder: str | os.PathLike, load_from: str) -> ModelCard:
         template_path=str(TEMPLATE),
         model_name=model_name,
         base_model=summary.get("base_model_id"),
-        base_architecture=config["model_type"].removeprefix("sea_").upper(),
+        base_architecture=config["model_type"].upper(),
         task_description=TASKS[task]["description"],
         usage_code=usage_code(task, load_from),
         sea_config={k: v for k, v in config.items() if k.startswith("sea_")},

@@ -181,7 +181,8 @@ class SeaConfigMixin:
 
     @property
     def sea_family(self) -> "SeaFamily":
-        """This config's record in `SEA_FAMILIES` (its `model_type` is "sea_" + the dense family's)."""
+        """This config's record in `SEA_FAMILIES`, keyed by its `model_type`: the dense family's own (folders saved
+        before SEA configs took it say "sea_" + it, which a config read from them keeps)."""
         return SEA_FAMILIES[self.model_type.removeprefix("sea_")]
 
     @property
@@ -219,16 +220,12 @@ class SeaOptConfig(SeaConfigMixin, OPTConfig):
     ```
     """
 
-    model_type = "sea_opt"
-
 
 class SeaBertConfig(SeaConfigMixin, BertConfig):
     r"""
     Configuration of [`SeaBertModel`] / [`SeaBertForSequenceClassification`]: a [`BertConfig`] plus the SEA fields
     documented in [`SeaConfigMixin`].
     """
-
-    model_type = "sea_bert"
 
     def validate_sea_fields(self):
         super().validate_sea_fields()
@@ -286,16 +283,12 @@ class SeaLlamaConfig(SeaRotaryConfigMixin, LlamaConfig):
     in [`SeaRotaryConfigMixin`].
     """
 
-    model_type = "sea_llama"
-
 
 class SeaQwen2Config(SeaRotaryConfigMixin, Qwen2Config):
     r"""
     Configuration of [`SeaQwen2Model`] / [`SeaQwen2ForCausalLM`]: a [`Qwen2Config`] (biased query, key and value
     projections) plus the SEA fields documented in [`SeaRotaryConfigMixin`].
     """
-
-    model_type = "sea_qwen2"
 
 
 class SeaQwen3Config(SeaRotaryConfigMixin, Qwen3Config):
@@ -304,16 +297,12 @@ class SeaQwen3Config(SeaRotaryConfigMixin, Qwen3Config):
     heads) plus the SEA fields documented in [`SeaRotaryConfigMixin`].
     """
 
-    model_type = "sea_qwen3"
-
 
 class SeaMistralConfig(SeaRotaryConfigMixin, MistralConfig):
     r"""
     Configuration of [`SeaMistralModel`] / [`SeaMistralForCausalLM`]: a [`MistralConfig`] plus the SEA fields
     documented in [`SeaRotaryConfigMixin`] (which says what SEA does with Mistral's `sliding_window`).
     """
-
-    model_type = "sea_mistral"
 
 
 # The task a family converts to -> the Auto class its converted model loads with.
@@ -327,8 +316,10 @@ SEA_TASK_AUTO_CLASSES = {
 class SeaFamily:
     """One dense model family that SEA converts.
 
-    config_class: the SEA config; its `model_type` is "sea_" + the dense family's, the family's key in
-        `SEA_FAMILIES`.
+    config_class: the SEA config. Its `model_type` is the dense family's own (the key in `SEA_FAMILIES`), so that
+        a saved model's `config.json` reads as the dense family's to code that does not run the remote code (stock
+        `AutoTokenizer` and `AutoConfig` without `trust_remote_code`); its `auto_map` and its SEA fields are what
+        make it a SEA model.
     task: a key of `SEA_TASK_AUTO_CLASSES`: the model conversion builds and distillation trains.
     sea_classes: Auto class -> name of the SEA class in `modeling_sea` that it loads (the config's `auto_map`).
     dense_class: the transformers class whose state dict the converted model's matches name for name (the

@@ -161,6 +161,9 @@ def test_bad_sea_options_and_models_are_refused_before_the_weights_load(tmp_path
     expect_refusal(["--model", str(tmp_path / "gpt2"), *out], capsys, "'gpt2'", "supported types")
     (tmp_path / "no-config").mkdir()
     expect_refusal(["--model", str(tmp_path / "no-config"), *out], capsys, "--model", "cannot load its config")
+    # A SEA model's config reads as its dense family's without the remote code: refused as what it is.
+    convert_to_sea(LlamaForCausalLM(LlamaConfig(**TINY_LLAMA))).save_pretrained(tmp_path / "sea")
+    expect_refusal(["--model", str(tmp_path / "sea"), *out], capsys, "already a SEA model")
     assert not (tmp_path / "out").exists()
 
 

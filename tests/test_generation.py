@@ -119,8 +119,8 @@ def test_chunked_prefill_equals_one_prefill():
         whole = model(ids, attention_mask=mask, use_cache=True)
         cache, pieces = None, []
         for bounds in [(0, 50), (50, 101), (101, 150), (150, 203)]:
-            out = model(ids[:, slice(*bounds)], attention_mask=mask[:, : bounds[1]], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(ids[:, slice(*bounds)], attention_mask=mask[:, : bounds[1]], **{CACHE_NAME: cache}, use_cache=True)
+            cache = out[CACHE_NAME]
             pieces.append(out.logits)
     valid = mask.bool()
     assert (torch.cat(pieces, 1) - whole.logits)[valid].abs().max() <= 1e-4
@@ -224,15 +224,15 @@ def test_empty_prompt_and_foreign_caches_give_clear_errors():
     ids = torch.randint(3, 120, (1, 10))
     dense = OPTForCausalLM(OPTConfig(**LONG_OPT)).eval()
     with torch.no_grad():
-        dense_cache = dense(ids, use_cache=True).past_key_values
+        dense_cache = dense(ids, use_cache=True)[CACHE_NAME]
         with pytest.raises(ValueError, match="cannot continue a filled DynamicCache"):
-            model(ids[:, :1], past_key_values=dense_cache)
+            model(ids[:, :1], **{CACHE_NAME: dense_cache})
         other = sea_model(sea_compressed_width=8)
-        foreign = other(ids, use_cache=True).past_key_values
+        foreign = other(ids, use_cache=True)[CACHE_NAME]
         with pytest.raises(ValueError, match="different model"):
-            model(ids[:, :1], past_key_values=foreign)
+            model(ids[:, :1], **{CACHE_NAME: foreign})
         # An empty cache handed in by the caller is simply filled.
-        assert model(ids, past_key_values=DynamicCache(), use_cache=True).past_key_values.get_seq_length() == 10
+        assert model(ids, **{CACHE_NAME: DynamicCache()}, use_cache=True)[CACHE_NAME].get_seq_length() == 10
 
 
 def test_cache_appends_in_place_and_holds_what_a_dynamic_cache_holds():
@@ -366,20 +366,20 @@ def test_reset_cache_starts_over_and_a_cropped_cache_cannot_continue():
     ids = torch.randint(3, 120, (1, 30))
     with torch.no_grad():
         want = model(ids[:, 20:]).logits
-        cache = model(torch.randint(3, 120, (1, 12)), use_cache=True).past_key_values
+        cache = model(torch.randint(3, 120, (1, 12)), use_cache=True)[CACHE_NAME]
         cache.reset()
         assert cache.get_seq_length() == 0
-        torch.testing.assert_close(model(ids[:, 20:], past_key_values=cache, use_cache=True).logits, want)
+        torch.testing.assert_close(model(ids[:, 20:], **{CACHE_NAME: cache}, use_cache=True).logits, want)
 
-        cache = model(ids[:, :20], use_cache=True).past_key_values
+        cache = model(ids[:, :20], use_cache=True)[CACHE_NAME]
         assert not cache.is_croppable
         cache.crop(0)  # generate() calls this between steps on some devices: nothing is removed
-        continued = model(ids[:, 20:21], past_key_values=cache, use_cache=True).logits
+        continued = model(ids[:, 20:21], **{CACHE_NAME: cache}, use_cache=True).logits
         torch.testing.assert_close(continued[:, -1], model(ids[:, :21]).logits[:, -1], rtol=1e-4, atol=1e-5)
         cache.crop(-1)
         assert cache.get_seq_length() == 20
         with pytest.raises(ValueError, match="cropped"):
-            model(ids[:, 21:22], past_key_values=cache, use_cache=True)
+            model(ids[:, 21:22], **{CACHE_NAME: cache}, use_cache=True)
         cache.crop(-100)
         assert cache.get_seq_length() == 0 and cache.key_valid.shape == (1, 0)
     for request in (dict(assistant_model=sea_model()), dict(prompt_lookup_num_tokens=3)):
@@ -411,16 +411,16 @@ def test_gradient_checkpointing_trains_without_a_cache_and_refuses_to_continue_o
     model = sea_model()
     ids = torch.randint(3, 120, (1, 30))
     with torch.no_grad():
-        cache = model(ids[:, :20], use_cache=True).past_key_values
+        cache = model(ids[:, :20], use_cache=True)[CACHE_NAME]
         want = model(ids).logits
     model.gradient_checkpointing_enable()
     model.train()  # TINY_OPT has no dropout
     out = model(ids, use_cache=True)
-    assert out.past_key_values is None
+    assert getattr(out, CACHE_NAME) is None
     torch.testing.assert_close(out.logits, want, rtol=1e-4, atol=1e-5)
     out.logits.logsumexp(-1).sum().backward()
     with pytest.raises(ValueError, match="gradient checkpointing cannot continue a cache"):
-        model(ids[:, 20:], past_key_values=cache)
+        model(ids[:, 20:], **{CACHE_NAME: cache})
 
 
 def test_chunked_forwards_train_through_the_cache():
@@ -433,8 +433,8 @@ def test_chunked_forwards_train_through_the_cache():
         model.zero_grad()
         cache, logits = None, []
         for first, last in chunks:
-            out = model(ids[:, first:last], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(ids[:, first:last], **{CACHE_NAME: cache}, use_cache=True)
+            cache = out[CACHE_NAME]
             logits.append(out.logits)
         torch.cat(logits, 1).logsumexp(-1).sum().backward()
         gradients.append(model.model.decoder.embed_tokens.weight.grad.clone())

@@ -50,7 +50,7 @@ def test_card_metadata_and_body_from_a_real_distillation(distilled_bert):
     assert data.base_model == "someone/tiny-bert"
     assert data.license == "apache-2.0"
     assert data.pipeline_tag == "text-classification"
-    assert {"sea", "sparse-attention", "custom_code", "sea_bert"} <= set(data.tags)
+    assert {"sea", "sparse-attention", "custom_code", "bert"} <= set(data.tags)
     model_name, results = model_index_to_eval_results(data.to_dict()["model-index"])
     assert model_name == "sea-bert"
     sea_metrics = summary["evaluation"]["sea (distilled)"]

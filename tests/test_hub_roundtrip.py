@@ -29,7 +29,8 @@ def run_without_project(code: str, cwd: Path) -> str:
     # The installed project is made unimportable, so only the code saved beside the weights can serve.
     prelude = "import sys\nsys.modules['sea'] = None; sys.modules['conversion'] = None\n"
     done = subprocess.run(
-        [sys.executable, "-c", prelude + textwrap.dedent(code)], cwd=cwd, env=env, capture_output=True, text=True
+        [sys.executable, "-c", prelude + textwrap.dedent(code)], cwd=cwd, env=env, capture_output=True, text=True,
+        stdin=subprocess.DEVNULL,  # a question to the user (transformers' remote-code prompt) gets no answer
     )
     assert done.returncode == 0, done.stderr[-4000:]
     return done.stdout
@@ -46,7 +47,7 @@ def test_opt_save_then_remote_code_load_in_fresh_process(tmp_path):
     sea.save_pretrained(out_dir)
     assert BUNDLE <= {p.name for p in out_dir.iterdir()}
     config = json.loads((out_dir / "config.json").read_text())
-    assert config["model_type"] == "sea_opt"
+    assert config["model_type"] == "opt"  # the dense family's: stock tools read it as OPT (see the tokenizer test)
     assert config["auto_map"] == {
         "AutoConfig": "configuration_sea.SeaOptConfig",
         "AutoModel": "modeling_sea.SeaOptModel",
@@ -153,6 +154,31 @@ def test_real_minilm_converts_and_loads_with_remote_code(tmp_path, minilm_path):
         """,
         tmp_path,
     )
+
+
+def test_stock_tools_read_a_converted_folder_as_its_dense_family(tmp_path, minilm_path):
+    """A converted folder's config carries its dense family's `model_type`, so code that does not run the remote
+    code reads it as that family: stock `AutoTokenizer` loads the tokenizer without asking whether to run custom
+    code (transformers reads `config.json` first, and asks, waiting 15 s, about any model type it does not know),
+    and without `trust_remote_code` the Auto classes give the dense family's own classes over the same weights,
+    as transformers does for any repository whose code it has (the SEA weights stay unused); with it, SEA's."""
+    out_dir = tmp_path / "sea-minilm"
+    convert_main(["--model", minilm_path, "--output-dir", str(out_dir), "--num-labels", "2", "--key-budget", "8"])
+    stdout = run_without_project(
+        f"""
+        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+        path = {str(out_dir)!r}
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        assert tokenizer(["a fine film"])["input_ids"][0][0] == tokenizer.cls_token_id
+        config = AutoConfig.from_pretrained(path)
+        assert type(config).__name__ == "BertConfig" and config.sea_key_budget == 8, config
+        assert type(AutoModelForSequenceClassification.from_pretrained(path)).__name__ == "BertForSequenceClassification"
+        sea = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True)
+        print(type(sea).__name__)
+        """,
+        tmp_path,
+    )
+    assert stdout.strip() == "SeaBertForSequenceClassification", stdout
 
 
 def test_small_budget_on_real_minilm_is_finite_and_sparse(minilm_path):

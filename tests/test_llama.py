@@ -12,6 +12,7 @@ from conftest import LLAMA_LIKE, TINY_LLAMA, dense_test_model, randomize_sea_gat
 from conversion.convert import convert_to_sea, save_atomically
 from sea import configuration_sea
 from sea.configuration_sea import SeaLlamaConfig
+from sea.modeling_sea import CACHE_NAME
 from sea.sea_layer import SeaAttention
 from test_hub_roundtrip import run_without_project
 from training.data import packaged_file
@@ -111,10 +112,10 @@ def test_decode_step_never_copies_keys_per_query_head():
     n, context = 1, 400
     ids = torch.randint(3, 120, (n, context))
     with torch.no_grad():
-        cache = model(ids, use_cache=True).past_key_values
+        cache = model(ids, use_cache=True)[CACHE_NAME]
         assert cache.layers[0].keys.shape == (n, 2, context, 16)  # cached once per key/value head
         with LargestOutput() as spy:
-            model(torch.randint(3, 120, (n, 1)), past_key_values=cache, use_cache=True)
+            model(torch.randint(3, 120, (n, 1)), **{CACHE_NAME: cache}, use_cache=True)
     per_query_head_copy = n * 4 * context * 16
     assert spy.largest < per_query_head_copy, spy.largest
 

@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import CAUSAL, assert_same_layer_outputs, layer_in_two_calls, sea_test_config, tiny_opt_config
 from sea.configuration_sea import SEA_FAMILIES
-from sea.modeling_sea import converted_class
+from sea.modeling_sea import CACHE_NAME, converted_class
 from sea.sea_attention import (
     FEATURE_EPS,
     SeaSelection,
@@ -399,9 +399,9 @@ def test_model_with_the_kernel_equals_the_pytorch_path(model_type, block, candid
             logits = {}
             for name, model in (("kernel", kernel), ("reference", reference)):
                 if step == 0:
-                    caches[name] = model(ids, attention_mask=mask, use_cache=True).past_key_values
+                    caches[name] = model(ids, attention_mask=mask, use_cache=True)[CACHE_NAME]
                 token = ids[:, step : step + 1]
-                logits[name] = model(token, attention_mask=step_mask, past_key_values=caches[name], use_cache=True).logits
+                logits[name] = model(token, attention_mask=step_mask, **{CACHE_NAME: caches[name]}, use_cache=True).logits
             torch.testing.assert_close(logits["kernel"], logits["reference"], rtol=1e-4, atol=1e-5)
         assert not caches["kernel"].layers[0].keys.is_contiguous()
 
