@@ -88,6 +88,12 @@ def assert_same_layer_outputs(got, want, context_tolerance: dict, state_toleranc
         torch.testing.assert_close(getattr(got[1].state, name), tensor, **state_tolerance)
 
 
+def enable_checkpointing(model):
+    """Turn activation (gradient) checkpointing on by the installed release's name: transformers 5.24 renamed
+    `gradient_checkpointing_enable` (deprecated there) to `activation_checkpointing_enable`, which 5.17 lacks."""
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+
+
 def randomize_sea_gates(model):
     """Give every SEA gate non-neutral weights, so tests exercise the scale and the average context too."""
     with torch.no_grad():

@@ -7,7 +7,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 from transformers import DynamicCache, GenerationConfig, OPTConfig, OPTForCausalLM, StaticCache, pipeline
 
-from conftest import TINY_OPT, dense_test_model, randomize_sea_gates
+from conftest import TINY_OPT, dense_test_model, enable_checkpointing, randomize_sea_gates
 from conversion.convert import convert_to_sea
 from sea.modeling_sea import CACHE_NAME
 from sea.sea_cache import SeaCache, SeaStaticCache
@@ -413,7 +413,7 @@ def test_gradient_checkpointing_trains_without_a_cache_and_refuses_to_continue_o
     with torch.no_grad():
         cache = model(ids[:, :20], use_cache=True)[CACHE_NAME]
         want = model(ids).logits
-    model.gradient_checkpointing_enable()
+    enable_checkpointing(model)
     model.train()  # TINY_OPT has no dropout
     out = model(ids, use_cache=True)
     assert getattr(out, CACHE_NAME) is None

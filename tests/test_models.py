@@ -5,7 +5,9 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 from transformers import BertForMaskedLM, BertForSequenceClassification, OPTConfig, OPTForCausalLM
 
-from conftest import OPT_125M, TINY_LLAMA, randomize_sea_gates, sea_test_config, tiny_bert_config, tiny_opt_config
+from conftest import (
+    OPT_125M, TINY_LLAMA, enable_checkpointing, randomize_sea_gates, sea_test_config, tiny_bert_config, tiny_opt_config,
+)
 from conversion.convert import convert_to_sea
 from sea.configuration_sea import SEA_FAMILIES
 from sea.modeling_sea import SeaBertForMaskedLM, converted_class
@@ -223,7 +225,7 @@ def test_gradient_checkpointing_matches_plain_backward():
     grads = []
     for checkpointing in (False, True):
         if checkpointing:
-            sea.gradient_checkpointing_enable()
+            enable_checkpointing(sea)
         sea.zero_grad()
         sea(ids, labels=ids).loss.backward()
         grads.append(sea.model.decoder.layers[0].self_attn.q_proj.weight.grad.clone())
