@@ -17,6 +17,7 @@ import torch
 from transformers import DynamicCache, OPTConfig, OPTForCausalLM, StaticCache
 
 from conversion.convert import convert_to_sea
+from sea.configuration_sea import SeaConfigMixin
 from sea.modeling_sea import CACHE_NAME
 from sea.sea_cache import SeaCache
 
@@ -34,7 +35,7 @@ def filled_cache(model, context: int, device: str, dtype: torch.dtype, static_ro
     or a StaticCache with room for `static_room` more tokens."""
     config = model.config
     heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
-    is_sea = config.model_type == "sea_opt"
+    is_sea = isinstance(config, SeaConfigMixin)
     if is_sea:
         cache = SeaCache(config)
     elif static_room is not None:
