@@ -6,8 +6,11 @@ Three synthetic tasks, built from the packaged Wikipedia excerpt's held-out arti
 - copy: a 64-token span of the filler repeated at the end: given its first 48 tokens again, continue with the
   next 16 (a lookup by content, what induction heads do).
 A trial is correct when greedy decoding would produce the whole answer: every answer token is the argmax given the
-prompt and the answer tokens before it (one forward of prompt + answer). Prompt + answer of a (task, length) have
-exactly `length` tokens (so 8192 fits SmolLM2's positions), and trials run in batches without padding.
+prompt and the answer tokens before it (one forward of prompt + answer). With query blocks
+(`--query-block-size` > 1) a SEA row reads a trial as `generate` would: the prompt in one forward, in blocks, then
+the answer continuing its cache, every answer token choosing its own keys (`--per-query-tail N`: the prompt's last
+N tokens as well). Prompt + answer of a (task, length) have exactly `length` tokens (so 8192 fits SmolLM2's
+positions), and trials run in batches without padding.
 
 Rows (each sparse row at every key budget, a share of the length): the dense teacher; SEA right after
 conversion; SEA with its estimator distilled (`benchmarks/quality.py`'s recipe, its weights file); sink + local
@@ -49,6 +52,7 @@ from quality import (  # noqa: E402
 )
 from quality import held_out_perplexity as perplexity  # noqa: E402
 from sea.configuration_sea import SEA_BLOCK_RANKINGS  # noqa: E402
+from sea.modeling_sea import CACHE_NAME  # noqa: E402
 from sea.sea_attention import bin_edges, exact_attention, visible_key_counts  # noqa: E402
 from sea.sea_layer import SeaAttention  # noqa: E402
 
@@ -94,6 +98,9 @@ def parse_arguments(argv=None):
     parser.add_argument("--query-block-size", type=int, default=1, help="sea_query_block_size of every SEA row")
     parser.add_argument("--block-ranking", default="first_row", choices=SEA_BLOCK_RANKINGS,
                         help="sea_block_ranking of every SEA row (with query blocks)")
+    parser.add_argument("--per-query-tail", type=int, default=0,
+                        help="with query blocks, the prompt's last N tokens also choose their own keys, as the "
+                             "answer's do (see `forward_logits`)")
     parser.add_argument("--group-selection", action="store_true", help="sea_group_selection of every SEA row")
     parser.add_argument("--trials", type=int, default=50)
     parser.add_argument("--batch-tokens", type=int, default=32768, help="tokens per forward (trials per batch)")
@@ -200,16 +207,37 @@ def prepare(args, work: Path):
     return data
 
 
+def forward_logits(model, ids: torch.Tensor, per_query_rows: int) -> torch.Tensor:
+    """Logits of `ids`: one forward, or with `per_query_rows` as `generate` reads a prompt under SEA's query blocks:
+    every token but the last `per_query_rows` in one forward (in blocks), then those continuing its cache with
+    `sea_query_block_size=1`, as every decoded token chooses its own keys (one forward of them equals decoding them
+    one by one)."""
+    if not per_query_rows:
+        return model(ids, use_cache=False).logits
+    cut = ids.shape[1] - per_query_rows
+    head = model(ids[:, :cut], use_cache=True)
+    block_size = model.config.sea_query_block_size
+    model.config.sea_query_block_size = 1
+    try:
+        tail = model(ids[:, cut:], **{CACHE_NAME: head[CACHE_NAME]}, use_cache=False).logits
+    finally:
+        model.config.sea_query_block_size = block_size
+    return torch.cat([head.logits, tail], dim=1)
+
+
 @torch.no_grad()
-def accuracy(model, trials: dict, batch_tokens: int) -> dict:
-    """Share of trials whose answer greedy decoding would produce, and the mean share of answer tokens right."""
+def accuracy(model, trials: dict, batch_tokens: int, per_query_tail: int | None = None) -> dict:
+    """Share of trials whose answer greedy decoding would produce, and the mean share of answer tokens right. With
+    `per_query_tail` (SEA rows with query blocks), the answer and the prompt's last `per_query_tail` tokens are read
+    per query, as `generate` does (`forward_logits`); else the whole trial in one forward."""
     ids, length = trials["input_ids"], trials["prompt_length"]
+    per_query_rows = 0 if per_query_tail is None else ids.shape[1] - length + per_query_tail
     device = next(model.parameters()).device
     batch = max(1, batch_tokens // ids.shape[1])
     exact, token_share = [], []
     for b in range(0, len(ids), batch):
         chunk = ids[b : b + batch].to(device).long()
-        logits = model(chunk, use_cache=False).logits[:, length - 1 : -1]
+        logits = forward_logits(model, chunk, per_query_rows)[:, length - 1 : -1]
         right = logits.argmax(-1) == chunk[:, length:]
         exact.append(right.all(-1).cpu())
         token_share.append(right.float().mean(-1).cpu())
@@ -292,13 +320,17 @@ def report(args, cells: dict, diagnosis: dict, record: dict):
     body = {"model": "HuggingFaceTB/SmolLM2-135M-Instruct (packaged GGUF, Q4_1 dequantised)", "trials": args.trials,
             "lengths": args.lengths, "budget_shares": args.budget_shares, "compressed_width": args.compressed_width,
             "query_block_size": args.query_block_size, "block_ranking": args.block_ranking,
-            "group_selection": args.group_selection, "cells": cells, "diagnosis": diagnosis, **record}
+            "group_selection": args.group_selection, "per_query_tail": args.per_query_tail, "cells": cells,
+            "diagnosis": diagnosis, **record}
     results.with_suffix(".json").write_text(json.dumps(body, indent=1))
+    per_query_note = (f"; the answer and the prompt's last {args.per_query_tail} tokens per query, after the cache of "
+                      "the rest" if args.query_block_size > 1 else "")
     lines = [f"# Retrieval and perplexity of SEA on {body['model']}", "", body["command"],
              f"Device: {body['device']}; {body['versions']}", "",
              f"{args.trials} trials per task and length; key budget = length / share, M = {args.compressed_width}, "
              f"query blocks of {args.query_block_size} ranked by {args.block_ranking}"
-             f"{', one selection per key/value group' if args.group_selection else ''}.", ""]
+             f"{', one selection per key/value group' if args.group_selection else ''}"
+             f"{per_query_note}.", ""]
     lengths = sorted(args.lengths)
     header = "| row | keys | " + " | ".join(f"{t} @ {n}" for t in TASKS for n in lengths) + " | " + \
              " | ".join(f"ppl @ {n}" for n in lengths) + " |"
@@ -393,6 +425,8 @@ def measure(args, work: Path, data: dict):
     converted, distilled = converted.to(device), distilled.to(device) if distilled is not None else None
     held_out = data["held_out"].tolist()
     started = time.time()
+    # SEA rows with query blocks read the answer (and `--per-query-tail` prompt tokens) per query, as `generate` does.
+    tail = args.per_query_tail if args.query_block_size > 1 else None
     for row, share, task, length in cell_plan(args):
         if row == "sea (distilled)" and distilled is None:
             continue
@@ -412,7 +446,8 @@ def measure(args, work: Path, data: dict):
             else:
                 trials = data["trials"][f"{task}-{length}"]
                 result = measure_cell(cell_path(work, row, share, task, length),
-                                      lambda: accuracy(model, trials, args.batch_tokens))
+                                      lambda: accuracy(model, trials, args.batch_tokens,
+                                                       None if share is None else tail))
         print(f"{row} 1/{share} {task} @ {length}: {result}", flush=True)
     if not args.diagnose:
         return

@@ -6,9 +6,10 @@ import sys
 from pathlib import Path
 
 import torch
+from conftest import TINY_LLAMA
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from conftest import TINY_LLAMA
+from conversion.convert import convert_to_sea
 from training.data import packaged_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -66,3 +67,18 @@ def test_retrieval_benchmark_runs_every_row_and_full_budget_rows_equal_dense(tmp
     results.with_suffix(".md").unlink()
     retrieval.main([*argv, "--stage", "report", "--model", str(tmp_path / "absent")])
     assert results.with_suffix(".md").read_text() == table
+
+
+def test_forward_logits_reads_the_tail_per_query_after_the_blocks_cache():
+    """`forward_logits` as `generate` reads a prompt under query blocks: the head in blocks, the tail continuing its
+    cache one query per row. With every key within the budget SEA attention is exact, so both parts equal the dense
+    model's logits, and the block size is restored afterwards."""
+    dense = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA, attn_implementation="eager")).eval()
+    sea = convert_to_sea(dense, sea_key_budget=128, sea_compressed_width=16, sea_query_block_size=16).eval()
+    ids = torch.randint(3, TINY_LLAMA["vocab_size"], (2, 75))
+    with torch.no_grad():
+        want = dense(ids).logits
+        for tail in (0, 1, 11):
+            got = retrieval.forward_logits(sea, ids, tail)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert sea.config.sea_query_block_size == 16
