@@ -425,8 +425,6 @@ def measure(args, work: Path, data: dict):
     converted, distilled = converted.to(device), distilled.to(device) if distilled is not None else None
     held_out = data["held_out"].tolist()
     started = time.time()
-    # SEA rows with query blocks read the answer (and `--per-query-tail` prompt tokens) per query, as `generate` does.
-    tail = args.per_query_tail if args.query_block_size > 1 else None
     for row, share, task, length in cell_plan(args):
         if row == "sea (distilled)" and distilled is None:
             continue
@@ -445,9 +443,11 @@ def measure(args, work: Path, data: dict):
                                       lambda: {"perplexity": perplexity(model, held_out, length, args.ppl_tokens)["perplexity"]})
             else:
                 trials = data["trials"][f"{task}-{length}"]
+                # SEA rows with query blocks read the answer (and `--per-query-tail` prompt tokens) per query, as
+                # `generate` does.
+                tail = args.per_query_tail if share is not None and args.query_block_size > 1 else None
                 result = measure_cell(cell_path(work, row, share, task, length),
-                                      lambda: accuracy(model, trials, args.batch_tokens,
-                                                       None if share is None else tail))
+                                      lambda: accuracy(model, trials, args.batch_tokens, tail))
         print(f"{row} 1/{share} {task} @ {length}: {result}", flush=True)
     if not args.diagnose:
         return

@@ -6,9 +6,9 @@ import sys
 from pathlib import Path
 
 import torch
-from conftest import TINY_LLAMA
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from conftest import TINY_LLAMA
 from conversion.convert import convert_to_sea
 from training.data import packaged_file
 
