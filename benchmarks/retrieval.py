@@ -19,7 +19,9 @@ layer's exact attention mass (`sea_baseline="oracle"`), the upper bound of any b
 two training-free content-based rankings of the same bins + anchors, by each bin's mean key (MoBA-style) and by
 Quest's per-channel bound of the bin's scores (`sea_baseline="key_means"` / `"key_bounds"`); and the best 4x or 2x
 budget keys of the bounds (or of the better of both rankings, `"key_summaries"`) as candidates, whose bins each
-query re-ranks by its exact attention over them (`sea_candidate_factor`).
+query re-ranks by its exact attention over them (`sea_candidate_factor`). The oracle with the anchors, and the
+fused re-ranked row without them, tell how much of the gap between those two the anchors make (among its
+candidates a re-ranked row ranks bins as the oracle does, so anchors and missed candidates are all that differ).
 Perplexity on held-out text at the same lengths and budgets comes from the same run. `--diagnose` also reports, for
 the passkey, which layers and heads put attention on the key and how SEA's estimate ranks the bin holding it.
 
@@ -70,11 +72,14 @@ ROWS = {
     "sink + local window": dict(sea_baseline="local_window"),
     "random + anchors": dict(sea_baseline="random_mask"),
     "oracle (exact bin mass)": dict(sea_baseline="oracle", sea_anchor_bins=False),
+    "oracle + anchors": dict(sea_baseline="oracle"),
     "key means + anchors (MoBA-style)": dict(sea_baseline="key_means"),
     "key bounds + anchors (Quest-style)": dict(sea_baseline="key_bounds"),
     "key bounds, 4x candidates re-ranked exactly": dict(sea_baseline="key_bounds", sea_candidate_factor=4),
     "key bounds, 2x candidates re-ranked exactly": dict(sea_baseline="key_bounds", sea_candidate_factor=2),
     "key means or bounds, 4x candidates re-ranked exactly": dict(sea_baseline="key_summaries", sea_candidate_factor=4),
+    "key means or bounds, 4x re-ranked, no anchors": dict(sea_baseline="key_summaries", sea_candidate_factor=4,
+                                                          sea_anchor_bins=False),
 }
 # What a row's fields replace: every sparse row starts from these.
 ROW_DEFAULTS = dict(sea_anchor_bins=True, sea_candidate_factor=1)

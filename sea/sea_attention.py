@@ -39,6 +39,9 @@ GATHER_CHUNK_ELEMENTS = 1 << 22
 # Upper bound on the elements of one chunk of query rows of the bin scores (`scored_ranking`): large, as few chunks
 # keep these many-row passes from being bound by launches.
 SCORE_CHUNK_ELEMENTS = 1 << 26
+# Upper bound on the elements of one chunk of query rows' (N, H, rows, M) rankings in per-query `select`: its
+# sort, gathers and sums make several such tensors at once, which at a whole long input outweighed the KV cache.
+SELECT_CHUNK_ELEMENTS = 1 << 22
 # Added to kernel features so that no normaliser is exactly zero.
 FEATURE_EPS = {True: 1e-3, False: 1e-4}
 
@@ -442,7 +445,7 @@ def linear_attention(phi_q, phi_k, values, causal: bool, kv_sum=None, k_sum=None
 
 def select_keys(ranking: torch.Tensor, edges: torch.Tensor, budget: int, rule: str) -> tuple[torch.Tensor, ...]:
     """The best-ranked bins of every row (or block of rows) as rank ranges: starts and lengths (..., K), best first,
-    and the bin of each range.
+    and the bin of each range. Starts and lengths are int32 (what the kernels read); the bins int64 (an index).
 
     ranking (N, H, R, M) with empty bins at -inf; edges (N, R, M + 1) from `bin_edges`. "constant": bins are taken
     whole in ranking order until `budget` keys are filled (the overflowing bin gives its first keys), so a row of
@@ -453,13 +456,13 @@ def select_keys(ranking: torch.Tensor, edges: torch.Tensor, budget: int, rule: s
     top = min(width, budget) if rule == "constant" else width
     # A full sort of the M bins is faster on CUDA than a sorted top-k (a segmented sort of short rows).
     order = ranking.sort(dim=-1, descending=True, stable=True).indices[..., :top]
-    top_sizes = sizes.expand(ranking.shape).gather(-1, order)
-    top_starts = starts.expand(ranking.shape).gather(-1, order)
+    top_sizes = sizes.int().expand(ranking.shape).gather(-1, order)
+    top_starts = starts.int().expand(ranking.shape).gather(-1, order)
     if rule == "reference":
         counts = edges[..., -1:].unsqueeze(1)
         bins = torch.round(budget * width / counts.clamp_min(1)).clamp(1, width)
         return top_starts, top_sizes * (torch.arange(top, device=order.device) < bins), order
-    before = top_sizes.cumsum(-1) - top_sizes
+    before = top_sizes.cumsum(-1, dtype=torch.int32) - top_sizes
     return top_starts, top_sizes.clamp_max((budget - before).clamp_min(0)), order
 
 
@@ -825,6 +828,16 @@ def reranked(ranking: torch.Tensor, edges: torch.Tensor, candidate_log_mass, rul
     return anchored(exact, edges, rule.anchor_bins)
 
 
+def select_rows(rows: slice, ranking: torch.Tensor, counts: torch.Tensor, rows_log_mass, per_group,
+                rule: SelectionRule) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-query `select` of the query rows `rows`: their ranges' starts and lengths (N, H / G, rows, K)."""
+    counts = counts[:, rows]
+    edges = bin_edges(counts, ranking.shape[-1])
+    ranking = reranked(anchored(ranking[:, :, rows], edges, rule.anchor_bins), edges,
+                       lambda starts, lengths: per_group(rows_log_mass(rows, starts, lengths, counts)), rule)
+    return select_keys(ranking, edges, rule.budget, rule.budget_rule)[:2]
+
+
 def select(inputs: SeaRankingInputs, ranking: torch.Tensor, rows_log_mass, rule: SelectionRule) -> SeaSelection:
     """The keys of every query: the bins of `ranking` (N, H, R, M) (from `BIN_RANKINGS`), through `anchored`, then
     `reranked`, expanded by `select_keys`, shared by blocks of `inputs.block_size` consecutive queries (and, with
@@ -835,7 +848,9 @@ def select(inputs: SeaRankingInputs, ranking: torch.Tensor, rows_log_mass, rule:
     keys after the first row's, which each row reads up to itself: a row reads at most budget + block size - 1
     keys. A bidirectional block takes the bins of the row that sees the most keys, ranked as `per_block` combines
     its rows.
-    `rows_log_mass(step, starts, lengths, counts)`: `range_log_mass` of every `step`-th query row.
+    `rows_log_mass(rows, starts, lengths, counts)`: `range_log_mass` of the query rows `rows` (a slice).
+    Per-query selections are made in chunks of rows (`SELECT_CHUNK_ELEMENTS`): each row's is its own, and a whole
+    long input's sort and gathers at once would hold several times the KV cache's memory.
 
     A row's ranges are disjoint ranks of the keys it sees, so it reads at most T_all of them, and under the
     "constant" rule at most the budget plus the rest of its block: the selection's `max_slots`. (Under the
@@ -848,20 +863,22 @@ def select(inputs: SeaRankingInputs, ranking: torch.Tensor, rows_log_mass, rule:
     else:
         max_slots = num_keys if is_torchdynamo_compiling() else None
     if block == 1:
-        edges = bin_edges(counts, inputs.width)
-        ranking = reranked(anchored(ranking, edges, rule.anchor_bins), edges,
-                           lambda starts, lengths: inputs.per_group(rows_log_mass(1, starts, lengths, counts)), rule)
-        starts, lengths, _ = select_keys(ranking, edges, rule.budget, rule.budget_rule)
+        n, h, t, width = ranking.shape
+        step = max(1, SELECT_CHUNK_ELEMENTS // max(1, n * h * width))
+        chunks = [select_rows(slice(r0, r0 + step), ranking, counts, rows_log_mass, inputs.per_group, rule)
+                  for r0 in range(0, t, step)]
+        starts, lengths = (torch.cat(parts, 2) for parts in zip(*chunks))
         return SeaSelection(starts, lengths, inputs.positions, counts, 1, max_slots, inputs.heads_per_selection)
     block_counts = inputs.block_counts
     first_counts = block_counts[..., 0] if inputs.causal else block_counts.amax(-1)
     if inputs.causal and not inputs.combines_causal_rows:
         def block_log_mass(starts, lengths):
-            return rows_log_mass(block, starts, lengths, first_counts)
+            return rows_log_mass(slice(None, None, block), starts, lengths, first_counts)
     else:
         def block_log_mass(starts, lengths):  # the mass of the rows `per_block` combines, in the block's ranges
             block_of_row = inputs.ranked_block_of_row.clamp_max(starts.shape[2] - 1)
-            return inputs.per_block(rows_log_mass(1, starts[:, :, block_of_row], lengths[:, :, block_of_row], counts))
+            return inputs.per_block(rows_log_mass(slice(None), starts[:, :, block_of_row], lengths[:, :, block_of_row],
+                                                  counts))
     edges = bin_edges(first_counts, inputs.width)
     ranking = reranked(anchored(ranking, edges, rule.anchor_bins), edges,
                        lambda starts, lengths: inputs.per_group(block_log_mass(starts, lengths)), rule)
@@ -869,8 +886,8 @@ def select(inputs: SeaRankingInputs, ranking: torch.Tensor, rows_log_mass, rule:
     if inputs.causal:  # the newest range: ranks first_count .. (the block's largest count - 1)
         newest = block_counts.amax(-1) - first_counts
         per_head = (*starts.shape[:-1], 1)
-        starts = torch.cat([starts, first_counts[:, None, :, None].expand(per_head)], -1)
-        lengths = torch.cat([lengths, newest[:, None, :, None].expand(per_head)], -1)
+        starts = torch.cat([starts, first_counts[:, None, :, None].to(starts.dtype).expand(per_head)], -1)
+        lengths = torch.cat([lengths, newest[:, None, :, None].to(lengths.dtype).expand(per_head)], -1)
     return SeaSelection(starts, lengths, inputs.positions, counts, block, max_slots, inputs.heads_per_selection)
 
 

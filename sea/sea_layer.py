@@ -114,9 +114,11 @@ class SeaRowCnn(nn.Module):
             hidden = self._conv(self.conv1, x, row_valid, state.cnn_input_rows)
             refined = x + self._conv(self.conv2, hidden, row_valid, state.cnn_hidden_rows)
             keep = self.rows_above
+            # Only the last rows are concatenated: a slice of the whole concatenation would keep all of it alive
+            # in the cache.
             memory = (
-                torch.cat([state.cnn_input_rows, x], dim=2)[:, :, -keep:],
-                torch.cat([state.cnn_hidden_rows, hidden], dim=2)[:, :, -keep:],
+                torch.cat([state.cnn_input_rows, x[:, :, -keep:]], dim=2)[:, :, -keep:],
+                torch.cat([state.cnn_hidden_rows, hidden[:, :, -keep:]], dim=2)[:, :, -keep:],
             )
         if output_rows is not None:
             refined = refined[:, :, output_rows]
@@ -226,7 +228,7 @@ class SeaAttention(nn.Module):
         if leading_rows_only:
             counts = counts[:, :: self.query_block_size]
         empty = (bin_edges(counts, self.width).diff(dim=-1) == 0).unsqueeze(1)
-        logits = logits.masked_fill(empty, torch.finfo(logits.dtype).min)
+        logits = logits.masked_fill_(empty, torch.finfo(logits.dtype).min)  # in place: one (N, H, T, M) less
         if self.causal:
             state = SeaCausalState(*new_sums, *cnn_rows)
         return SeaEstimate(torch.log_softmax(logits, dim=-1), leading_rows_only, encoding, state, kernel_context, gate)
@@ -308,8 +310,8 @@ class SeaAttention(nn.Module):
             with torch.no_grad():
                 attend = sparse_attention_implementation(q, self.kernel)
 
-                def rows_log_mass(step, starts, lengths, row_counts):
-                    return range_log_mass(q[:, :, ::step], k, v, starts, lengths, positions, row_counts, scaling, attend)
+                def rows_log_mass(rows, starts, lengths, row_counts):
+                    return range_log_mass(q[:, :, rows], k, v, starts, lengths, positions, row_counts, scaling, attend)
 
                 inputs = SeaRankingInputs(q, k, key_valid, positions, counts, self.causal, scaling, self.width,
                                           self.query_block_size, self.block_ranking, self.group_selection,

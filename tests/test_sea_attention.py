@@ -234,6 +234,26 @@ def test_causal_inference_estimates_long_inputs_in_passes(block, monkeypatch):
     assert_same_layer_outputs(in_passes, one_pass, exact, exact)
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("ranking", [(None, 1), ("key_bounds", 3)], ids=["estimate", "bounds-reranked"])
+def test_per_query_selection_in_chunks_of_rows_is_the_whole_inputs(causal, ranking, monkeypatch):
+    """Per-query selections are made in chunks of rows (bounded memory at a long input): the same ranges and
+    context as in one chunk, with SEA's estimate and with candidates re-ranked exactly (chunks of 24 rows here,
+    over a padded batch)."""
+    t = 150
+    op = make_operator(causal, 12, dtype=torch.float64)
+    op.config.sea_baseline, op.config.sea_candidate_factor = ranking
+    q, k, v = torch.randn(3, N, H, t, D, dtype=torch.float64).unbind(0)
+    valid = random_padding(t)
+    whole = op(q, k, v, valid, D**-0.5)
+    monkeypatch.setattr(sea_attention, "SELECT_CHUNK_ELEMENTS", N * H * op.width * 24)
+    chunked = op(q, k, v, valid, D**-0.5)
+    assert torch.equal(chunked.selection.starts, whole.selection.starts)
+    assert torch.equal(chunked.selection.lengths, whole.selection.lengths)
+    assert whole.selection.lengths.sum(-1).max() == 12  # the budget binds: the chunks chose among bins
+    torch.testing.assert_close(chunked.context, whole.context, atol=1e-12, rtol=0)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_query_blocks_share_their_keys(causal):
     """With blocks of 16 queries: a bidirectional block reads one key set; every query of a causal block reads the
