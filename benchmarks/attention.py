@@ -136,7 +136,7 @@ def methods(op, causal, length, q, k, v, device):
     """name -> fn(q, k, v) returning the attention output."""
     scaling = q.shape[-1] ** -0.5
     with torch.no_grad():
-        selection = op(q, k, v, None, scaling, need_probs=False).selection
+        selection = op(q, k, v, None, scaling).selection  # need_probs keeps the whole selection
     found = {
         "sea": lambda q, k, v: op(q, k, v, None, scaling, need_probs=False).context,
         "sea_sparse_only": lambda q, k, v: sparse_attention_triton(q, k, v, selection, scaling, need_probs=False)[1],

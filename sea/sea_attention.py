@@ -41,7 +41,7 @@ GATHER_CHUNK_ELEMENTS = 1 << 22
 SCORE_CHUNK_ELEMENTS = 1 << 26
 # Upper bound on the elements of one chunk of query rows' (N, H, rows, M) rankings in per-query `select`: its
 # sort, gathers and sums make several such tensors at once, which at a whole long input outweighed the KV cache.
-SELECT_CHUNK_ELEMENTS = 1 << 22
+SELECT_CHUNK_ELEMENTS = 1 << 21
 # Added to kernel features so that no normaliser is exactly zero.
 FEATURE_EPS = {True: 1e-3, False: 1e-4}
 
@@ -182,8 +182,10 @@ class SeaAttentionOutput:
     sparse_probs: torch.Tensor | None
     """(N, H, T, S) the probabilities over `selection`'s slots, gate-scaled, zero in unused slots (None when the
     forward was asked for no probabilities)."""
-    selection: SeaSelection
-    """The keys each query attended to."""
+    selection: SeaSelection | None
+    """The keys each query attended to. None from an inference forward without probabilities whose per-query
+    selection spans several chunks of rows (`per_query_selections`): each chunk attends once selected, so no
+    selection of the whole input is kept (ask for probabilities to get it)."""
     estimate_log_probs: torch.Tensor
     """(N, H, T, M) the estimated compressed attention (log-probabilities over bins; without probabilities, causal
     query blocks give only the first row of each block)."""
@@ -828,14 +830,38 @@ def reranked(ranking: torch.Tensor, edges: torch.Tensor, candidate_log_mass, rul
     return anchored(exact, edges, rule.anchor_bins)
 
 
-def select_rows(rows: slice, ranking: torch.Tensor, counts: torch.Tensor, rows_log_mass, per_group,
-                rule: SelectionRule) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-query `select` of the query rows `rows`: their ranges' starts and lengths (N, H / G, rows, K)."""
-    counts = counts[:, rows]
-    edges = bin_edges(counts, ranking.shape[-1])
-    ranking = reranked(anchored(ranking[:, :, rows], edges, rule.anchor_bins), edges,
-                       lambda starts, lengths: per_group(rows_log_mass(rows, starts, lengths, counts)), rule)
-    return select_keys(ranking, edges, rule.budget, rule.budget_rule)[:2]
+def max_selected_slots(inputs: SeaRankingInputs, rule: SelectionRule) -> int | None:
+    """A bound on the keys any row reads, from shapes and the rule alone (None: read it from the lengths).
+
+    A row's ranges are disjoint ranks of the keys it sees, so it reads at most T_all of them, and under the
+    "constant" rule at most the budget plus the rest of its block. (Under the "reference" rule the bound is every
+    key, which sizes the slots only where their lengths cannot be read: in a traced graph.)"""
+    num_keys = inputs.k.shape[2]
+    if rule.budget_rule == "constant":
+        return min(num_keys, rule.budget + inputs.block_size - 1)
+    return num_keys if is_torchdynamo_compiling() else None
+
+
+def selection_chunk_rows(inputs: SeaRankingInputs) -> int:
+    """Query rows per chunk of per-query selection (`SELECT_CHUNK_ELEMENTS`)."""
+    n, h, _, _ = inputs.q.shape
+    return max(1, SELECT_CHUNK_ELEMENTS // max(1, n * h * inputs.width))
+
+
+def per_query_selections(inputs: SeaRankingInputs, ranking: torch.Tensor, rows_log_mass, rule: SelectionRule):
+    """`select` with blocks of one row, in chunks of `selection_chunk_rows` consecutive query rows: yields each
+    chunk's rows (a slice) and their `SeaSelection`. Each row's selection is its own, and a whole long input's sort
+    and gathers at once would hold several times the KV cache's memory. `ranking` as `select` takes it."""
+    ranking = inputs.per_group(ranking)
+    step, slots = selection_chunk_rows(inputs), max_selected_slots(inputs, rule)
+    for first in range(0, ranking.shape[2], step):
+        rows = slice(first, first + step)
+        counts = inputs.counts[:, rows]
+        edges = bin_edges(counts, inputs.width)
+        chunk = reranked(anchored(ranking[:, :, rows], edges, rule.anchor_bins), edges,
+                         lambda starts, lengths: inputs.per_group(rows_log_mass(rows, starts, lengths, counts)), rule)
+        starts, lengths, _ = select_keys(chunk, edges, rule.budget, rule.budget_rule)
+        yield rows, SeaSelection(starts, lengths, inputs.positions, counts, 1, slots, inputs.heads_per_selection)
 
 
 def select(inputs: SeaRankingInputs, ranking: torch.Tensor, rows_log_mass, rule: SelectionRule) -> SeaSelection:
@@ -848,27 +874,15 @@ def select(inputs: SeaRankingInputs, ranking: torch.Tensor, rows_log_mass, rule:
     keys after the first row's, which each row reads up to itself: a row reads at most budget + block size - 1
     keys. A bidirectional block takes the bins of the row that sees the most keys, ranked as `per_block` combines
     its rows.
-    `rows_log_mass(rows, starts, lengths, counts)`: `range_log_mass` of the query rows `rows` (a slice).
-    Per-query selections are made in chunks of rows (`SELECT_CHUNK_ELEMENTS`): each row's is its own, and a whole
-    long input's sort and gathers at once would hold several times the KV cache's memory.
-
-    A row's ranges are disjoint ranks of the keys it sees, so it reads at most T_all of them, and under the
-    "constant" rule at most the budget plus the rest of its block: the selection's `max_slots`. (Under the
-    "reference" rule the bound is every key, which sizes the slots only where their lengths cannot be read: in a
-    traced graph.)"""
-    block, counts, num_keys = inputs.block_size, inputs.counts, inputs.k.shape[2]
-    ranking = inputs.per_group(ranking)
-    if rule.budget_rule == "constant":
-        max_slots = min(num_keys, rule.budget + block - 1)
-    else:
-        max_slots = num_keys if is_torchdynamo_compiling() else None
-    if block == 1:
-        n, h, t, width = ranking.shape
-        step = max(1, SELECT_CHUNK_ELEMENTS // max(1, n * h * width))
-        chunks = [select_rows(slice(r0, r0 + step), ranking, counts, rows_log_mass, inputs.per_group, rule)
-                  for r0 in range(0, t, step)]
-        starts, lengths = (torch.cat(parts, 2) for parts in zip(*chunks))
+    `rows_log_mass(rows, starts, lengths, counts)`: `range_log_mass` of the query rows `rows` (a slice). Per-query
+    selections are made in chunks of rows (`per_query_selections`); `max_selected_slots` bounds every row's keys."""
+    counts, max_slots = inputs.counts, max_selected_slots(inputs, rule)
+    if inputs.block_size == 1:
+        chunks = [chunk for _, chunk in per_query_selections(inputs, ranking, rows_log_mass, rule)]
+        starts, lengths = (torch.cat([getattr(chunk, name) for chunk in chunks], 2) for name in ("starts", "lengths"))
         return SeaSelection(starts, lengths, inputs.positions, counts, 1, max_slots, inputs.heads_per_selection)
+    block = inputs.block_size
+    ranking = inputs.per_group(ranking)
     block_counts = inputs.block_counts
     first_counts = block_counts[..., 0] if inputs.causal else block_counts.amax(-1)
     if inputs.causal and not inputs.combines_causal_rows:

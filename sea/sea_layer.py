@@ -30,9 +30,11 @@ from .sea_attention import (
     bin_edges,
     orthogonal_gaussian_features,
     output_gate,
+    per_query_selections,
     positional_code,
     range_log_mass,
     select,
+    selection_chunk_rows,
     valid_key_positions,
     visible_key_counts,
 )
@@ -246,6 +248,16 @@ class SeaAttention(nn.Module):
         """How `select` turns bin rankings into keys, from the config as it is now."""
         return SelectionRule(self.budget, self.budget_rule, self.candidate_factor, self.anchor_bins)
 
+    def attention_in_chunks(self, inputs: SeaRankingInputs, ranking, rows_log_mass, v, gate) -> torch.Tensor:
+        """The context of an inference forward with per-query selection and no probabilities, each chunk of rows
+        (`per_query_selections`) attending once selected, so no selection of the whole input is ever held."""
+        contexts = []
+        for rows, chunk in per_query_selections(inputs, ranking, rows_log_mass, self.selection_rule):
+            rows_gate = None if gate is None else tuple(g[:, :, rows] for g in gate)
+            contexts.append(gated_sparse_attention(inputs.q[:, :, rows], inputs.k, v, chunk, inputs.scaling, rows_gate,
+                                                   False, self.kernel, True, 0.0)[1])
+        return torch.cat(contexts, 2)
+
     def forward(
         self,
         q: torch.Tensor,
@@ -271,7 +283,9 @@ class SeaAttention(nn.Module):
         attention dropout of the sparse probabilities, which the model passes in training only (as transformers'
         attention does); it changes the context, not the returned probabilities. `new_slots` (T,): where the
         new positions lie in k, v and key_valid when they are not the last T, as in a static cache's buffers,
-        whose unfilled slots after them `key_valid` marks invalid."""
+        whose unfilled slots after them `key_valid` marks invalid. An inference forward without probabilities
+        selects and attends in chunks of rows and returns no `selection` (`SeaAttentionOutput.selection`) when its
+        per-query selection spans several chunks."""
         inference = not torch.is_grad_enabled()  # the one place the grad mode is read (see the module docstring)
         n, _, t, _ = q.shape
         if torch.compiler.is_exporting() and not isinstance(k.shape[2], int):
@@ -306,6 +320,10 @@ class SeaAttention(nn.Module):
             nothing = torch.zeros(n, q.shape[1], t, 0, dtype=torch.long, device=q.device)
             no_keys = SeaSelection(nothing, nothing, positions, counts, 1)
             return output(estimate.kernel_context, nothing.to(q.dtype), no_keys)
+        gate = estimate.gate
+        if not self.causal and self.gates is not None:
+            average = bidirectional_average_context(v, key_valid, estimate.log_probs, positions)
+            gate = output_gate(estimate.encoding, average, self.estimator_weights)
         if selection is None:
             with torch.no_grad():
                 attend = sparse_attention_implementation(q, self.kernel)
@@ -316,11 +334,11 @@ class SeaAttention(nn.Module):
                 inputs = SeaRankingInputs(q, k, key_valid, positions, counts, self.causal, scaling, self.width,
                                           self.query_block_size, self.block_ranking, self.group_selection,
                                           estimate)
-                selection = select(inputs, BIN_RANKINGS[self.baseline](inputs), rows_log_mass, self.selection_rule)
-        gate = estimate.gate
-        if not self.causal and self.gates is not None:
-            average = bidirectional_average_context(v, key_valid, estimate.log_probs, positions)
-            gate = output_gate(estimate.encoding, average, self.estimator_weights)
+                ranking = BIN_RANKINGS[self.baseline](inputs)
+                if inference and not need_probs and not dropout and self.query_block_size == 1 \
+                        and t > selection_chunk_rows(inputs):
+                    return output(self.attention_in_chunks(inputs, ranking, rows_log_mass, v, gate), None, None)
+                selection = select(inputs, ranking, rows_log_mass, self.selection_rule)
         probs, context = gated_sparse_attention(q, k, v, selection, scaling, gate, need_probs, self.kernel, inference,
                                                 dropout)
         return output(context, probs, selection)

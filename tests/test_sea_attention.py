@@ -239,7 +239,7 @@ def test_causal_inference_estimates_long_inputs_in_passes(block, monkeypatch):
 def test_per_query_selection_in_chunks_of_rows_is_the_whole_inputs(causal, ranking, monkeypatch):
     """Per-query selections are made in chunks of rows (bounded memory at a long input): the same ranges and
     context as in one chunk, with SEA's estimate and with candidates re-ranked exactly (chunks of 24 rows here,
-    over a padded batch)."""
+    over a padded batch); at inference without probabilities each chunk attends as soon as it is selected."""
     t = 150
     op = make_operator(causal, 12, dtype=torch.float64)
     op.config.sea_baseline, op.config.sea_candidate_factor = ranking
@@ -252,6 +252,10 @@ def test_per_query_selection_in_chunks_of_rows_is_the_whole_inputs(causal, ranki
     assert torch.equal(chunked.selection.lengths, whole.selection.lengths)
     assert whole.selection.lengths.sum(-1).max() == 12  # the budget binds: the chunks chose among bins
     torch.testing.assert_close(chunked.context, whole.context, atol=1e-12, rtol=0)
+    with torch.no_grad():  # inference without probabilities: each chunk attends once selected, nothing kept
+        streamed = op(q, k, v, valid, D**-0.5, need_probs=False)
+    assert streamed.selection is None
+    torch.testing.assert_close(streamed.context, whole.context, atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("causal", [True, False])
