@@ -858,8 +858,10 @@ def per_query_selections(inputs: SeaRankingInputs, ranking: torch.Tensor, rows_l
         rows = slice(first, first + step)
         counts = inputs.counts[:, rows]
         edges = bin_edges(counts, inputs.width)
-        chunk = reranked(anchored(ranking[:, :, rows], edges, rule.anchor_bins), edges,
-                         lambda starts, lengths: inputs.per_group(rows_log_mass(rows, starts, lengths, counts)), rule)
+        def candidate_log_mass(starts, lengths, rows=rows, counts=counts):
+            return inputs.per_group(rows_log_mass(rows, starts, lengths, counts))
+
+        chunk = reranked(anchored(ranking[:, :, rows], edges, rule.anchor_bins), edges, candidate_log_mass, rule)
         starts, lengths, _ = select_keys(chunk, edges, rule.budget, rule.budget_rule)
         yield rows, SeaSelection(starts, lengths, inputs.positions, counts, 1, slots, inputs.heads_per_selection)
 
