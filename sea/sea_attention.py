@@ -850,14 +850,15 @@ def selection_chunk_rows(inputs: SeaRankingInputs) -> int:
 
 def per_query_selections(inputs: SeaRankingInputs, ranking: torch.Tensor, rows_log_mass, rule: SelectionRule):
     """`select` with blocks of one row, in chunks of `selection_chunk_rows` consecutive query rows: yields each
-    chunk's rows (a slice) and their `SeaSelection`. Each row's selection is its own, and a whole long input's sort
-    and gathers at once would hold several times the KV cache's memory. `ranking` as `select` takes it."""
+    chunk's rows (a slice) and their `SeaSelection` (each row's selection is its own). `ranking` as `select` takes
+    it."""
     ranking = inputs.per_group(ranking)
     step, slots = selection_chunk_rows(inputs), max_selected_slots(inputs, rule)
     for first in range(0, ranking.shape[2], step):
         rows = slice(first, first + step)
         counts = inputs.counts[:, rows]
         edges = bin_edges(counts, inputs.width)
+
         def candidate_log_mass(starts, lengths, rows=rows, counts=counts):
             return inputs.per_group(rows_log_mass(rows, starts, lengths, counts))
 

@@ -236,7 +236,7 @@ def test_causal_inference_estimates_long_inputs_in_passes(block, monkeypatch):
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 @pytest.mark.parametrize("ranking", [(None, 1), ("key_bounds", 3)], ids=["estimate", "bounds-reranked"])
-def test_per_query_selection_in_chunks_of_rows_is_the_whole_inputs(causal, ranking, monkeypatch):
+def test_per_query_selection_in_chunks_of_rows_equals_one_pass_over_the_input(causal, ranking, monkeypatch):
     """Per-query selections are made in chunks of rows (bounded memory at a long input): the same ranges and
     context as in one chunk, with SEA's estimate and with candidates re-ranked exactly (chunks of 24 rows here,
     over a padded batch); at inference without probabilities each chunk attends as soon as it is selected."""
