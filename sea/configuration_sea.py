@@ -91,7 +91,8 @@ class SeaConfigMixin:
 
     sea_key_budget (`int`, defaults to 64):
         Keys each query may attend to, per head. With `sea_budget_rule="constant"` this is a hard cap that holds
-        at any sequence length; a row with at most this many visible keys is attended exactly.
+        at any sequence length; a row with at most this many visible keys is attended exactly, and a forward whose
+        keys (cached ones included) all fit in the budget ranks no bin at all.
     sea_compressed_width (`int`, defaults to 128):
         Width M of the estimated (compressed) attention row: every query's visible keys are split into M bins.
         Must be a multiple of 4 for causal models and of 2 for bidirectional ones.
@@ -104,10 +105,12 @@ class SeaConfigMixin:
         the reference implementation; a query then reads about `sea_key_budget` keys while `L <= sea_key_budget * M`
         and more beyond.
     sea_candidate_factor (`int`, defaults to 1):
-        With a factor c > 1, the bins holding the best-ranked `c * sea_key_budget` keys are candidates, and each
-        query keeps those of them that hold the most of its exact softmax attention over the candidates' keys
-        (computed over those keys only, at c times the sparse attention's cost). The ranking finds the region, the
-        exact scores of its keys decide. 1 keeps the ranking as it is.
+        With a factor c > 1, the bins holding the newest `sea_key_budget` keys and the best-ranked
+        `c * sea_key_budget` keys besides are candidates, and each query keeps those of them that hold the most of
+        its exact softmax attention over the candidates' keys (computed over those keys only, at up to c + 1 times
+        the sparse attention's cost). The ranking finds the region, the exact scores of its keys decide; the local
+        window among the candidates keeps at least the attention mass of a sink + window. 1 keeps the ranking as
+        it is.
     sea_output_gates (`bool`, defaults to `True`):
         Learned per-query gates that scale the sparse attention and mix in an average context carrying
         information from keys outside the mask. They start neutral (scale 1, mix 0).

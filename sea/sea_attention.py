@@ -799,7 +799,7 @@ class SelectionRule:
     budget_rule: str
     """`sea_budget_rule`: "constant" or "reference" (`select_keys`)."""
     candidate_factor: int
-    """`sea_candidate_factor`: c > 1 re-ranks the bins of the best c x budget keys exactly (`reranked`)."""
+    """`sea_candidate_factor`: c > 1 re-ranks the newest budget keys' bins and those of the best c x budget keys exactly (`reranked`)."""
     anchor_bins: bool
     """`sea_anchor_bins`: the first and last bin of every row first (`anchored`)."""
 
@@ -819,15 +819,32 @@ def anchored(ranking: torch.Tensor, edges: torch.Tensor, anchor_bins: bool) -> t
 
 
 def reranked(ranking: torch.Tensor, edges: torch.Tensor, candidate_log_mass, rule: SelectionRule) -> torch.Tensor:
-    """With a candidate factor c > 1: the bins of the best-ranked c x budget keys, ranked again by the exact
-    attention mass they hold among those keys (`candidate_log_mass(starts, lengths)`, by `range_log_mass`), the
-    other bins last; `ranking` itself otherwise."""
+    """With a candidate factor c > 1: the bins of the newest budget keys and of the best-ranked c x budget keys
+    besides, ranked again by the exact attention mass they hold among those keys (`candidate_log_mass(starts,
+    lengths)`, by `range_log_mass`), the other bins last; `ranking` itself otherwise.
+
+    The newest bins are candidates whatever the ranking: a content ranking (a mean or bound of a bin's keys) misses
+    the local attention that every head also pays, and with the local window among the candidates the selection
+    holds at least the exact mass of a window of whole bins at the same budget."""
     if rule.candidate_factor == 1:
         return ranking
-    starts, lengths, bins = select_keys(ranking, edges, rule.candidate_factor * rule.budget, "constant")
+    sizes = edges.diff(dim=-1)
+    newest = (edges[..., :-1] >= edges[..., -1:] - rule.budget) & (sizes > 0)  # bins starting in the newest budget
+    candidates = ranking.masked_fill(newest.unsqueeze(1), torch.finfo(ranking.dtype).max)
+    starts, lengths, bins = select_keys(candidates, edges, (rule.candidate_factor + 1) * rule.budget, "constant")
     mass = candidate_log_mass(starts, lengths).masked_fill(lengths == 0, float("-inf"))
     exact = torch.full_like(ranking, float("-inf"), dtype=mass.dtype).scatter_(-1, bins, mass)
     return anchored(exact, edges, rule.anchor_bins)
+
+
+def every_visible_key(counts: torch.Tensor, positions: torch.Tensor | None, num_key_value_heads: int,
+                      heads_per_key_value_head: int, num_keys: int) -> SeaSelection:
+    """Each query's every visible key, as one rank range from rank 0 per row and key/value head: what every ranking
+    selects when no query sees more keys than the budget, made without ranking a bin. `counts` (N, T) as
+    `SeaSelection.row_counts`, `positions` as its `key_positions`; `num_keys` = T_all bounds every row."""
+    n, t = counts.shape
+    lengths = counts[:, None, :, None].to(torch.int32).expand(n, num_key_value_heads, t, 1)
+    return SeaSelection(torch.zeros_like(lengths), lengths, positions, counts, 1, num_keys, heads_per_key_value_head)
 
 
 def max_selected_slots(inputs: SeaRankingInputs, rule: SelectionRule) -> int | None:

@@ -28,6 +28,7 @@ from .sea_attention import (
     at_least_float32,
     bidirectional_average_context,
     bin_edges,
+    every_visible_key,
     orthogonal_gaussian_features,
     output_gate,
     per_query_selections,
@@ -324,6 +325,10 @@ class SeaAttention(nn.Module):
         if not self.causal and self.gates is not None:
             average = bidirectional_average_context(v, key_valid, estimate.log_probs, positions)
             gate = output_gate(estimate.encoding, average, self.estimator_weights)
+        if selection is None and k.shape[2] <= self.budget:
+            # No query sees more keys than the budget: every ranking would select all of them, so none is ranked.
+            selection = every_visible_key(counts, positions, self.num_key_value_heads,
+                                          self.num_heads // self.num_key_value_heads, k.shape[2])
         if selection is None:
             with torch.no_grad():
                 attend = sparse_attention_implementation(q, self.kernel)

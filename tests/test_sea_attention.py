@@ -147,6 +147,24 @@ def test_constant_budget_caps_keys_and_covers_short_rows(causal):
     assert counts.equal(visible.clamp_max(budget)), "every query must read min(visible keys, budget) keys"
 
 
+@pytest.mark.parametrize("baseline, candidates, block", [(None, 1, 1), (None, 1, 16), ("oracle", 1, 1),
+                                                         ("key_summaries", 4, 1), ("random_mask", 2, 16)])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_inputs_within_the_budget_read_every_visible_key_once_unranked(causal, baseline, candidates, block):
+    """When no query can see more keys than the budget, every query reads each of its visible keys exactly once,
+    as one rank range (no bin is ranked), whatever the ranking, candidates or query blocks: exact attention."""
+    t = 48
+    op = make_operator(causal, t + int(torch.randint(0, 8, ())), width=8, block=block)
+    op.config.sea_baseline, op.config.sea_candidate_factor = baseline, candidates
+    q, k, v = torch.randn(3, N, H, t, D).unbind(0)
+    valid = random_padding(t)
+    out = op(q, k, v, valid, D**-0.5)
+    assert out.selection.lengths.shape[-1] == 1
+    assert torch.equal(selected_matrix(out.selection, t), visibility(valid, causal).long().expand(N, H, t, t))
+    expected_context, _ = dense_reference(op, q, k, v, valid, out.selection, D**-0.5, causal)
+    torch.testing.assert_close(out.context.double(), expected_context, atol=1e-5, rtol=1e-5)
+
+
 def test_reference_rule_takes_round_budget_m_over_l_whole_bins():
     t, budget, width = 400, 4, 16
     op = make_operator(False, budget, width=width, rule="reference")
@@ -615,8 +633,8 @@ def test_candidates_covering_every_key_rerank_like_the_oracle(causal, block, ran
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 def test_reranking_keeps_the_candidates_of_most_exact_attention(causal):
-    """Candidates from a local window (the bins of the newest 2 x budget keys): every query keeps
-    its anchors and, of the other candidate bins, those with the most dense float64 attention mass; never a bin
+    """Candidates from a local window (the bins of the newest budget keys, and of the 2 x budget keys that the
+    newest-first ranking puts next): every query keeps its anchors and, of the other candidate bins, those with the most dense float64 attention mass; never a bin
     outside the candidates, however much mass it holds."""
     from conftest import tiny_bert_config, tiny_opt_config
 
@@ -639,7 +657,7 @@ def test_reranking_keeps_the_candidates_of_most_exact_attention(causal):
             if not valid[n, row] or length < width or length % width or budget % (length // width):
                 continue  # equal whole bins only, the budget a whole number of them
             size = length // width
-            kept, candidates = budget // size, min(width, 2 * budget // size)
+            kept, candidates = budget // size, min(width, 3 * budget // size)
             if kept >= width or candidates == kept:
                 continue
             for head in range(4):
@@ -652,6 +670,36 @@ def test_reranking_keeps_the_candidates_of_most_exact_attention(causal):
                 assert torch.equal(chosen[n, head, row], want)
                 checked += 1
     assert checked >= 12
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_reranked_candidates_hold_at_least_the_mass_of_sink_and_window(causal):
+    """Whatever the ranking (here random bins), re-ranked candidates include the newest budget keys, so every query
+    keeps at least the dense float64 attention mass that the sink + local window baseline keeps at the same budget
+    (checked where bins are equal and the budget is whole bins, which the window then fills exactly)."""
+    from conftest import tiny_bert_config, tiny_opt_config
+
+    make_config = tiny_opt_config if causal else tiny_bert_config
+    width, budget, t = 16, 12, 64
+    fields = dict(sea_key_budget=budget, sea_compressed_width=width)
+    reranked = SeaAttention(make_config(sea_baseline="random_mask", sea_candidate_factor=2, **fields), 4, 16, causal, 2)
+    window = SeaAttention(make_config(sea_baseline="local_window", **fields), 4, 16, causal, 2)
+    q = torch.randn(N, 4, t, 16, dtype=torch.float64) * 3
+    k, v = (torch.randn(N, 2, t, 16, dtype=torch.float64) * 3 for _ in range(2))
+    valid = random_padding(t)
+    kept = {}
+    for name, op in (("reranked", reranked), ("window", window)):
+        op.init_sea_weights()
+        op.double()
+        kept[name] = selected_matrix(op(q, k, v, valid, 0.25).selection, t) > 0
+    scores = torch.einsum("nhtd,nhsd->nhts", q, k.repeat_interleave(2, 1)) * 0.25
+    probs = torch.softmax(scores.masked_fill(~visibility(valid, causal), float("-inf")), -1).nan_to_num()
+    lengths = visibility(valid, causal).sum(-1)[:, 0]  # (N, T)
+    whole = valid & (lengths % width == 0) & (budget % (lengths // width).clamp_min(1) == 0) & (lengths > budget)
+    assert whole.sum() >= 8
+    mass = {name: (probs * chosen).sum(-1) for name, chosen in kept.items()}
+    assert (mass["reranked"] >= mass["window"] - 1e-12)[whole.unsqueeze(1).expand(-1, 4, -1)].all()
+    assert (mass["reranked"] > mass["window"] + 1e-3)[whole.unsqueeze(1).expand(-1, 4, -1)].any()
 
 
 def test_key_summaries_put_first_the_best_bins_of_both_key_rankings():
