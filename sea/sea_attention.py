@@ -847,6 +847,29 @@ def every_visible_key(counts: torch.Tensor, positions: torch.Tensor | None, num_
     return SeaSelection(torch.zeros_like(lengths), lengths, positions, counts, 1, num_keys, heads_per_key_value_head)
 
 
+def visible_keys_attention(q, k, v, key_valid: torch.Tensor, counts: torch.Tensor, scaling: float) -> torch.Tensor:
+    """`sparse_attention`'s context over `every_visible_key`, as one masked scaled-dot-product attention (the
+    fastest dense kernel the device has, never a gathered copy of the keys): q (N, H, T, D), k and v (N, H_kv,
+    T_all, D), `key_valid` (N, T_all), `counts` (N, T) the valid keys each query sees (the first ones by rank). A
+    row that sees no key gets zeros, as in `sparse_attention`."""
+    ranks = key_valid.long().cumsum(-1) - 1
+    seen = key_valid[:, None, :] & (ranks[:, None, :] < counts[:, :, None])  # (N, T, T_all)
+    sees_none = (counts == 0)[:, :, None]
+    mask = (seen | sees_none).unsqueeze(1)  # such a row attends anywhere (no NaN) and is zeroed below
+    context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling,
+                                             enable_gqa=k.shape[1] != q.shape[1])
+    return context.masked_fill(sees_none.unsqueeze(1), 0.0)
+
+
+def gated(probs: torch.Tensor | None, context: torch.Tensor, gate) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The probabilities (or None) and context of an attention, scaled and offset by the output `gate` (scale,
+    offset) from `output_gate` (None: no gates)."""
+    if gate is None:
+        return probs, context
+    scale, offset = gate[0].to(context.dtype), gate[1]
+    return (probs * scale if probs is not None else None), context * scale + offset
+
+
 def max_selected_slots(inputs: SeaRankingInputs, rule: SelectionRule) -> int | None:
     """A bound on the keys any row reads, from shapes and the rule alone (None: read it from the lengths).
 

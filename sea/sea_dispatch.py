@@ -25,6 +25,7 @@ from .sea_attention import (
     FEATURE_EPS,
     EstimatorWeights,
     SeaSelection,
+    gated,
     kernel_encoding,
     kernel_encoding_in_passes,
     sparse_attention,
@@ -135,11 +136,7 @@ def gated_sparse_attention(q, k, v, selection: SeaSelection, scaling: float, gat
                                            offset.to(q.dtype).contiguous())
     else:
         probs, context = sparse_attention_triton(q, k, v, selection, scaling, need_probs, inference)
-    if gate is not None:
-        scale, offset = gate[0].to(context.dtype), gate[1]
-        context = context * scale + offset
-        probs = probs * scale if probs is not None else None
-    return probs, context
+    return gated(probs, context, gate)
 
 
 def estimate_encoding(q, k_new, v_new, code, new_valid, counts, sums, rows, weights: EstimatorWeights, causal: bool,

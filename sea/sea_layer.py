@@ -29,6 +29,7 @@ from .sea_attention import (
     bidirectional_average_context,
     bin_edges,
     every_visible_key,
+    gated,
     orthogonal_gaussian_features,
     output_gate,
     per_query_selections,
@@ -38,6 +39,7 @@ from .sea_attention import (
     selection_chunk_rows,
     valid_key_positions,
     visible_key_counts,
+    visible_keys_attention,
 )
 from .sea_dispatch import estimate_encoding, gated_sparse_attention, sparse_attention_implementation
 
@@ -326,9 +328,13 @@ class SeaAttention(nn.Module):
             average = bidirectional_average_context(v, key_valid, estimate.log_probs, positions)
             gate = output_gate(estimate.encoding, average, self.estimator_weights)
         if selection is None and k.shape[2] <= self.budget:
-            # No query sees more keys than the budget: every ranking would select all of them, so none is ranked.
+            # No query sees more keys than the budget: every ranking would select all of them, so none is ranked,
+            # and without probabilities to return the attention is the dense one.
             selection = every_visible_key(counts, positions, self.num_key_value_heads,
                                           self.num_heads // self.num_key_value_heads, k.shape[2])
+            if inference and not need_probs and not dropout:
+                context = visible_keys_attention(q, k, v, key_valid, counts, scaling)
+                return output(gated(None, context, gate)[1], None, selection)
         if selection is None:
             with torch.no_grad():
                 attend = sparse_attention_implementation(q, self.kernel)

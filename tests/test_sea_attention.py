@@ -152,7 +152,8 @@ def test_constant_budget_caps_keys_and_covers_short_rows(causal):
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 def test_inputs_within_the_budget_read_every_visible_key_once_unranked(causal, baseline, candidates, block):
     """When no query can see more keys than the budget, every query reads each of its visible keys exactly once,
-    as one rank range (no bin is ranked), whatever the ranking, candidates or query blocks: exact attention."""
+    as one rank range (no bin is ranked), whatever the ranking, candidates or query blocks: exact attention, also
+    from an inference forward without probabilities (one masked dense attention)."""
     t = 48
     op = make_operator(causal, t + int(torch.randint(0, 8, ())), width=8, block=block)
     op.config.sea_baseline, op.config.sea_candidate_factor = baseline, candidates
@@ -163,6 +164,10 @@ def test_inputs_within_the_budget_read_every_visible_key_once_unranked(causal, b
     assert torch.equal(selected_matrix(out.selection, t), visibility(valid, causal).long().expand(N, H, t, t))
     expected_context, _ = dense_reference(op, q, k, v, valid, out.selection, D**-0.5, causal)
     torch.testing.assert_close(out.context.double(), expected_context, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        inference = op(q, k, v, valid, D**-0.5, need_probs=False)
+    assert inference.sparse_probs is None
+    torch.testing.assert_close(inference.context.double(), expected_context, atol=1e-5, rtol=1e-5)
 
 
 def test_reference_rule_takes_round_budget_m_over_l_whole_bins():
