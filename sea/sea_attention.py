@@ -799,7 +799,8 @@ class SelectionRule:
     budget_rule: str
     """`sea_budget_rule`: "constant" or "reference" (`select_keys`)."""
     candidate_factor: int
-    """`sea_candidate_factor`: c > 1 re-ranks the newest budget keys' bins and those of the best c x budget keys exactly (`reranked`)."""
+    """`sea_candidate_factor`: c > 1 re-ranks the bins of the newest budget keys and of the best c x budget keys
+    exactly (`reranked`)."""
     anchor_bins: bool
     """`sea_anchor_bins`: the first and last bin of every row first (`anchored`)."""
 
@@ -856,8 +857,11 @@ def visible_keys_attention(q, k, v, key_valid: torch.Tensor, counts: torch.Tenso
     seen = key_valid[:, None, :] & (ranks[:, None, :] < counts[:, :, None])  # (N, T, T_all)
     sees_none = (counts == 0)[:, :, None]
     mask = (seen | sees_none).unsqueeze(1)  # such a row attends anywhere (no NaN) and is zeroed below
-    context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling,
-                                             enable_gqa=k.shape[1] != q.shape[1])
+    # Key/value heads repeated, as transformers' SDPA attention does under a mask: SDPA's grouped-query mode falls
+    # back to its math kernel when given a mask, and the copy holds at most a budget of keys.
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
     return context.masked_fill(sees_none.unsqueeze(1), 0.0)
 
 
