@@ -229,16 +229,22 @@ def bin_edges(counts: torch.Tensor, width: int) -> torch.Tensor:
     return torch.div(counts.unsqueeze(-1) * b, width, rounding_mode="floor")
 
 
+def visible_keys(key_valid: torch.Tensor, counts: torch.Tensor, causal: bool) -> torch.Tensor:
+    """(N, C, T_all) which keys each of C query rows sees: the valid keys, and for a causal row only those of rank
+    below its count (`counts` (N, C) from `visible_key_counts`)."""
+    visible = key_valid[:, None, :].expand(key_valid.shape[0], counts.shape[1], key_valid.shape[1])
+    if causal:
+        visible = visible & (key_valid.long().cumsum(-1)[:, None, :] <= counts[:, :, None])
+    return visible
+
+
 def exact_attention(q, k, key_valid, counts, causal: bool, scaling: float, rows: slice):
     """Dense softmax attention probabilities (N, H, C, T_all), at least float32, of query rows `rows` of q
     (N, H, T, D), the new queries with `counts` (N, T) from `visible_key_counts`, over k (N, H_kv, T_all, D) (query
     head i reads key head i // (H / H_kv)); zero on keys a row does not see (a causal row sees the valid keys of
     rank below its count). Also which keys each row sees (N, C, T_all). O(C x T_all) per call: the teacher of the
     distillation losses and the oracle selection."""
-    n, t_all = q.shape[0], k.shape[2]
-    visible = key_valid[:, None, :].expand(n, rows.stop - rows.start, t_all)
-    if causal:
-        visible = visible & (key_valid.long().cumsum(-1)[:, None, :] <= counts[:, rows, None])
+    visible = visible_keys(key_valid, counts[:, rows], causal)
     grouped_q = at_least_float32(q[:, :, rows]).unflatten(1, (k.shape[1], -1))
     scores = (grouped_q @ at_least_float32(k).unsqueeze(2).transpose(-1, -2)).flatten(1, 2) * scaling
     scores = scores.masked_fill(~visible[:, None], float("-inf"))
@@ -848,15 +854,15 @@ def every_visible_key(counts: torch.Tensor, positions: torch.Tensor | None, num_
     return SeaSelection(torch.zeros_like(lengths), lengths, positions, counts, 1, num_keys, heads_per_key_value_head)
 
 
-def visible_keys_attention(q, k, v, key_valid: torch.Tensor, counts: torch.Tensor, scaling: float) -> torch.Tensor:
+def visible_keys_attention(q, k, v, key_valid: torch.Tensor, counts: torch.Tensor, causal: bool,
+                           scaling: float) -> torch.Tensor:
     """`sparse_attention`'s context over `every_visible_key`, as one masked scaled-dot-product attention (the
     fastest dense kernel the device has, never a gathered copy of the keys): q (N, H, T, D), k and v (N, H_kv,
-    T_all, D), `key_valid` (N, T_all), `counts` (N, T) the valid keys each query sees (the first ones by rank). A
-    row that sees no key gets zeros, as in `sparse_attention`."""
-    ranks = key_valid.long().cumsum(-1) - 1
-    seen = key_valid[:, None, :] & (ranks[:, None, :] < counts[:, :, None])  # (N, T, T_all)
+    T_all, D), `key_valid` (N, T_all), `counts` (N, T) from `visible_key_counts`. A row that sees no key gets
+    zeros, as in `sparse_attention`."""
     sees_none = (counts == 0)[:, :, None]
-    mask = (seen | sees_none).unsqueeze(1)  # such a row attends anywhere (no NaN) and is zeroed below
+    # A row that sees no key attends anywhere (no NaN) and is zeroed below.
+    mask = (visible_keys(key_valid, counts, causal) | sees_none).unsqueeze(1)
     # Key/value heads repeated, as transformers' SDPA attention does under a mask: SDPA's grouped-query mode falls
     # back to its math kernel when given a mask, and the copy holds at most a budget of keys.
     group = q.shape[1] // k.shape[1]

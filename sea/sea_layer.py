@@ -333,7 +333,7 @@ class SeaAttention(nn.Module):
             selection = every_visible_key(counts, positions, self.num_key_value_heads,
                                           self.num_heads // self.num_key_value_heads, k.shape[2])
             if inference and not need_probs and not dropout:
-                context = visible_keys_attention(q, k, v, key_valid, counts, scaling)
+                context = visible_keys_attention(q, k, v, key_valid, counts, self.causal, scaling)
                 return output(gated(None, context, gate)[1], None, selection)
         if selection is None:
             with torch.no_grad():

@@ -639,8 +639,8 @@ def test_candidates_covering_every_key_rerank_like_the_oracle(causal, block, ran
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 def test_reranking_keeps_the_candidates_of_most_exact_attention(causal):
     """Candidates from a local window (the bins of the newest budget keys, and of the 2 x budget keys that the
-    newest-first ranking puts next): every query keeps its anchors and, of the other candidate bins, those with the most dense float64 attention mass; never a bin
-    outside the candidates, however much mass it holds."""
+    newest-first ranking puts next): every query keeps its anchors and, of the other candidate bins, those with the
+    most dense float64 attention mass; never a bin outside the candidates, however much mass it holds."""
     from conftest import tiny_bert_config, tiny_opt_config
 
     make_config = tiny_opt_config if causal else tiny_bert_config
@@ -702,9 +702,10 @@ def test_reranked_candidates_hold_at_least_the_mass_of_sink_and_window(causal):
     lengths = visibility(valid, causal).sum(-1)[:, 0]  # (N, T)
     whole = valid & (lengths % width == 0) & (budget % (lengths // width).clamp_min(1) == 0) & (lengths > budget)
     assert whole.sum() >= 8
+    checked = whole.unsqueeze(1).expand(-1, 4, -1)
     mass = {name: (probs * chosen).sum(-1) for name, chosen in kept.items()}
-    assert (mass["reranked"] >= mass["window"] - 1e-12)[whole.unsqueeze(1).expand(-1, 4, -1)].all()
-    assert (mass["reranked"] > mass["window"] + 1e-3)[whole.unsqueeze(1).expand(-1, 4, -1)].any()
+    assert (mass["reranked"] >= mass["window"] - 1e-12)[checked].all()
+    assert (mass["reranked"] > mass["window"] + 1e-3)[checked].any()
 
 
 def test_key_summaries_put_first_the_best_bins_of_both_key_rankings():
