@@ -158,7 +158,8 @@ class SeaEstimate:
     """(N, H, T, M) estimated attention log-probabilities over bins; with `leading_rows_only`, (N, H, R, M): the
     first row of each causal query block only."""
     leading_rows_only: bool
-    """Whether `log_probs` holds only the first row of each query block (the rows that choose keys)."""
+    """Whether `log_probs` holds only the first row of each block of rows: of each query block (the rows that
+    choose keys), or of one block of every row (an inference forward within the key budget, which ranks nothing)."""
     encoding: torch.Tensor
     """(N, H, T, 2D) the encoding of the decoded rows ([kernel attention || v] through the encoder); with
     `leading_rows_only`, of the rows the CNN needs only. What bidirectional gates read."""

@@ -94,7 +94,12 @@ class SeaRowCnn(nn.Module):
         last row. Built from host integers, so no step waits for the GPU, and kept per length (read-only), except
         while tracing (torch.export, torch.compile), whose tensors must not outlive the trace."""
         build = _causal_cnn_rows.__wrapped__ if is_torchdynamo_compiling() else _causal_cnn_rows
-        return build(block, 2 * self.rows_above, num_rows, device)
+        return build(block, self.reach, num_rows, device)
+
+    @property
+    def reach(self) -> int:
+        """Earlier rows the causal CNN's two convolutions read together above each row."""
+        return 2 * self.rows_above
 
     def _conv(self, conv: nn.Conv2d, x: torch.Tensor, row_valid: torch.Tensor, above: torch.Tensor | None):
         """Causal: `above` holds the rows before `x` (zeros at the start of a sequence). Bidirectional: zero
@@ -208,17 +213,18 @@ class SeaAttention(nn.Module):
         )
 
     def estimate(self, q, k_new, v_new, new_valid, counts, state, inference: bool,
-                 leading_rows_only: bool = False) -> SeaEstimate:
-        """The estimate of the new queries' attention over bins (causal `leading_rows_only`: of the first row of
-        every query block), with what its pass computes along the way (`SeaEstimate`). `k_new`, `v_new` and
-        `new_valid` are the keys, values and validity of the new positions; `inference` as in the module
-        docstring."""
+                 leading_block: int | None = None) -> SeaEstimate:
+        """The estimate of the new queries' attention over bins (causal, with a `leading_block`: of the first row of
+        every `leading_block` rows only), with what its pass computes along the way (`SeaEstimate`). `k_new`,
+        `v_new` and `new_valid` are the keys, values and validity of the new positions; `inference` as in the
+        module docstring."""
         n, _, t, d = v_new.shape
         h = self.num_heads
         code = positional_code(new_valid, counts, d, self.causal).to(v_new.dtype)
         needed = leading = None
-        if leading_rows_only:  # decode and refine only the rows the CNN needs for the blocks' first rows
-            needed, leading = self.cnn.rows_needed(self.query_block_size, t, q.device)
+        leading_rows_only = leading_block is not None
+        if leading_rows_only:  # decode and refine only the rows the CNN needs for those rows and for its memory
+            needed, leading = self.cnn.rows_needed(leading_block, t, q.device)
         sums = (state.kv_sum, state.k_sum, state.value_sum) if self.causal else None
         encoding, new_sums, kernel_context, gate = estimate_encoding(
             q, k_new, v_new, code, new_valid, counts, sums, needed, self.estimator_weights, self.causal,
@@ -231,7 +237,7 @@ class SeaAttention(nn.Module):
         logits, cnn_rows = self.cnn(rows, row_valid[:, None, :, None].to(rows.dtype), state, leading)
         logits = at_least_float32(logits)
         if leading_rows_only:
-            counts = counts[:, :: self.query_block_size]
+            counts = counts[:, ::leading_block]
         empty = (bin_edges(counts, self.width).diff(dim=-1) == 0).unsqueeze(1)
         logits = logits.masked_fill_(empty, torch.finfo(logits.dtype).min)  # in place: one (N, H, T, M) less
         if self.causal:
@@ -281,8 +287,9 @@ class SeaAttention(nn.Module):
         passes with the same keys). Without `need_probs` the output's `sparse_probs` is None, which spares the
         (N, H, T, S) probabilities and lets the Triton kernel skip writing them; causal layers with query blocks
         ranked by their first row (`sea_block_ranking="first_row"`) then also estimate only the rows that choose
-        keys (the first of every block): `estimate_log_probs` has
-        one row per block. Training losses and plots ask for probabilities and get every row. `dropout`: the
+        keys (the first of every block): `estimate_log_probs` has one row per block; so do causal inference
+        forwards whose keys all fit in the budget, as one block of every row (nothing is ranked; the estimate still
+        carries the state on). Training losses and plots ask for probabilities and get every row. `dropout`: the
         attention dropout of the sparse probabilities, which the model passes in training only (as transformers'
         attention does); it changes the context, not the returned probabilities. `new_slots` (T,): where the
         new positions lie in k, v and key_valid when they are not the last T, as in a static cache's buffers,
@@ -312,9 +319,16 @@ class SeaAttention(nn.Module):
         # the general path, which gives the same result.
         unpadded = unpadded or (not is_torchdynamo_compiling() and bool(key_valid.all()))
         positions = None if unpadded else valid_key_positions(key_valid)
-        leading_rows_only = (self.causal and self.query_block_size > 1 and self.block_ranking == "first_row"
-                             and not need_probs)
-        estimate = self.estimate(q, k_new, v_new, new_valid, counts, state, inference, leading_rows_only)
+        within_budget = selection is None and k.shape[2] <= self.budget
+        dense_inference = within_budget and inference and not need_probs and not dropout
+        leading_block = None
+        if self.causal and dense_inference:
+            # Nothing is ranked and nothing returned reads the estimate: only its first row (one block of every
+            # row) and the CNN's memory for the next call are decoded.
+            leading_block = max(t, self.cnn.reach + 1)
+        elif self.causal and self.query_block_size > 1 and self.block_ranking == "first_row" and not need_probs:
+            leading_block = self.query_block_size
+        estimate = self.estimate(q, k_new, v_new, new_valid, counts, state, inference, leading_block)
 
         def output(context, probs, selection):
             return SeaAttentionOutput(context, probs, selection, estimate.log_probs, estimate.state, q, k, key_valid)
@@ -327,12 +341,12 @@ class SeaAttention(nn.Module):
         if not self.causal and self.gates is not None:
             average = bidirectional_average_context(v, key_valid, estimate.log_probs, positions)
             gate = output_gate(estimate.encoding, average, self.estimator_weights)
-        if selection is None and k.shape[2] <= self.budget:
+        if within_budget:
             # No query sees more keys than the budget: every ranking would select all of them, so none is ranked,
             # and without probabilities to return the attention is the dense one.
             selection = every_visible_key(counts, positions, self.num_key_value_heads,
                                           self.num_heads // self.num_key_value_heads, k.shape[2])
-            if inference and not need_probs and not dropout:
+            if dense_inference:
                 context = visible_keys_attention(q, k, v, key_valid, counts, self.causal, scaling)
                 return output(gated(None, context, gate)[1], None, selection)
         if selection is None:

@@ -238,6 +238,29 @@ def test_causal_blocks_without_probabilities_estimate_only_the_rows_that_choose_
     assert_same_layer_outputs(leading_rows, every_row, exact, exact)
 
 
+def test_causal_inference_within_the_budget_decodes_only_the_rows_the_next_call_needs():
+    """A causal inference forward whose keys all fit in the budget (no probabilities asked) decodes and refines the
+    estimate of its first row and of the rows the CNN's memory needs only: the same estimate there and the same
+    carried state as estimating every row, so a padded batch continued past the budget selects the same keys and
+    gets the same context."""
+    budget = 40
+    first = int(torch.randint(12, budget + 1, ()))
+    t = first + 60
+    op = make_operator(True, budget, dtype=torch.float64)
+    q, k, v = torch.randn(3, N, H, t, D, dtype=torch.float64).unbind(0)
+    valid = random_padding(t)
+    with torch.no_grad():
+        every_row = layer_in_two_calls(op, q, k, v, valid, first, D**-0.5, need_probs=True)
+        needed_rows = layer_in_two_calls(op, q, k, v, valid, first, D**-0.5, need_probs=False)
+    assert needed_rows[0].estimate_log_probs.shape[2] == 1
+    torch.testing.assert_close(needed_rows[0].estimate_log_probs, every_row[0].estimate_log_probs[:, :, :1], atol=1e-12, rtol=0)
+    for name, tensor in vars(every_row[0].state).items():
+        torch.testing.assert_close(getattr(needed_rows[0].state, name), tensor, atol=1e-12, rtol=0)
+    torch.testing.assert_close(needed_rows[1].estimate_log_probs, every_row[1].estimate_log_probs, atol=1e-10, rtol=0)
+    exact = dict(atol=1e-10, rtol=0)
+    assert_same_layer_outputs(needed_rows, every_row, exact, exact)
+
+
 @pytest.mark.parametrize("block", [1, 16], ids=["per-query", "blocks"])
 def test_causal_inference_estimates_long_inputs_in_passes(block, monkeypatch):
     """At inference the PyTorch estimate of a long causal input runs in passes of rows carrying the kernel-attention
