@@ -526,7 +526,7 @@ def stored_run(work: Path) -> tuple[dict, dict]:
     record, settings = work / "run.json", work / "settings.json"
     if not (record.exists() and settings.exists()):
         raise SystemExit(f"{work} holds no measured run (run.json and settings.json): nothing to report")
-    return json.loads(record.read_text()), json.loads(settings.read_text())
+    return run_record(work, None, Path(__file__).name, measures=False), json.loads(settings.read_text())
 
 
 def main(argv=None):

@@ -475,20 +475,29 @@ def installed_version(package: str) -> str:
         return "not installed"
 
 
-def run_record(work: Path, argv, script: str = "quality.py") -> dict:
-    """Device, versions and command of the run that measured the results in `work`, written by its first call, so
-    that a later call (a resumed run, or one that only writes the report and the published folder on another
-    machine) reports where the numbers come from."""
+def run_record(work: Path, argv, script: str = "quality.py", measures: bool = True) -> dict:
+    """Device, versions and commands of the runs that measured the results in `work`, so that a later call (a
+    resumed run, or one that only writes the report and the published folder on another machine) reports where
+    the numbers come from. The first call writes the device and versions; every measuring call adds its command
+    once (runs that extend the same work folder by more rows, tasks or lengths are each listed), with its own
+    device and versions when they differ from the first; a call that only reports adds nothing. `command` is the
+    commands, one per line."""
     path = work / "run.json"
-    if not path.exists():
-        record = {
-            "device": device_name(),
+    here = {"device": device_name(),
             "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
-                         "triton": installed_version("triton")},
-            "command": f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:]),
-        }
-        path.write_text(json.dumps(record, indent=1))
-    return json.loads(path.read_text())
+                         "triton": installed_version("triton")}}
+    record = json.loads(path.read_text()) if path.exists() else {**here, "commands": []}
+    if "commands" not in record:  # written before run records listed every command
+        record["commands"] = [record.pop("command")]
+    command = f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
+    if (here["device"], here["versions"]) != (record["device"], record["versions"]):
+        command += f"  # on {here['device']}; {here['versions']}"
+    if measures and command not in record["commands"]:
+        record["commands"].append(command)
+        partial = path.with_suffix(".tmp")
+        partial.write_text(json.dumps(record, indent=1))
+        partial.replace(path)
+    return {**record, "command": "\n".join(record["commands"])}
 
 
 def llama_report(args, work: Path, argv):
@@ -548,7 +557,7 @@ def llama_report(args, work: Path, argv):
     results.parent.mkdir(parents=True, exist_ok=True)
     results.with_suffix(".json").write_text(json.dumps(report, indent=1))
     table = markdown_report(report)
-    results.with_suffix(".md").write_text(f"# SEA quality on {report['model']}\n\n{report['command']}\n"
+    results.with_suffix(".md").write_text(f"# SEA quality on {report['model']}\n\n```\n{report['command']}\n```\n\n"
                                           f"Device: {report['device']}; {report['versions']}\n\n{table}\n")
     print(table)
     if args.publish_dir:

@@ -330,7 +330,7 @@ def report(args, cells: dict, diagnosis: dict, record: dict):
     results.with_suffix(".json").write_text(json.dumps(body, indent=1))
     per_query_note = (f"; the answer and the prompt's last {args.per_query_tail} tokens per query, after the cache of "
                       "the rest" if args.query_block_size > 1 else "")
-    lines = [f"# Retrieval and perplexity of SEA on {body['model']}", "", body["command"],
+    lines = [f"# Retrieval and perplexity of SEA on {body['model']}", "", f"```\n{body['command']}\n```", "",
              f"Device: {body['device']}; {body['versions']}", "",
              f"{args.trials} trials per task and length; key budget = length / share, M = {args.compressed_width}, "
              f"query blocks of {args.query_block_size} ranked by {args.block_ranking}"
@@ -478,7 +478,7 @@ def main(argv=None):
     if args.stage == "prepare":
         print(f"trials and {len(data['held_out']):,} held-out tokens in {work}")
         return
-    record = run_record(work, argv, Path(__file__).name)
+    record = run_record(work, argv, Path(__file__).name, measures=args.stage == "all")
     if args.stage == "all":
         measure(args, work, data)
     report(args, *stored_results(args, work), record)

@@ -82,3 +82,26 @@ def test_forward_logits_reads_the_tail_per_query_after_the_blocks_cache():
             got = retrieval.forward_logits(sea, ids, tail)
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert sea.config.sea_query_block_size == 16
+
+
+def test_run_record_lists_every_measuring_command_once(tmp_path):
+    """A work folder extended by later runs lists each measuring command once, in order; a run on another device
+    is marked with it; a record written with a single command keeps it; a report-only call adds nothing."""
+    from quality import run_record
+
+    first = run_record(tmp_path, ["--rows", "dense"], "retrieval.py")
+    run_record(tmp_path, ["--rows", "oracle"], "retrieval.py")
+    run_record(tmp_path, ["--rows", "dense"], "retrieval.py")  # resumed: already listed
+    reported = run_record(tmp_path, ["--stage", "report"], "retrieval.py", measures=False)
+    want = ["python benchmarks/retrieval.py --rows dense", "python benchmarks/retrieval.py --rows oracle"]
+    assert json.loads((tmp_path / "run.json").read_text())["commands"] == want
+    assert reported["command"] == "\n".join(want) and reported["device"] == first["device"]
+
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "run.json").write_text(json.dumps({"device": "Some Other GPU", "versions": first["versions"],
+                                                 "command": "python benchmarks/retrieval.py --seed 1"}))
+    record = run_record(legacy, ["--seed", "2"], "retrieval.py")
+    assert record["device"] == "Some Other GPU"
+    assert record["commands"] == ["python benchmarks/retrieval.py --seed 1",
+                                  f"python benchmarks/retrieval.py --seed 2  # on {first['device']}; {first['versions']}"]
