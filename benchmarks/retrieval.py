@@ -258,7 +258,9 @@ def diagnose(model, trials: dict) -> list[dict]:
     """For passkey trials, per layer and head: the exact attention mass of the answer's first query on the needle
     sentence, and the rank (0 = first) SEA's estimate gives the bin holding the needle token that query attends to
     most. Run with the oracle's selection, so every layer's queries and keys stay those of (nearly) dense attention
-    while the estimate is computed from them as usual."""
+    while the estimate is computed from them as usual. The prompt's last token is read as a cached decoding step,
+    as `generate` would: a forward estimates every one of its rows only when it ranks them per query (not within
+    the key budget, nor in query blocks)."""
     records = []
 
     def hook(module, args, output):
@@ -271,8 +273,10 @@ def diagnose(model, trials: dict) -> list[dict]:
     masses, ranks = [], []
     try:
         for i in range(len(ids)):
+            prompt = ids[i : i + 1, :length].to(device).long()
+            head = model(prompt[:, :-1], use_cache=True)
             records.clear()
-            model(ids[i : i + 1, :length].to(device).long(), use_cache=False)
+            model(prompt[:, -1:], **{CACHE_NAME: head[CACHE_NAME]}, use_cache=False)
             window = slice(int(trials["needle_starts"][i]), int(trials["needle_starts"][i]) + NEEDLE_WINDOW)
             trial_masses, trial_ranks = [], []
             for width, q, k, key_valid, estimate in records:
@@ -478,6 +482,8 @@ def main(argv=None):
     if args.stage == "prepare":
         print(f"trials and {len(data['held_out']):,} held-out tokens in {work}")
         return
+    if args.stage == "report" and not (work / "run.json").exists():
+        raise SystemExit(f"{work} holds no measured run (run.json): nothing to report")
     record = run_record(work, argv, Path(__file__).name, measures=args.stage == "all")
     if args.stage == "all":
         measure(args, work, data)
