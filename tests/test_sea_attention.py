@@ -238,13 +238,14 @@ def test_causal_blocks_without_probabilities_estimate_only_the_rows_that_choose_
     assert_same_layer_outputs(leading_rows, every_row, exact, exact)
 
 
-def test_causal_inference_within_the_budget_decodes_only_the_rows_the_next_call_needs():
+@pytest.mark.parametrize("shortest, longest", [(1, 10), (11, 40)], ids=["within-cnn-reach", "longer"])
+def test_causal_inference_within_the_budget_decodes_only_the_rows_the_next_call_needs(shortest, longest):
     """A causal inference forward whose keys all fit in the budget (no probabilities asked) decodes and refines the
     estimate of its first row and of the rows the CNN's memory needs only: the same estimate there and the same
     carried state as estimating every row, so a padded batch continued past the budget selects the same keys and
     gets the same context."""
     budget = 40
-    first = int(torch.randint(12, budget + 1, ()))
+    first = int(torch.randint(shortest, longest + 1, ()))
     t = first + 60
     op = make_operator(True, budget, dtype=torch.float64)
     q, k, v = torch.randn(3, N, H, t, D, dtype=torch.float64).unbind(0)
