@@ -480,9 +480,11 @@ def run_record(work: Path, argv, script: str = "quality.py", measures: bool = Tr
     resumed run, or one that only writes the report and the published folder on another machine) reports where
     the numbers come from. The first call writes the device and versions; every measuring call adds its command
     once (runs that extend the same work folder by more rows, tasks or lengths are each listed), with its own
-    device and versions when they differ from the first; a call that only reports adds nothing. `command` is the
-    commands, one per line."""
+    device and versions when they differ from the first; a call that only reports adds nothing (and is refused
+    where no run measured). `command` is the commands, one per line."""
     path = work / "run.json"
+    if not measures and not path.exists():
+        raise SystemExit(f"{work} holds no measured run (run.json): nothing to report")
     here = {"device": device_name(),
             "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
                          "triton": installed_version("triton")}}

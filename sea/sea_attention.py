@@ -156,7 +156,7 @@ class SeaEstimate:
 
     log_probs: torch.Tensor
     """(N, H, T, M) estimated attention log-probabilities over bins; with `leading_rows_only`, (N, H, R, M): the
-    first row of each causal query block only."""
+    first row of each block of rows only."""
     leading_rows_only: bool
     """Whether `log_probs` holds only the first row of each block of rows: of each query block (the rows that
     choose keys), or of one block of every row (an inference forward within the key budget, which ranks nothing)."""
