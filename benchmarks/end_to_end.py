@@ -24,6 +24,9 @@ Variants (a cell is one shape, batch, length, mode and variant):
 - sea_grouped: the same model with `config.sea_group_selection = True` (set on the loaded model's config, as a user
   would: the field is read at every call): one selection per key/value group, whose query heads the sparse kernel
   serves with each selected key loaded once.
+- sea_estimate: the same model ranking bins by SEA's estimate, without re-ranking (`sea_bin_ranking="estimate"`,
+  `sea_candidate_factor=1`): the paper's selection, which the default replaced because it retrieves nothing
+  (`benchmarks/results/retrieval_smollm2.md`); what the re-ranked default costs.
 - sea_static_compiled, sea_grouped_static_compiled (decode only): those two with static_compiled's generate
   options: a SeaStaticCache and the decode step compiled with CUDA graphs.
 
@@ -79,6 +82,7 @@ from quality import run_record
 from retrieval import measure_cell
 
 from conversion.convert import convert_to_sea
+from sea.configuration_sea import SeaConfigMixin
 
 # name -> (dense class, its config fields); the tiny ones are the --smoke shapes.
 SHAPES = {
@@ -101,14 +105,19 @@ SHAPES = {
 GPU_SHAPES = ("smollm2-135m", "llama-1b", "opt-1.3b")
 SDPA_BACKENDS = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
                  "sdpa_math": SDPBackend.MATH}
-# SEA variant -> the SEA settings it sets on the converted model's config; every other variant is dense.
-SEA_VARIANTS = {"sea": {"sea_group_selection": False}, "sea_grouped": {"sea_group_selection": True},
-                "sea_static_compiled": {"sea_group_selection": False},
-                "sea_grouped_static_compiled": {"sea_group_selection": True}}
+# SEA variant -> the SEA settings it sets on the converted model's config (every one that any variant changes, so
+# that the variants measured one after the other on one model do not inherit each other's); every other variant is
+# dense.
+DEFAULT_SELECTION = {"sea_bin_ranking": SeaConfigMixin.sea_bin_ranking,
+                     "sea_candidate_factor": SeaConfigMixin.sea_candidate_factor, "sea_group_selection": False}
+SEA_VARIANTS = {"sea": DEFAULT_SELECTION, "sea_grouped": {**DEFAULT_SELECTION, "sea_group_selection": True},
+                "sea_estimate": {**DEFAULT_SELECTION, "sea_bin_ranking": "estimate", "sea_candidate_factor": 1},
+                "sea_static_compiled": DEFAULT_SELECTION,
+                "sea_grouped_static_compiled": {**DEFAULT_SELECTION, "sea_group_selection": True}}
 # The decode variants that generate with a static cache and the decode step compiled.
 STATIC_COMPILED = ("static_compiled", "sea_static_compiled", "sea_grouped_static_compiled")
 # mode -> its variants.
-VARIANTS = {"prefill": ("sdpa_flash", "sdpa_cudnn", "sdpa_math", "flex_attention", "sea", "sea_grouped"),
+VARIANTS = {"prefill": ("sdpa_flash", "sdpa_cudnn", "sdpa_math", "flex_attention", "sea", "sea_grouped", "sea_estimate"),
             "decode": ("sdpa_flash", "sdpa_cudnn", "sdpa_math", "flex_attention", *STATIC_COMPILED[:1],
                        *SEA_VARIANTS)}
 ALL_VARIANTS = tuple(dict.fromkeys(v for variants in VARIANTS.values() for v in variants))
@@ -450,8 +459,8 @@ def markdown(cells: list[dict], record: dict, settings: dict, skipped: dict) -> 
     versions = ", ".join(f"{name} {version}" for name, version in record["versions"].items())
     lines = [f"# End to end: dense vs SEA, {settings['dtype']}, random weights", "", f"```\n{record['command']}\n```", "",
              (f"Device: {record['device']}; {versions}; SEA key budget {settings['key_budget']}, every other SEA "
-              f"setting at its default but the grouped variants' sea_group_selection=True; decode over {settings['new_tokens']} "
-              "new tokens."), "",
+              f"setting at its default but the grouped variants' sea_group_selection=True and sea_estimate's ranking "
+              f"(the estimate, no re-ranking); decode over {settings['new_tokens']} new tokens."), "",
              ("Each variant's time (ms; decode: ms per new token) with, in brackets, the memory its calls added at "
               "their peak to what the cell started with (the weights); each SEA variant's speed-up over the fastest "
               "dense variant of the row, and its added memory over the leanest dense variant's (see the docstring of "

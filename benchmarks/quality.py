@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conversion.convert import convert_to_sea, load_dense, save_atomically  # noqa: E402
 from hub_cards.card import write_card  # noqa: E402
 from hub_cards.plots import plot_layer_cost_and_attention, plot_perplexity  # noqa: E402
+from sea.configuration_sea import SeaConfigMixin  # noqa: E402
 from training.evaluation import sliding_window_perplexity  # noqa: E402
 from training.sea_trainer import (  # noqa: E402
     ATTENTION_LOSSES,
@@ -67,11 +68,13 @@ TRAINED_COSTS = {
 }
 # Report row -> (result file name, config) of the same-budget mask baselines. SEA reads its first and last bin
 # (`sea_anchor_bins`); the window and random baselines are measured with the same anchors, and the window also
-# without them (a plain sliding window).
+# without them (a plain sliding window), all without SEA's re-ranking of candidates.
 SAME_BUDGET_BASELINES = {
-    "local window (same budget)": ("local_window", dict(sea_baseline="local_window", sea_anchor_bins=False)),
-    "sink + local window (anchor bins, same budget)": ("sink_window", dict(sea_baseline="local_window")),
-    "random mask + anchor bins (same budget)": ("random_mask", dict(sea_baseline="random_mask")),
+    "local window (same budget)": ("local_window", dict(sea_baseline="local_window", sea_anchor_bins=False,
+                                                        sea_candidate_factor=1)),
+    "sink + local window (anchor bins, same budget)": ("sink_window", dict(sea_baseline="local_window",
+                                                                           sea_candidate_factor=1)),
+    "random mask + anchor bins (same budget)": ("random_mask", dict(sea_baseline="random_mask", sea_candidate_factor=1)),
 }
 
 
@@ -91,7 +94,7 @@ def parse_arguments(argv=None):
     parser.add_argument("--key-budget", type=int, default=480,
                         help="keys per query and head (default: 1/8 of the 3,840 keys the first scored token of a "
                              "4k window sees)")
-    parser.add_argument("--compressed-width", type=int, default=128)
+    parser.add_argument("--compressed-width", type=int, default=SeaConfigMixin.sea_compressed_width)
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens scored per context")
     parser.add_argument("--train-context", type=int, default=4096)
@@ -535,7 +538,8 @@ def llama_report(args, work: Path, argv):
         sea_model(teacher, args, sea_anchor_bins=False), work / "sea-distilled.safetensors"))
     measure(FINETUNED, "sea-finetuned", lambda: finetuned("sea-finetuned", teacher, train, args, work)[0])
     measure(SINK_WINDOW_FINETUNED, "sink-window-finetuned", lambda: finetuned(
-        "sink-window-finetuned", teacher, train, args, work, sea_baseline="local_window")[0])
+        "sink-window-finetuned", teacher, train, args, work, sea_baseline="local_window",
+        sea_candidate_factor=1)[0])
 
     longest = str(max(args.contexts))
     share = args.key_budget / (max(args.contexts) * 15 // 16)

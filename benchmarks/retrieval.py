@@ -13,15 +13,17 @@ N tokens as well). Prompt + answer of a (task, length) have exactly `length` tok
 positions), and trials run in batches without padding.
 
 Rows (each sparse row at every key budget, a share of the length): the dense teacher; SEA right after
-conversion; SEA with its estimator distilled (`benchmarks/quality.py`'s recipe, its weights file); sink + local
-window and random bins + anchors (SEA's first and last bin); the oracle: the bins holding the most of each
-layer's exact attention mass (`sea_baseline="oracle"`), the upper bound of any bin selector at that budget; and
-two training-free content-based rankings of the same bins + anchors, by each bin's mean key (MoBA-style) and by
-Quest's per-channel bound of the bin's scores (`sea_baseline="key_means"` / `"key_bounds"`); and the best 4x or 2x
-budget keys of the bounds (or of the better of both rankings, `"key_summaries"`) as candidates, whose bins each
-query re-ranks by its exact attention over them (`sea_candidate_factor`). The oracle with the anchors, and the
-fused re-ranked row without them, tell how much of the gap between those two the anchors make (among its
-candidates a re-ranked row ranks bins as the oracle does, so anchors and missed candidates are all that differ).
+conversion and with its estimator distilled (`benchmarks/quality.py`'s recipe, its weights file), each with SEA's
+default selection (bins ranked by the keys' content, `sea_bin_ranking="key_summaries"`, whose best 4x budget keys
+and the newest budget keys are candidates that each query re-ranks by its exact attention over them,
+`sea_candidate_factor=4`) and with the paper's, bins ranked by SEA's estimate (`sea_bin_ranking="estimate"`, no
+re-ranking); sink + local window and random bins + anchors (SEA's first and last bin); the oracle: the bins
+holding the most of each layer's exact attention mass (`sea_baseline="oracle"`), the upper bound of any bin
+selector at that budget, with and without the anchors; the content rankings alone, by each bin's mean key
+(MoBA-style) and by Quest's per-channel bound of the bin's scores (`sea_bin_ranking="key_means"` /
+`"key_bounds"`), the bounds with 4x or 2x candidates re-ranked, and the default selection without anchors (among
+its candidates a re-ranked row ranks bins as the oracle does, so anchors and missed candidates are all that
+differ). Every row but those re-ranked runs with `sea_candidate_factor=1`.
 Perplexity on held-out text at the same lengths and budgets comes from the same run. `--diagnose` also reports, for
 the passkey, which layers and heads put attention on the key and how SEA's estimate ranks the bin holding it.
 
@@ -53,7 +55,7 @@ from quality import (  # noqa: E402
     with_trained_weights,
 )
 from quality import held_out_perplexity as perplexity  # noqa: E402
-from sea.configuration_sea import SEA_BLOCK_RANKINGS  # noqa: E402
+from sea.configuration_sea import SEA_BLOCK_RANKINGS, SeaConfigMixin  # noqa: E402
 from sea.modeling_sea import CACHE_NAME  # noqa: E402
 from sea.sea_attention import bin_edges, exact_attention, visible_key_counts  # noqa: E402
 from sea.sea_layer import SeaAttention  # noqa: E402
@@ -64,25 +66,28 @@ INSTRUCTION = ("There is important information hidden inside a lot of irrelevant
 KEY_NAMES = ("apple", "river", "falcon", "lantern", "copper", "meadow", "violin", "glacier", "harbor", "tulip",
              "canyon", "saddle", "pepper", "walrus", "cobalt", "marble")
 COPY_SPAN, COPY_GIVEN = 64, 48
-# Row -> the SEA config fields it runs with (None: the dense teacher). "distilled" rows load the distilled weights.
+# Row -> the SEA config fields it runs with (None: the dense teacher), over SEA's defaults. "distilled" rows load
+# the distilled weights.
 ROWS = {
     "dense": None,
-    "sea (converted)": dict(sea_baseline=None),
-    "sea (distilled)": dict(sea_baseline=None),
-    "sink + local window": dict(sea_baseline="local_window"),
-    "random + anchors": dict(sea_baseline="random_mask"),
-    "oracle (exact bin mass)": dict(sea_baseline="oracle", sea_anchor_bins=False),
-    "oracle + anchors": dict(sea_baseline="oracle"),
-    "key means + anchors (MoBA-style)": dict(sea_baseline="key_means"),
-    "key bounds + anchors (Quest-style)": dict(sea_baseline="key_bounds"),
-    "key bounds, 4x candidates re-ranked exactly": dict(sea_baseline="key_bounds", sea_candidate_factor=4),
-    "key bounds, 2x candidates re-ranked exactly": dict(sea_baseline="key_bounds", sea_candidate_factor=2),
-    "key means or bounds, 4x candidates re-ranked exactly": dict(sea_baseline="key_summaries", sea_candidate_factor=4),
-    "key means or bounds, 4x re-ranked, no anchors": dict(sea_baseline="key_summaries", sea_candidate_factor=4,
-                                                          sea_anchor_bins=False),
+    "sea (converted)": {},
+    "sea (distilled)": {},
+    "sea estimate (converted)": dict(sea_bin_ranking="estimate", sea_candidate_factor=1),
+    "sea estimate (distilled)": dict(sea_bin_ranking="estimate", sea_candidate_factor=1),
+    "sink + local window": dict(sea_baseline="local_window", sea_candidate_factor=1),
+    "random + anchors": dict(sea_baseline="random_mask", sea_candidate_factor=1),
+    "oracle (exact bin mass)": dict(sea_baseline="oracle", sea_anchor_bins=False, sea_candidate_factor=1),
+    "oracle + anchors": dict(sea_baseline="oracle", sea_candidate_factor=1),
+    "key means + anchors (MoBA-style)": dict(sea_bin_ranking="key_means", sea_candidate_factor=1),
+    "key bounds + anchors (Quest-style)": dict(sea_bin_ranking="key_bounds", sea_candidate_factor=1),
+    "key bounds, 4x candidates re-ranked exactly": dict(sea_bin_ranking="key_bounds"),
+    "key bounds, 2x candidates re-ranked exactly": dict(sea_bin_ranking="key_bounds", sea_candidate_factor=2),
+    "sea (converted), no anchors": dict(sea_anchor_bins=False),
 }
-# What a row's fields replace: every sparse row starts from these.
-ROW_DEFAULTS = dict(sea_anchor_bins=True, sea_candidate_factor=1)
+DISTILLED_ROWS = ("sea (distilled)", "sea estimate (distilled)")
+# What a row's fields replace: every sparse row starts from SEA's defaults.
+ROW_DEFAULTS = {name: getattr(SeaConfigMixin, name)
+                for name in ("sea_bin_ranking", "sea_candidate_factor", "sea_anchor_bins", "sea_baseline")}
 
 
 def parse_arguments(argv=None):
@@ -94,12 +99,12 @@ def parse_arguments(argv=None):
                         help="prepare: build the trials only; report: write the report from the cells in --work-dir")
     parser.add_argument("--results", default="benchmarks/results/retrieval_smollm2", help="report path without suffix")
     parser.add_argument("--distilled", default=None, help="weights of the distilled estimator (quality.py's "
-                        "sea-distilled.safetensors); without it the distilled row is left out")
+                        "sea-distilled.safetensors); without it the distilled rows are left out")
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     parser.add_argument("--budget-shares", type=int, nargs="+", default=[8, 16], help="key budget = length / share")
-    parser.add_argument("--compressed-width", type=int, default=128)
+    parser.add_argument("--compressed-width", type=int, default=SeaConfigMixin.sea_compressed_width)
     parser.add_argument("--query-block-size", type=int, default=1, help="sea_query_block_size of every SEA row")
     parser.add_argument("--block-ranking", default="first_row", choices=SEA_BLOCK_RANKINGS,
                         help="sea_block_ranking of every SEA row (with query blocks)")
@@ -435,11 +440,11 @@ def measure(args, work: Path, data: dict):
     held_out = data["held_out"].tolist()
     started = time.time()
     for row, share, task, length in cell_plan(args):
-        if row == "sea (distilled)" and distilled is None:
+        if row in DISTILLED_ROWS and distilled is None:
             continue
         if args.time_limit and time.time() - started > args.time_limit:
             break
-        model = teacher if share is None else distilled if row == "sea (distilled)" else converted
+        model = teacher if share is None else distilled if row in DISTILLED_ROWS else converted
         if share is not None:
             for name, value in {**ROW_DEFAULTS, **ROWS[row], "sea_key_budget": length // share,
                                 "sea_query_block_size": args.query_block_size,

@@ -20,8 +20,9 @@ SEA_KERNELS = ("auto", "triton", "torch")
 SEA_QUERY_BLOCK_SIZES = (1, 16, 32, 64, 128)
 # How a causal query block ranks bins from its queries' rankings (`sea_block_ranking`).
 SEA_BLOCK_RANKINGS = ("first_row", "window_max")
-SEA_BASELINES = (None, "kernel_attention", "local_window", "random_mask", "oracle", "key_means", "key_bounds",
-                 "key_summaries")
+# How SEA ranks each query's bins (`sea_bin_ranking`), and the comparison baselines that replace it (`sea_baseline`).
+SEA_BIN_RANKINGS = ("key_summaries", "key_means", "key_bounds", "estimate")
+SEA_BASELINES = (None, "kernel_attention", "local_window", "random_mask", "oracle")
 
 # Width reduction of the row decoder before the CNN (see `SeaAttention`): causal models decode M/4 bins in 2
 # channels per head, bidirectional ones M/2 bins in 4 channels, as in the reference implementation.
@@ -68,6 +69,7 @@ SEA_FIELD_RULES = {
         "a number > 0",
     ),
     "sea_budget_rule": _one_of(SEA_BUDGET_RULES),
+    "sea_bin_ranking": _one_of(SEA_BIN_RANKINGS),
     "sea_candidate_factor": SeaFieldRule(
         lambda factor, divisor: _is_integer(factor) and factor >= 1, "an integer >= 1 (1: no exact re-ranking)"
     ),
@@ -85,7 +87,7 @@ SEA_FIELD_RULES = {
 class SeaConfigMixin:
     r"""
     SEA fields shared by every family. The ones that shape no weight (`sea_key_budget`, `sea_budget_rule`,
-    `sea_candidate_factor`, `sea_anchor_bins`, `sea_query_block_size`, `sea_block_ranking`,
+    `sea_bin_ranking`, `sea_candidate_factor`, `sea_anchor_bins`, `sea_query_block_size`, `sea_block_ranking`,
     `sea_group_selection`, `sea_kernel`, `sea_baseline`) are read at
     every call: changing them on a loaded model's config acts at once (and is what `save_pretrained` writes).
 
@@ -93,7 +95,7 @@ class SeaConfigMixin:
         Keys each query may attend to, per head. With `sea_budget_rule="constant"` this is a hard cap that holds
         at any sequence length; a row with at most this many visible keys is attended exactly, and a forward whose
         keys (cached ones included) all fit in the budget ranks no bin at all.
-    sea_compressed_width (`int`, defaults to 128):
+    sea_compressed_width (`int`, defaults to 256):
         Width M of the estimated (compressed) attention row: every query's visible keys are split into M bins.
         Must be a multiple of 4 for causal models and of 2 for bidirectional ones.
     sea_performer_nb_factor (`float`, defaults to 8.0):
@@ -104,7 +106,16 @@ class SeaConfigMixin:
         `"reference"`: `round(sea_key_budget * M / L)` bins are taken whole for a row of `L` visible keys, as in
         the reference implementation; a query then reads about `sea_key_budget` keys while `L <= sea_key_budget * M`
         and more beyond.
-    sea_candidate_factor (`int`, defaults to 1):
+    sea_bin_ranking (`str`, defaults to `"key_summaries"`):
+        How each query ranks its bins, from which `sea_candidate_factor` takes the candidates. Three score the bins
+        by the keys' content at O(M D) per query: `"key_means"` by the query's score against each bin's mean key
+        (MoBA's gate), `"key_bounds"` by Quest's upper bound of the query's score over each bin's keys (from their
+        per-channel minima and maxima), and `"key_summaries"` by each bin's better place under those two.
+        `"estimate"` ranks by SEA's estimated attention row (the learned decoder and CNN over the kernel
+        attention), as in the paper. The default is what retrieves: at 1/8 of the keys, with 4x candidates
+        re-ranked, it keeps 91-94% of the dense model's retrieval on SmolLM2-135M at 4k-8k tokens, where the
+        estimate, even distilled, keeps no more than a sink + window (`benchmarks/results/retrieval_smollm2.md`).
+    sea_candidate_factor (`int`, defaults to 4):
         With a factor c > 1, the bins holding the newest `sea_key_budget` keys and the best-ranked
         `c * sea_key_budget` keys besides are candidates, and each query keeps those of them that hold the most of
         its exact softmax attention over the candidates' keys (computed over those keys only, at up to c + 1 times
@@ -151,23 +162,20 @@ class SeaConfigMixin:
     sea_baseline (`str`, *optional*):
         `None` for SEA. The other values turn the model into a comparison baseline with the same weights and key
         budget: `"kernel_attention"` outputs the kernel (Performer) linear attention of the values instead of sparse
-        attention; `"local_window"` attends to the most recent bins instead of the estimated ones (a sliding
-        window); `"random_mask"` attends to randomly chosen bins (SEA with a random mask of the same sparsity);
-        `"oracle"` attends to the bins that hold the most of the layer's exact dense attention mass (computed from
-        its queries and keys at O(T^2) cost, in chunks of rows): the upper bound of any bin selector at this budget;
-        two training-free content-based selectors rank bins from the keys alone at O(M D) per query: `"key_means"`
-        by the query's score against each bin's mean key (MoBA's gate), `"key_bounds"` by Quest's upper bound of
-        the query's score over each bin's keys (from their per-channel minima and maxima), and `"key_summaries"` by
-        each bin's better place under those two rankings.
-        `sea_anchor_bins` applies to the mask baselines as well (a local window with anchors is a "sink +
-        window" attention).
+        attention; the others replace `sea_bin_ranking`: `"local_window"` ranks the most recent bins first (a
+        sliding window); `"random_mask"` ranks bins at random (a random mask of the same sparsity); `"oracle"`
+        ranks bins by the share of the layer's exact dense attention mass they hold (computed from its queries and
+        keys at O(T^2) cost, in chunks of rows): the upper bound of any bin selector at this budget.
+        `sea_anchor_bins` and `sea_candidate_factor` apply to these rankings as to SEA's (a local window with
+        anchors and `sea_candidate_factor=1` is a "sink + window" attention).
     """
 
     sea_key_budget: int = 64
-    sea_compressed_width: int = 128
+    sea_compressed_width: int = 256
     sea_performer_nb_factor: float = 8.0
     sea_budget_rule: str = "constant"
-    sea_candidate_factor: int = 1
+    sea_bin_ranking: str = "key_summaries"
+    sea_candidate_factor: int = 4
     sea_output_gates: bool = True
     sea_anchor_bins: bool = True
     sea_query_block_size: int = 1

@@ -475,22 +475,22 @@ def select_keys(ranking: torch.Tensor, edges: torch.Tensor, budget: int, rule: s
     return top_starts, top_sizes.clamp_max((budget - before).clamp_min(0)), order
 
 
-def range_log_mass(q, k, v, starts, lengths, positions, counts, scaling: float, attend) -> torch.Tensor:
+def range_log_mass(q, k, v, starts, lengths, positions, counts, scaling: float, attend, max_keys: int) -> torch.Tensor:
     """(N, H, R, K) log of the share of each query row's exact softmax attention, taken over the keys of its K rank
     ranges only, that each range holds: the attention of `attend` (`sparse_attention` or its kernel) summed per
     range. q (N, H, R, D) has one row per row of ranges `starts`, `lengths` (N, H / G, R, K) (G consecutive query
     heads sharing their ranges, as in `SeaSelection`), which see `counts` (N, R) keys; `positions` as in
-    `SeaSelection`. O(sum of lengths x D) per row, in chunks of rows so that the probabilities stay a bounded
-    size."""
+    `SeaSelection`; `max_keys` bounds any row's summed lengths (from shapes and settings, so that nothing waits for
+    the device and a traced graph has static sizes). O(sum of lengths x D) per row, in chunks of rows so that the
+    probabilities stay a bounded size."""
     h, r = q.shape[1], starts.shape[2]
     shared = h // starts.shape[1]
-    slots = max(1, int(lengths.sum(-1).max()) if lengths.numel() else 1)
+    slots = max(1, max_keys)
     rows_per_chunk = max(1, SCORE_CHUNK_ELEMENTS // max(1, q.shape[0] * h * slots))
     masses = []
     for r0 in range(0, r, rows_per_chunk):
         rows = slice(r0, min(r, r0 + rows_per_chunk))
         part_lengths = lengths[:, :, rows]
-        # Sized by every chunk's bound, `slots`: reading each chunk's lengths again would wait for the device.
         selection = SeaSelection(starts[:, :, rows], part_lengths, positions, counts[:, rows], 1, slots, shared)
         probs, _ = attend(q[:, :, rows].contiguous(), k, v, selection, scaling, True)
         prefix = F.pad(at_least_float32(probs).cumsum(-1), (1, 0))
@@ -680,7 +680,7 @@ class SeaRankingInputs:
         n, h, t, _ = self.q.shape
         return n, h, -(-t // self.block_size), self.width
 
-    @functools.cached_property
+    @property
     def block_counts(self) -> torch.Tensor:
         """(N, R, B) `counts` by block, zero past the last row."""
         return F.pad(self.counts, (0, (-self.counts.shape[1]) % self.block_size)).unflatten(1, (-1, self.block_size))
@@ -690,7 +690,7 @@ class SeaRankingInputs:
         """Whether causal blocks rank bins from a window of rows ("window_max"), not from their first row."""
         return self.causal and self.block_size > 1 and self.block_ranking != "first_row"
 
-    @functools.cached_property
+    @property
     def ranked_block_of_row(self) -> torch.Tensor:
         """(T,) the block whose ranking each row's scores feed in `per_block`: its own, or, when causal blocks
         combine rows, the block whose first row ends the row's window (the next block to start at or after it).
@@ -699,7 +699,7 @@ class SeaRankingInputs:
         shift = self.block_size - 1 if self.combines_causal_rows else 0
         return (rows + shift) // self.block_size
 
-    @functools.cached_property
+    @property
     def ranking_counts(self) -> torch.Tensor:
         """(N, T) the visible-key counts that every row's bins are laid over when the rows are ranked: when causal
         blocks combine rows, a row of the window ending at a block's first row (`per_block`) scores that first
@@ -784,16 +784,16 @@ def oracle_ranking(inputs: SeaRankingInputs) -> torch.Tensor:
     return inputs.per_block(scores)
 
 
-# What `select` ranks bins by, per `sea_baseline` (None: SEA itself). Every ranking maps the forward's
-# `SeaRankingInputs` to one (N, H, R, M) ranking per query block; larger ranks first.
+# What `select` ranks bins by, per `sea_bin_ranking`, or per `sea_baseline` when one replaces it. Every ranking
+# maps the forward's `SeaRankingInputs` to one (N, H, R, M) ranking per query block; larger ranks first.
 BIN_RANKINGS = {
-    None: estimated_ranking,
+    "key_summaries": functools.partial(scored_ranking, key_summary_scores),
+    "key_means": functools.partial(scored_ranking, key_mean_scores),
+    "key_bounds": functools.partial(scored_ranking, key_bound_scores),
+    "estimate": estimated_ranking,
     "local_window": newest_first_ranking,
     "random_mask": random_ranking,
     "oracle": oracle_ranking,
-    "key_means": functools.partial(scored_ranking, key_mean_scores),
-    "key_bounds": functools.partial(scored_ranking, key_bound_scores),
-    "key_summaries": functools.partial(scored_ranking, key_summary_scores),
 }
 
 

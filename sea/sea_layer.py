@@ -158,8 +158,8 @@ class SeaAttention(nn.Module):
         if num_heads % self.num_key_value_heads:
             raise ValueError(f"{num_heads} query heads cannot be grouped over {self.num_key_value_heads} key/value heads.")
         self.head_dim = head_dim
-        # The SEA settings that shape no weight (key budget, rule, candidates, baseline, anchors, kernel, query
-        # blocks) are read from the config at every call: a changed config acts at once, as it is saved.
+        # The SEA settings that shape no weight (key budget, rule, ranking, candidates, baseline, anchors, kernel,
+        # query blocks) are read from the config at every call: a changed config acts at once, as it is saved.
         self.config = config
         self.width = config.sea_compressed_width
         num_features = max(1, int(head_dim * math.log(head_dim) / config.sea_performer_nb_factor))
@@ -174,6 +174,7 @@ class SeaAttention(nn.Module):
 
     budget = _config_setting("sea_key_budget")
     budget_rule = _config_setting("sea_budget_rule")
+    bin_ranking = _config_setting("sea_bin_ranking")
     candidate_factor = _config_setting("sea_candidate_factor")
     baseline = _config_setting("sea_baseline")
     anchor_bins = _config_setting("sea_anchor_bins")
@@ -188,6 +189,12 @@ class SeaAttention(nn.Module):
         no key selected and no sparse attention. Not a bin ranking (`BIN_RANKINGS`): it replaces the attention, not
         the choice of keys, so `forward` and the estimate's pass branch on it."""
         return self.baseline == "kernel_attention"
+
+    @property
+    def ranks_by_estimate(self) -> bool:
+        """Whether anything but the causal state reads the estimated rows: SEA's ranking by them, or the kernel
+        attention of the "kernel_attention" baseline."""
+        return self.baseline == "kernel_attention" or (self.baseline is None and self.bin_ranking == "estimate")
 
     @torch.no_grad()
     def init_sea_weights(self):
@@ -288,8 +295,8 @@ class SeaAttention(nn.Module):
         (N, H, T, S) probabilities and lets the Triton kernel skip writing them; causal layers with query blocks
         ranked by their first row (`sea_block_ranking="first_row"`) then also estimate only the rows that choose
         keys (the first of every block): `estimate_log_probs` has one row per block; so do causal inference
-        forwards whose keys all fit in the budget, as one block of every row (nothing is ranked; the estimate still
-        carries the state on). Training losses and plots ask for probabilities and get every row. `dropout`: the
+        forwards whose keys all fit in the budget or whose ranking reads no estimate (`ranks_by_estimate`), as one
+        block of every row (the estimate still carries the state on). Training losses and plots ask for probabilities and get every row. `dropout`: the
         attention dropout of the sparse probabilities, which the model passes in training only (as transformers'
         attention does); it changes the context, not the returned probabilities. `new_slots` (T,): where the
         new positions lie in k, v and key_valid when they are not the last T, as in a static cache's buffers,
@@ -320,10 +327,11 @@ class SeaAttention(nn.Module):
         unpadded = unpadded or (not is_torchdynamo_compiling() and bool(key_valid.all()))
         positions = None if unpadded else valid_key_positions(key_valid)
         within_budget = selection is None and k.shape[2] <= self.budget
-        dense_inference = within_budget and inference and not need_probs and not dropout
+        plain_inference = inference and not need_probs and not dropout
+        dense_inference = within_budget and plain_inference
         leading_block = None
-        if self.causal and dense_inference:
-            # Nothing is ranked and nothing returned reads the estimate: only its first row (one block of every
+        if self.causal and plain_inference and (within_budget or not self.ranks_by_estimate):
+            # Nothing ranks by the estimate and nothing returned reads it: only its first row (one block of every
             # row) and the CNN's memory for the next call are decoded.
             leading_block = max(t, self.cnn.reach + 1)
         elif self.causal and self.query_block_size > 1 and self.block_ranking == "first_row" and not need_probs:
@@ -353,14 +361,18 @@ class SeaAttention(nn.Module):
             with torch.no_grad():
                 attend = sparse_attention_implementation(q, self.kernel)
 
+                # Candidates are (c + 1) x budget keys at most (`reranked`).
+                candidate_keys = min(k.shape[2], (self.candidate_factor + 1) * self.budget)
+
                 def rows_log_mass(rows, starts, lengths, row_counts):
-                    return range_log_mass(q[:, :, rows], k, v, starts, lengths, positions, row_counts, scaling, attend)
+                    return range_log_mass(q[:, :, rows], k, v, starts, lengths, positions, row_counts, scaling, attend,
+                                          candidate_keys)
 
                 inputs = SeaRankingInputs(q, k, key_valid, positions, counts, self.causal, scaling, self.width,
                                           self.query_block_size, self.block_ranking, self.group_selection,
                                           estimate)
-                ranking = BIN_RANKINGS[self.baseline](inputs)
-                if inference and not need_probs and not dropout and self.query_block_size == 1 \
+                ranking = BIN_RANKINGS[self.baseline or self.bin_ranking](inputs)
+                if plain_inference and self.query_block_size == 1 \
                         and t > selection_chunk_rows(inputs):
                     return output(self.attention_in_chunks(inputs, ranking, rows_log_mass, v, gate), None, None)
                 selection = select(inputs, ranking, rows_log_mass, self.selection_rule)

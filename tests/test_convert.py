@@ -21,12 +21,12 @@ SEA_DEFAULTS = {field.name: field.default for field in fields(SeaConfigMixin)}
 # A value other than the config's default for every SEA field, all accepted by a causal model together.
 SEA_NON_DEFAULTS = dict(
     sea_key_budget=5, sea_compressed_width=8, sea_performer_nb_factor=4.0, sea_budget_rule="reference",
-    sea_candidate_factor=3, sea_output_gates=False, sea_anchor_bins=False, sea_query_block_size=16, sea_kernel="torch",
+    sea_bin_ranking="estimate", sea_candidate_factor=3, sea_output_gates=False, sea_anchor_bins=False, sea_query_block_size=16, sea_kernel="torch",
     sea_baseline="local_window", sea_block_ranking="window_max", sea_group_selection=True,
 )
 # A value the command lines refuse for each flag added for the fields they did not reach before.
 BAD_NEW_FLAGS = [["--query-block-size", "3"], ["--kernel", "cuda"], ["--sea-baseline", "sea"], ["--anchor-bins=no"],
-                 ["--block-ranking", "last_row"]]
+                 ["--block-ranking", "last_row"], ["--bin-ranking", "oracle"]]
 
 
 def sea_flags(options: dict) -> list[str]:

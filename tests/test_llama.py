@@ -2,6 +2,8 @@
 (including the packaged real SmolLM2 GGUF), cached generation, and the remote-code round trip. Qwen2, Qwen3 and
 Mistral run at their smallest real checkpoints' attention shapes with random weights (`REAL_SMALL_SHAPES`)."""
 
+import math
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -107,9 +109,12 @@ class LargestOutput(TorchDispatchMode):
         return out
 
 
-def test_decode_step_never_copies_keys_per_query_head():
-    model = sea_model()
-    n, context = 1, 400
+@pytest.mark.parametrize("ranking", ["estimate", "key_summaries"])
+def test_decode_step_never_copies_keys_per_query_head(ranking):
+    """A decode step makes no copy of the cached keys per query head; ranking by key summaries, its largest tensor
+    is the bounds' range table over the keys, per key/value head (`key_bound_scores`)."""
+    model = sea_model(sea_bin_ranking=ranking)
+    n, context, width = 1, 400, model.config.sea_compressed_width
     ids = torch.randint(3, 120, (n, context))
     with torch.no_grad():
         cache = model(ids, use_cache=True)[CACHE_NAME]
@@ -117,7 +122,11 @@ def test_decode_step_never_copies_keys_per_query_head():
         with LargestOutput() as spy:
             model(torch.randint(3, 120, (n, 1)), **{CACHE_NAME: cache}, use_cache=True)
     per_query_head_copy = n * 4 * context * 16
-    assert spy.largest < per_query_head_copy, spy.largest
+    if ranking == "estimate":
+        assert spy.largest < per_query_head_copy, spy.largest
+    else:
+        levels = int(math.log2((context + 1) // width)) + 1  # ranges of 1, 2, 4, ... keys up to a bin's size
+        assert spy.largest <= n * 2 * levels * (context + 1) * 16, spy.largest
 
 
 @pytest.mark.parametrize("model_type", LLAMA_LIKE)

@@ -47,8 +47,8 @@ def test_retrieval_benchmark_runs_every_row_and_full_budget_rows_equal_dense(tmp
 
     report = json.loads(results.with_suffix(".json").read_text())
     cells = report["cells"]
-    assert set(cells) == {"dense|None"} | {f"{row}|{share}" for row in retrieval.ROWS if row not in ("dense", "sea (distilled)")
-                                           for share in (1, 4)}
+    assert set(cells) == {"dense|None"} | {f"{row}|{share}" for row in retrieval.ROWS
+                                           if row != "dense" and row not in retrieval.DISTILLED_ROWS for share in (1, 4)}
     dense_ppl = cells["dense|None"][f"ppl-{length}"]["perplexity"]
     for key, got in cells.items():
         assert all(0 <= got[f"{task}-{length}"]["accuracy"] <= 1 for task in retrieval.TASKS)

@@ -21,11 +21,15 @@ from sea.sea_layer import SeaAttention
 N, H, D = 3, 4, 16
 
 
-def make_operator(causal: bool, budget: int, width: int = 16, rule: str = "constant", dtype=torch.float32, block=1):
+def make_operator(causal: bool, budget: int, width: int = 16, rule: str = "constant", dtype=torch.float32, block=1,
+                  ranking: str = "estimate", candidates: int = 1):
+    """A SEA layer of H heads of D with random gates; it ranks bins by SEA's estimate without re-ranking unless
+    `ranking` and `candidates` say otherwise."""
     config_class = SeaOptConfig if causal else SeaBertConfig
     config = config_class(
         hidden_size=H * D, num_attention_heads=H, max_position_embeddings=512,
         sea_key_budget=budget, sea_compressed_width=width, sea_budget_rule=rule, sea_query_block_size=block,
+        sea_bin_ranking=ranking, sea_candidate_factor=candidates,
     )
     op = SeaAttention(config, H, D, causal)
     with torch.no_grad():
@@ -147,16 +151,18 @@ def test_constant_budget_caps_keys_and_covers_short_rows(causal):
     assert counts.equal(visible.clamp_max(budget)), "every query must read min(visible keys, budget) keys"
 
 
-@pytest.mark.parametrize("baseline, candidates, block", [(None, 1, 1), (None, 1, 16), ("oracle", 1, 1),
-                                                         ("key_summaries", 4, 1), ("random_mask", 2, 16)])
+@pytest.mark.parametrize("ranking, baseline, candidates, block", [
+    ("estimate", None, 1, 1), ("estimate", None, 1, 16), ("estimate", "oracle", 1, 1), ("key_summaries", None, 4, 1),
+    ("estimate", "random_mask", 2, 16)])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
-def test_inputs_within_the_budget_read_every_visible_key_once_unranked(causal, baseline, candidates, block):
+def test_inputs_within_the_budget_read_every_visible_key_once_unranked(causal, ranking, baseline, candidates, block):
     """When no query can see more keys than the budget, every query reads each of its visible keys exactly once,
     as one rank range (no bin is ranked), whatever the ranking, candidates or query blocks: exact attention, also
     from an inference forward without probabilities (one masked dense attention)."""
     t = 48
-    op = make_operator(causal, t + int(torch.randint(0, 8, ())), width=8, block=block)
-    op.config.sea_baseline, op.config.sea_candidate_factor = baseline, candidates
+    op = make_operator(causal, t + int(torch.randint(0, 8, ())), width=8, block=block, ranking=ranking,
+                       candidates=candidates)
+    op.config.sea_baseline = baseline
     q, k, v = torch.randn(3, N, H, t, D).unbind(0)
     valid = random_padding(t)
     out = op(q, k, v, valid, D**-0.5)
@@ -282,14 +288,13 @@ def test_causal_inference_estimates_long_inputs_in_passes(block, monkeypatch):
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
-@pytest.mark.parametrize("ranking", [(None, 1), ("key_bounds", 3)], ids=["estimate", "bounds-reranked"])
+@pytest.mark.parametrize("ranking", [("estimate", 1), ("key_bounds", 3)], ids=["estimate", "bounds-reranked"])
 def test_per_query_selection_in_chunks_of_rows_equals_one_pass_over_the_input(causal, ranking, monkeypatch):
     """Per-query selections are made in chunks of rows (bounded memory at a long input): the same ranges and
     context as in one chunk, with SEA's estimate and with candidates re-ranked exactly (chunks of 24 rows here,
     over a padded batch); at inference without probabilities each chunk attends as soon as it is selected."""
     t = 150
-    op = make_operator(causal, 12, dtype=torch.float64)
-    op.config.sea_baseline, op.config.sea_candidate_factor = ranking
+    op = make_operator(causal, 12, dtype=torch.float64, ranking=ranking[0], candidates=ranking[1])
     q, k, v = torch.randn(3, N, H, t, D, dtype=torch.float64).unbind(0)
     valid = random_padding(t)
     whole = op(q, k, v, valid, D**-0.5)
@@ -368,7 +373,8 @@ def test_selection_rules_read_the_documented_keys(baseline, anchors):
     (when the budget leaves room after the last one) and its last bin."""
     from conftest import tiny_opt_config
 
-    config = tiny_opt_config(sea_baseline=baseline, sea_key_budget=8, sea_compressed_width=8, sea_anchor_bins=anchors)
+    config = tiny_opt_config(sea_baseline=baseline, sea_bin_ranking="estimate", sea_candidate_factor=1, sea_key_budget=8,
+                             sea_compressed_width=8, sea_anchor_bins=anchors)
     op = SeaAttention(config, 4, 16, True)
     op.init_sea_weights()
     q, k, v = (torch.randn(1, 4, 64, 16) for _ in range(3))
@@ -400,7 +406,8 @@ def test_first_bin_anchor_reads_the_first_key_when_rows_see_fewer_keys_than_bins
     from conftest import tiny_bert_config, tiny_opt_config
 
     make_config = tiny_opt_config if causal else tiny_bert_config
-    config = make_config(sea_baseline=baseline, sea_key_budget=8, sea_compressed_width=32)
+    config = make_config(sea_baseline=baseline, sea_bin_ranking="estimate", sea_candidate_factor=1, sea_key_budget=8,
+                         sea_compressed_width=32)
     op = SeaAttention(config, 4, 16, causal)
     op.init_sea_weights()
     for t in (20, 40):
@@ -449,7 +456,8 @@ def test_oracle_reads_the_bins_of_most_dense_attention_mass(causal):
 
     make_config = tiny_opt_config if causal else tiny_bert_config
     width, budget = 8, 12
-    config = make_config(sea_baseline="oracle", sea_key_budget=budget, sea_compressed_width=width, sea_anchor_bins=False)
+    config = make_config(sea_baseline="oracle", sea_candidate_factor=1, sea_key_budget=budget, sea_compressed_width=width,
+                         sea_anchor_bins=False)
     op = SeaAttention(config, 4, 16, causal, num_key_value_heads=2)
     op.init_sea_weights()
     t = 48
@@ -515,7 +523,7 @@ def test_causal_blocks_rank_bins_by_the_window_of_rows_before_them():
     from conftest import tiny_opt_config
 
     width, budget, block, t = 8, 16, 16, 96
-    config = tiny_opt_config(sea_baseline="oracle", sea_key_budget=budget, sea_compressed_width=width,
+    config = tiny_opt_config(sea_baseline="oracle", sea_candidate_factor=1, sea_key_budget=budget, sea_compressed_width=width,
                              sea_anchor_bins=False, sea_query_block_size=block, sea_block_ranking="window_max")
     op = SeaAttention(config, 4, 16, True, num_key_value_heads=2)
     op.init_sea_weights()
@@ -555,7 +563,7 @@ def test_group_selection_ranks_bins_by_their_largest_share_in_the_group(causal):
 
     make_config = tiny_opt_config if causal else tiny_bert_config
     width, budget, t, heads, kv_heads = 8, 12, 64, 6, 2
-    config = make_config(sea_baseline="oracle", sea_key_budget=budget, sea_compressed_width=width,
+    config = make_config(sea_baseline="oracle", sea_candidate_factor=1, sea_key_budget=budget, sea_compressed_width=width,
                          sea_anchor_bins=False, sea_group_selection=True)
     op = SeaAttention(config, heads, 16, causal, num_key_value_heads=kv_heads)
     op.init_sea_weights()
@@ -648,7 +656,7 @@ def test_candidates_covering_every_key_rerank_like_the_oracle(causal, block, ran
     fields = dict(sea_key_budget=budget, sea_compressed_width=width, sea_query_block_size=block,
                   sea_block_ranking=ranking, sea_group_selection=group)
     reranked = SeaAttention(make_config(sea_baseline="random_mask", sea_candidate_factor=t, **fields), 4, 16, causal, 2)
-    oracle = SeaAttention(make_config(sea_baseline="oracle", **fields), 4, 16, causal, 2)
+    oracle = SeaAttention(make_config(sea_baseline="oracle", sea_candidate_factor=1, **fields), 4, 16, causal, 2)
     for op in (reranked, oracle):
         op.init_sea_weights()
         op.double()
@@ -712,7 +720,7 @@ def test_reranked_candidates_hold_at_least_the_mass_of_sink_and_window(causal):
     width, budget, t = 16, 12, 64
     fields = dict(sea_key_budget=budget, sea_compressed_width=width)
     reranked = SeaAttention(make_config(sea_baseline="random_mask", sea_candidate_factor=2, **fields), 4, 16, causal, 2)
-    window = SeaAttention(make_config(sea_baseline="local_window", **fields), 4, 16, causal, 2)
+    window = SeaAttention(make_config(sea_baseline="local_window", sea_candidate_factor=1, **fields), 4, 16, causal, 2)
     q = torch.randn(N, 4, t, 16, dtype=torch.float64) * 3
     k, v = (torch.randn(N, 2, t, 16, dtype=torch.float64) * 3 for _ in range(2))
     valid = random_padding(t)
@@ -749,12 +757,12 @@ def test_key_summaries_put_first_the_best_bins_of_both_key_rankings():
         assert (best[..., :, None] == taken[..., None, :]).any(-1).all()
 
 
-def test_every_baseline_but_kernel_attention_is_a_bin_ranking():
-    """`sea_baseline` picks a row of `BIN_RANKINGS` (None: SEA's estimate); only "kernel_attention", which replaces
-    the sparse attention rather than ranking bins, is handled apart."""
-    from sea.configuration_sea import SEA_BASELINES
+def test_every_ranking_and_baseline_but_kernel_attention_is_a_bin_ranking():
+    """`sea_bin_ranking`, or a `sea_baseline` that replaces it, picks a row of `BIN_RANKINGS`; only
+    "kernel_attention", which replaces the sparse attention rather than ranking bins, is handled apart."""
+    from sea.configuration_sea import SEA_BASELINES, SEA_BIN_RANKINGS
 
-    assert set(sea_attention.BIN_RANKINGS) == set(SEA_BASELINES) - {"kernel_attention"}
+    assert set(sea_attention.BIN_RANKINGS) == set(SEA_BIN_RANKINGS) | set(SEA_BASELINES) - {None, "kernel_attention"}
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
