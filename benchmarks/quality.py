@@ -1,8 +1,9 @@
 """Quality and cost of SEA on a real pretrained Llama-architecture decoder (SmolLM2-135M, packaged as GGUF).
 
 Perplexity on held-out Wikipedia text (the packaged enwiki excerpt) at contexts 1k, 2k and 4k of:
-the dense teacher; SEA right after conversion; SEA after distillation (mask estimator only), with and without
-anchor bins; at the same per-query key budget, a sliding window (the most recent bins), a sink + sliding window
+the dense teacher; SEA right after conversion and after distillation (mask estimator only), with its default
+selection (bins ranked by the keys' content, which the estimator does not change) and ranking bins by its estimate
+(with and without anchor bins after distillation); at the same per-query key budget, a sliding window (the most recent bins), a sink + sliding window
 (with anchor bins), a random mask and a kernel-attention-only (Performer) model trained on the teacher's outputs;
 and the distilled SEA model and the sink window each with the whole model then trained on the teacher's outputs.
 Each scored token has at least 15/16 of the window before it, so the key budget is a fixed share of what it could
@@ -26,6 +27,7 @@ import bz2
 import importlib.metadata
 import json
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -59,6 +61,9 @@ DISTILLED = "sea (distilled)"
 FINETUNED = "sea (distilled, then whole model fine-tuned)"
 SINK_WINDOW_FINETUNED = "sink + local window, whole model fine-tuned the same way"
 KERNEL = "kernel attention (Performer, trained)"
+# SEA ranking bins by its estimate, without re-ranking (the paper's selection): what the estimator distillation
+# trains and is measured with. SEA's default ranks bins by the keys' content and reads no estimate.
+ESTIMATE_RANKING = dict(sea_bin_ranking="estimate", sea_candidate_factor=1)
 # Report row of each training's cost -> its name in the work dir.
 TRAINED_COSTS = {
     DISTILLED: "sea-distilled",
@@ -220,8 +225,8 @@ def sea_model(teacher, args, **overrides):
 
 def distilled_sea(teacher, train, args, work: Path):
     """The SEA model with its mask estimator distilled on the attention losses (the teacher's weights and gates
-    kept, so SEA computes the teacher's function on the keys it reads)."""
-    model = sea_model(teacher, args)
+    kept, so SEA computes the teacher's function on the keys it reads), ranking bins by that estimate."""
+    model = sea_model(teacher, args, **ESTIMATE_RANKING)
     losses = SeaDistillationArguments(**dict.fromkeys(OUTPUT_LOSSES, 0.0))
     return trained("sea-distilled", model, teacher, train, args.steps, losses, args, work, is_estimator_parameter)
 
@@ -494,7 +499,7 @@ def run_record(work: Path, argv, script: str = "quality.py", measures: bool = Tr
     record = json.loads(path.read_text()) if path.exists() else {**here, "commands": []}
     if "commands" not in record:  # written before run records listed every command
         record["commands"] = [record.pop("command")]
-    command = f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = f"python benchmarks/{script} " + shlex.join(argv if argv is not None else sys.argv[1:])
     if (here["device"], here["versions"]) != (record["device"], record["versions"]):
         command += f"  # on {here['device']}; {here['versions']}"
     if measures and command not in record["commands"]:
@@ -528,14 +533,19 @@ def llama_report(args, work: Path, argv):
     perplexity = {}
     measure(TEACHER, "teacher", lambda: teacher, attention_stats=False)
     measure("sea (converted, untrained)", "sea-untrained", lambda: sea_model(teacher, args))
-    sea, _ = distilled_sea(teacher, train, args, work)
+    measure("sea estimate (converted, untrained)", "sea-estimate-untrained",
+            lambda: sea_model(teacher, args, **ESTIMATE_RANKING))
+    estimate_sea, _ = distilled_sea(teacher, train, args, work)
+    measure("sea estimate (distilled)", "sea-estimate-distilled", lambda: estimate_sea)
+    # The default selection with the distilled weights: what is published.
+    sea = with_trained_weights(sea_model(teacher, args), work / "sea-distilled.safetensors")
     measure(DISTILLED, "sea-distilled", lambda: sea)
     for row, (file_name, overrides) in SAME_BUDGET_BASELINES.items():
         measure(row, file_name, lambda: sea_model(teacher, args, **overrides))
     measure(KERNEL, "kernel-baseline", lambda: kernel_baseline(teacher, train, args, work)[0], attention_stats=False)
     # The same distilled estimator ranking bins by its estimate alone (the reference implementation's rule).
-    measure("sea (distilled, no anchor bins)", "sea-distilled-no-anchors", lambda: with_trained_weights(
-        sea_model(teacher, args, sea_anchor_bins=False), work / "sea-distilled.safetensors"))
+    measure("sea estimate (distilled, no anchor bins)", "sea-estimate-distilled-no-anchors", lambda: with_trained_weights(
+        sea_model(teacher, args, sea_anchor_bins=False, **ESTIMATE_RANKING), work / "sea-distilled.safetensors"))
     measure(FINETUNED, "sea-finetuned", lambda: finetuned("sea-finetuned", teacher, train, args, work)[0])
     measure(SINK_WINDOW_FINETUNED, "sink-window-finetuned", lambda: finetuned(
         "sink-window-finetuned", teacher, train, args, work, sea_baseline="local_window",

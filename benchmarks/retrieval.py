@@ -12,12 +12,12 @@ the answer continuing its cache, every answer token choosing its own keys (`--pe
 N tokens as well). Prompt + answer of a (task, length) have exactly `length` tokens (so 8192 fits SmolLM2's
 positions), and trials run in batches without padding.
 
-Rows (each sparse row at every key budget, a share of the length): the dense teacher; SEA right after
-conversion and with its estimator distilled (`benchmarks/quality.py`'s recipe, its weights file), each with SEA's
-default selection (bins ranked by the keys' content, `sea_bin_ranking="key_summaries"`, whose best 4x budget keys
-and the newest budget keys are candidates that each query re-ranks by its exact attention over them,
+Rows (each sparse row at every key budget, a share of the length): the dense teacher; SEA right after conversion
+with its default selection (bins ranked by the keys' content, `sea_bin_ranking="key_summaries"`, whose best 4x
+budget keys and the newest budget keys are candidates that each query re-ranks by its exact attention over them,
 `sea_candidate_factor=4`) and with the paper's, bins ranked by SEA's estimate (`sea_bin_ranking="estimate"`, no
-re-ranking); sink + local window and random bins + anchors (SEA's first and last bin); the oracle: the bins
+re-ranking), right after conversion and with its estimator distilled (`benchmarks/quality.py`'s recipe, its
+weights file); sink + local window and random bins + anchors (SEA's first and last bin); the oracle: the bins
 holding the most of each layer's exact attention mass (`sea_baseline="oracle"`), the upper bound of any bin
 selector at that budget, with and without the anchors; the content rankings alone, by each bin's mean key
 (MoBA-style) and by Quest's per-channel bound of the bin's scores (`sea_bin_ranking="key_means"` /
@@ -71,7 +71,6 @@ COPY_SPAN, COPY_GIVEN = 64, 48
 ROWS = {
     "dense": None,
     "sea (converted)": {},
-    "sea (distilled)": {},
     "sea estimate (converted)": dict(sea_bin_ranking="estimate", sea_candidate_factor=1),
     "sea estimate (distilled)": dict(sea_bin_ranking="estimate", sea_candidate_factor=1),
     "sink + local window": dict(sea_baseline="local_window", sea_candidate_factor=1),
@@ -80,11 +79,13 @@ ROWS = {
     "oracle + anchors": dict(sea_baseline="oracle", sea_candidate_factor=1),
     "key means + anchors (MoBA-style)": dict(sea_bin_ranking="key_means", sea_candidate_factor=1),
     "key bounds + anchors (Quest-style)": dict(sea_bin_ranking="key_bounds", sea_candidate_factor=1),
-    "key bounds, 4x candidates re-ranked exactly": dict(sea_bin_ranking="key_bounds"),
+    "key bounds, 4x candidates re-ranked exactly": dict(sea_bin_ranking="key_bounds", sea_candidate_factor=4),
     "key bounds, 2x candidates re-ranked exactly": dict(sea_bin_ranking="key_bounds", sea_candidate_factor=2),
     "sea (converted), no anchors": dict(sea_anchor_bins=False),
 }
-DISTILLED_ROWS = ("sea (distilled)", "sea estimate (distilled)")
+# The estimator's distillation changes no weight that the default selection reads (the gates stay neutral), so only
+# the estimate ranking has a distilled row.
+DISTILLED_ROWS = ("sea estimate (distilled)",)
 # What a row's fields replace: every sparse row starts from SEA's defaults.
 ROW_DEFAULTS = {name: getattr(SeaConfigMixin, name)
                 for name in ("sea_bin_ranking", "sea_candidate_factor", "sea_anchor_bins", "sea_baseline")}
@@ -473,8 +474,9 @@ def measure(args, work: Path, data: dict):
     for name, model in zip(DIAGNOSED, (converted, distilled)):
         if model is None:
             continue
-        model.config.sea_key_budget = length // args.budget_shares[0]
-        model.config.sea_baseline, model.config.sea_anchor_bins = "oracle", False
+        for field, value in {**ROW_DEFAULTS, **ROWS["oracle (exact bin mass)"], "sea_query_block_size": 1,
+                             "sea_key_budget": length // args.budget_shares[0]}.items():
+            setattr(model.config, field, value)
         with torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda"):
             measure_cell(diagnosis_path(work, name, length), lambda: {"layers": diagnose(model, passkey)})
 

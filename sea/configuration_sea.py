@@ -79,8 +79,23 @@ SEA_FIELD_RULES = {
     "sea_block_ranking": _one_of(SEA_BLOCK_RANKINGS),
     "sea_group_selection": SeaFieldRule(_is_flag, "True or False"),
     "sea_kernel": _one_of(SEA_KERNELS),
-    "sea_baseline": _one_of(SEA_BASELINES),
+    "sea_baseline": SeaFieldRule(
+        lambda value, divisor: value in SEA_BASELINES,
+        f"one of {SEA_BASELINES} (the content rankings are values of `sea_bin_ranking`: {SEA_BIN_RANKINGS})",
+        SEA_BASELINES,
+    ),
 }
+
+
+def with_bin_ranking(config_dict: dict) -> dict:
+    """A saved SEA config as this code reads it. Configs saved before `sea_bin_ranking` existed ranked bins by the
+    estimate, or by the content ranking their `sea_baseline` named: they keep that ranking."""
+    if "sea_bin_ranking" in config_dict or not any(key.startswith("sea_") for key in config_dict):
+        return config_dict
+    baseline = config_dict.get("sea_baseline")
+    if baseline in SEA_BIN_RANKINGS:
+        return {**config_dict, "sea_bin_ranking": baseline, "sea_baseline": None}
+    return {**config_dict, "sea_bin_ranking": "estimate"}
 
 
 @dataclass(kw_only=True, repr=False)
@@ -101,7 +116,7 @@ class SeaConfigMixin:
     sea_performer_nb_factor (`float`, defaults to 8.0):
         The kernel attention uses `floor(head_dim * ln(head_dim) / sea_performer_nb_factor)` random features.
     sea_budget_rule (`str`, defaults to `"constant"`):
-        `"constant"`: the best-estimated bins are taken whole until `sea_key_budget` keys are filled (the bin
+        `"constant"`: the best-ranked bins are taken whole until `sea_key_budget` keys are filled (the bin
         that overflows contributes its first keys), so a query never reads more than `sea_key_budget` keys.
         `"reference"`: `round(sea_key_budget * M / L)` bins are taken whole for a row of `L` visible keys, as in
         the reference implementation; a query then reads about `sea_key_budget` keys while `L <= sea_key_budget * M`
@@ -113,7 +128,7 @@ class SeaConfigMixin:
         per-channel minima and maxima), and `"key_summaries"` by each bin's better place under those two.
         `"estimate"` ranks by SEA's estimated attention row (the learned decoder and CNN over the kernel
         attention), as in the paper. The default is what retrieves: at 1/8 of the keys, with 4x candidates
-        re-ranked, it keeps 91-94% of the dense model's retrieval on SmolLM2-135M at 4k-8k tokens, where the
+        re-ranked, it keeps 91-102% of the dense model's retrieval on SmolLM2-135M at 4k-8k tokens, where the
         estimate, even distilled, keeps no more than a sink + window (`benchmarks/results/retrieval_smollm2.md`).
     sea_candidate_factor (`int`, defaults to 4):
         With a factor c > 1, the bins holding the newest `sea_key_budget` keys and the best-ranked
@@ -126,11 +141,11 @@ class SeaConfigMixin:
         Learned per-query gates that scale the sparse attention and mix in an average context carrying
         information from keys outside the mask. They start neutral (scale 1, mix 0).
     sea_anchor_bins (`bool`, defaults to `True`):
-        Every query also reads its first and its last bin, ranked ahead of the estimate, within the same key
+        Every query also reads its first and its last bin, ranked ahead of the others, within the same key
         budget: the start of the sequence, where pretrained models park attention they do not need elsewhere
         ("attention sinks": the first token of a decoder, `[CLS]` of an encoder), and the end of the row (the
-        newest keys for a causal model, `[SEP]` for an encoder). `False` ranks by the estimate alone, as the
-        reference implementation does.
+        newest keys for a causal model, `[SEP]` for an encoder). `False` ranks by `sea_bin_ranking` alone, as the
+        reference implementation does (by its estimate).
     sea_query_block_size (`int`, defaults to 1):
         Consecutive queries that share one selection of keys: 1 (every query chooses its own keys, as in the paper)
         or 16, 32, 64, 128. Shared selections let the Triton kernel attend with matrix units (tensor cores), which
@@ -183,6 +198,10 @@ class SeaConfigMixin:
     sea_group_selection: bool = False
     sea_kernel: str = "auto"
     sea_baseline: str | None = None
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        return super().from_dict(with_bin_ranking(config_dict), **kwargs)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

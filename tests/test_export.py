@@ -8,8 +8,9 @@ from conftest import TINY_LLAMA, TINY_OPT, sea_test_config
 from sea.configuration_sea import SEA_FAMILIES
 from sea.modeling_sea import converted_class
 
-# A budget below the length, so that the selection (sized by its bound in the graph) leaves keys out.
-SEA = dict(sea_key_budget=16, sea_compressed_width=16)
+# A budget below the length, and candidates of the default re-ranking ((4 + 1) x 8 keys) too, so that the selection
+# (sized by its bound in the graph) leaves keys out.
+SEA = dict(sea_key_budget=8, sea_compressed_width=16)
 LENGTH = 48
 
 
@@ -25,8 +26,9 @@ def random_ids(seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "model_type, sea",
-    [(model_type, {}) for model_type in SEA_FAMILIES] + [("llama", {"sea_query_block_size": 16})],
-    ids=[*SEA_FAMILIES, "llama-query-blocks"],
+    [(model_type, {}) for model_type in SEA_FAMILIES] + [("llama", {"sea_query_block_size": 16}),
+                                                        ("llama", {"sea_bin_ranking": "estimate", "sea_candidate_factor": 1})],
+    ids=[*SEA_FAMILIES, "llama-query-blocks", "llama-estimate"],
 )
 def test_exported_program_matches_eager(model_type, sea):
     model = tiny_model(model_type, **sea)

@@ -227,12 +227,30 @@ def test_cli_refuses_to_overwrite_output(tmp_path, capsys):
         ("sea_key_budget", True, "sea_key_budget.*integer"),
         ("sea_anchor_bins", "yes", "sea_anchor_bins.*True or False"),
         ("sea_output_gates", "no", "sea_output_gates.*True or False"),
+        ("sea_bin_ranking", "oracle", "sea_bin_ranking.*key_summaries.*estimate"),
+        ("sea_baseline", "key_summaries", "sea_baseline.*content rankings are values of `sea_bin_ranking`"),
         ("hidden_size", 100, "hidden_size.*num_attention_heads"),
     ],
 )
 def test_config_validation_names_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
         SeaOptConfig(**{field: value})
+
+
+@pytest.mark.parametrize("saved_baseline, ranking, baseline", [(None, "estimate", None), ("oracle", "estimate", "oracle"),
+                                                             ("key_bounds", "key_bounds", None)])
+def test_a_config_saved_before_bin_rankings_keeps_its_ranking(tmp_path, saved_baseline, ranking, baseline):
+    """A config.json written before `sea_bin_ranking` existed (no such key) ranked bins by SEA's estimate, or by the
+    content ranking its `sea_baseline` named: loaded, it ranks them the same way; a config that has the key keeps
+    it."""
+    config = tiny_opt_config(sea_candidate_factor=1).to_dict()
+    del config["sea_bin_ranking"]
+    config["sea_baseline"] = saved_baseline
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = SeaOptConfig.from_pretrained(tmp_path)
+    assert (loaded.sea_bin_ranking, loaded.sea_baseline, loaded.sea_candidate_factor) == (ranking, baseline, 1)
+    tiny_opt_config().save_pretrained(tmp_path)  # the default ranking is written out, and read back as it is
+    assert SeaOptConfig.from_pretrained(tmp_path).sea_bin_ranking == "key_summaries"
 
 
 def test_bert_config_validation_and_save_time_check(tmp_path):

@@ -79,12 +79,14 @@ def test_small_budget_outputs_finite_and_sparse_attentions_returned(family):
             assert probs.triu(1).abs().sum() == 0, "future keys got attention"
 
 
-@pytest.mark.parametrize("model_type", SEA_FAMILIES)
-def test_forward_compiles_into_one_graph_and_equals_eager(model_type):
+@pytest.mark.parametrize("model_type, sea", [(model_type, {}) for model_type in SEA_FAMILIES] + [
+    ("llama", {"sea_bin_ranking": "estimate", "sea_candidate_factor": 1})], ids=[*SEA_FAMILIES, "llama-estimate"])
+def test_forward_compiles_into_one_graph_and_equals_eager(model_type, sea):
     """What `_can_compile_fullgraph` claims (and `torch.compile(model, fullgraph=True)` needs): a padded batch's
     forward traces into one graph with no break, and the compiled forward gives the eager logits (AOT autograd's
-    eager backend: the trace inductor compiles, without its code generation)."""
-    config = sea_test_config(model_type, sea_key_budget=8, sea_compressed_width=8)
+    eager backend: the trace inductor compiles, without its code generation). The budget leaves keys out of the
+    default's candidates ((4 + 1) x 6 of 40)."""
+    config = sea_test_config(model_type, sea_key_budget=6, sea_compressed_width=8, **sea)
     sea = converted_class(SEA_FAMILIES[model_type])(config).eval()
     randomize_sea_gates(sea)
     ids = random_ids(2, 40)
@@ -314,7 +316,7 @@ def test_the_model_loss_trains_the_gates_but_not_the_bin_ranking():
     """What the README's limitations say: the selection is discrete, so the loss alone gives the modules that only
     rank bins (row decoder, CNN) no gradient (distillation's attention losses train them), while the output gates
     and the encoder they read get one."""
-    _, sea = converted_opt(sea_key_budget=6, sea_compressed_width=8)
+    _, sea = converted_opt(sea_key_budget=6, sea_compressed_width=8, sea_bin_ranking="estimate", sea_candidate_factor=1)
     randomize_sea_gates(sea)
     sea.train()
     ids = random_ids(2, 40)

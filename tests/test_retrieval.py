@@ -86,14 +86,15 @@ def test_forward_logits_reads_the_tail_per_query_after_the_blocks_cache():
 
 def test_run_record_lists_every_measuring_command_once(tmp_path):
     """A work folder extended by later runs lists each measuring command once, in order; a run on another device
-    is marked with it; a record written with a single command keeps it; a report-only call adds nothing."""
+    is marked with it; a record written with a single command keeps it; a report-only call adds nothing. Arguments
+    are quoted as a shell needs them, so a listed command runs as it is."""
     from quality import run_record
 
     first = run_record(tmp_path, ["--rows", "dense"], "retrieval.py")
-    run_record(tmp_path, ["--rows", "oracle"], "retrieval.py")
+    run_record(tmp_path, ["--rows", "sea (converted)"], "retrieval.py")
     run_record(tmp_path, ["--rows", "dense"], "retrieval.py")  # resumed: already listed
     reported = run_record(tmp_path, ["--stage", "report"], "retrieval.py", measures=False)
-    want = ["python benchmarks/retrieval.py --rows dense", "python benchmarks/retrieval.py --rows oracle"]
+    want = ["python benchmarks/retrieval.py --rows dense", "python benchmarks/retrieval.py --rows 'sea (converted)'"]
     assert json.loads((tmp_path / "run.json").read_text())["commands"] == want
     assert reported["command"] == "\n".join(want) and reported["device"] == first["device"]
 

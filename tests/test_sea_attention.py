@@ -268,6 +268,31 @@ def test_causal_inference_within_the_budget_decodes_only_the_rows_the_next_call_
     assert_same_layer_outputs(needed_rows, every_row, exact, exact)
 
 
+@pytest.mark.parametrize("ranking, candidates", [("key_summaries", 4), ("key_bounds", 1)])
+def test_causal_inference_ranked_by_content_decodes_only_the_rows_the_next_call_needs(ranking, candidates):
+    """A causal inference forward past the budget whose ranking reads no estimate (a content ranking) decodes the
+    estimate of its first row and of the rows the CNN's memory needs only: the same carried state, keys and context
+    as estimating every row, over a padded batch continued from an earlier call; an estimate-ranked next call then
+    reads the same estimate."""
+    first, t = int(torch.randint(5, 40, ())), 110
+    op = make_operator(True, 12, dtype=torch.float64, ranking=ranking, candidates=candidates)
+    q, k, v = torch.randn(3, N, H, t, D, dtype=torch.float64).unbind(0)
+    valid = random_padding(t)
+    with torch.no_grad():
+        every_row = layer_in_two_calls(op, q, k, v, valid, first, D**-0.5, need_probs=True)
+        needed_rows = layer_in_two_calls(op, q, k, v, valid, first, D**-0.5, need_probs=False)
+    for every, needed in zip(every_row, needed_rows):
+        assert needed.estimate_log_probs.shape[2] == 1
+        torch.testing.assert_close(needed.estimate_log_probs, every.estimate_log_probs[:, :, :1], atol=1e-12, rtol=0)
+    exact = dict(atol=1e-10, rtol=0)
+    assert_same_layer_outputs(needed_rows, every_row, exact, exact)
+    op.config.sea_bin_ranking, op.config.sea_candidate_factor = "estimate", 1
+    with torch.no_grad():
+        after = op(q[:, :, first:], k, v, valid, D**-0.5, state=needed_rows[0].state, need_probs=True)
+        want = op(q[:, :, first:], k, v, valid, D**-0.5, state=every_row[0].state, need_probs=True)
+    torch.testing.assert_close(after.estimate_log_probs, want.estimate_log_probs, atol=1e-10, rtol=0)
+
+
 @pytest.mark.parametrize("block", [1, 16], ids=["per-query", "blocks"])
 def test_causal_inference_estimates_long_inputs_in_passes(block, monkeypatch):
     """At inference the PyTorch estimate of a long causal input runs in passes of rows carrying the kernel-attention
@@ -599,12 +624,16 @@ def test_group_selection_ranks_bins_by_their_largest_share_in_the_group(causal):
     assert not torch.equal(apart[:, 0::group], apart[:, 1::group])
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["one-chunk", "chunks-of-rows"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
-def test_key_summary_scores_match_each_bins_keys(causal):
+def test_key_summary_scores_match_each_bins_keys(causal, chunked, monkeypatch):
     """The content-based bin scores against a float64 loop over every row's bins: q . (mean key of the bin), and
     Quest's bound sum_d max(q_d min_d, q_d max_d) over the bin's keys, which is at least every q . k in the bin.
-    Grouped key/value heads, padded batches, rows with empty bins (fewer keys than bins) and bins of 1..9 keys."""
+    Grouped key/value heads, padded batches, rows with empty bins (fewer keys than bins) and bins of 1..9 keys; in
+    one chunk of rows, and in chunks of 7 rows."""
     width, t = 8, 75
+    if chunked:
+        monkeypatch.setattr(sea_attention, "SCORE_CHUNK_ELEMENTS", N * 2 * (width + 1) * 16 * 7)
     q = torch.randn(N, 4, t, 16, dtype=torch.float64)
     k = torch.randn(N, 2, t, 16, dtype=torch.float64)
     valid = random_padding(t)

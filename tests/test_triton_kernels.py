@@ -205,7 +205,7 @@ def test_inference_forward_with_the_estimate_kernels_equals_the_pytorch_path(gat
     torch.manual_seed(0)
     d = 64
     config = tiny_opt_config(sea_key_budget=24, sea_compressed_width=8, sea_query_block_size=16,
-                             sea_output_gates=gates)
+                             sea_output_gates=gates, sea_bin_ranking="estimate", sea_candidate_factor=1)
     op = SeaAttention(config, 4, d, True, 2)
     op.init_sea_weights()
     if gates:
@@ -230,7 +230,8 @@ def test_half_precision_inference_with_the_estimate_kernels_keeps_the_dtype(bloc
     """bfloat16 at inference, estimate kernels and gates (the kernel's float32 gate scale must not promote the
     output), close to the PyTorch path in bfloat16 and one new token continued from the state."""
     torch.manual_seed(0)
-    config = tiny_opt_config(sea_key_budget=24, sea_compressed_width=8, sea_query_block_size=block)
+    config = tiny_opt_config(sea_key_budget=24, sea_compressed_width=8, sea_query_block_size=block,
+                             sea_bin_ranking="estimate", sea_candidate_factor=1)
     op = SeaAttention(config, 2, d, True)
     op.init_sea_weights()
     with torch.no_grad():
