@@ -21,7 +21,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 WORK=${WORK:-outputs/multi-gpu}
 MIXED=${MIXED:-bf16}
 COMMON=(--model "$WORK/dense" --dataset-path "$WORK/wiki.txt" --max-length 1024 --key-budget 128
-        --compressed-width 128 --max-steps 60 --save-steps 30 --logging-steps 10 --baseline false
+        --compressed-width 128 --bin-ranking estimate --candidate-factor 1 --train-parameters estimator
+        --max-steps 60 --save-steps 30 --logging-steps 10 --baseline false
         --max-eval-tokens 16384 --seed 0 --bf16 "$([ "$MIXED" = bf16 ] && echo true || echo false)")
 LAUNCH=(accelerate launch --mixed_precision "$MIXED" --config_file)
 

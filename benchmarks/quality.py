@@ -1,9 +1,9 @@
 """Quality and cost of SEA on a real pretrained Llama-architecture decoder (SmolLM2-135M, packaged as GGUF).
 
 Perplexity on held-out Wikipedia text (the packaged enwiki excerpt) at contexts 1k, 2k and 4k of:
-the dense teacher; SEA right after conversion and after distillation (mask estimator only), with its default
-selection (bins ranked by the keys' content, which the estimator does not change) and ranking bins by its estimate
-(with and without anchor bins after distillation); at the same per-query key budget, a sliding window (the most recent bins), a sink + sliding window
+the dense teacher; SEA right after conversion and after distillation (its new modules: mask estimator and output
+gates), with its default selection (bins ranked by the keys' content) and ranking bins by its estimate (with and
+without anchor bins after distillation); at the same per-query key budget, a sliding window (the most recent bins), a sink + sliding window
 (with anchor bins), a random mask and a kernel-attention-only (Performer) model trained on the teacher's outputs;
 and the distilled SEA model and the sink window each with the whole model then trained on the teacher's outputs.
 Each scored token has at least 15/16 of the window before it, so the key budget is a fixed share of what it could
@@ -45,10 +45,9 @@ from sea.configuration_sea import SeaConfigMixin  # noqa: E402
 from training.evaluation import sliding_window_perplexity  # noqa: E402
 from training.sea_trainer import (  # noqa: E402
     ATTENTION_LOSSES,
-    OUTPUT_LOSSES,
     SeaDistillationArguments,
     SeaDistillationTrainer,
-    is_estimator_parameter,
+    is_sea_parameter,
 )
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -61,8 +60,8 @@ DISTILLED = "sea (distilled)"
 FINETUNED = "sea (distilled, then whole model fine-tuned)"
 SINK_WINDOW_FINETUNED = "sink + local window, whole model fine-tuned the same way"
 KERNEL = "kernel attention (Performer, trained)"
-# SEA ranking bins by its estimate, without re-ranking (the paper's selection): what the estimator distillation
-# trains and is measured with. SEA's default ranks bins by the keys' content and reads no estimate.
+# SEA ranking bins by its estimate, without re-ranking (the paper's selection), beside SEA's default, which ranks
+# bins by the keys' content and reads no estimate (only the distilled gates change it).
 ESTIMATE_RANKING = dict(sea_bin_ranking="estimate", sea_candidate_factor=1)
 # Report row of each training's cost -> its name in the work dir.
 TRAINED_COSTS = {
@@ -224,11 +223,12 @@ def sea_model(teacher, args, **overrides):
 
 
 def distilled_sea(teacher, train, args, work: Path):
-    """The SEA model with its mask estimator distilled on the attention losses (the teacher's weights and gates
-    kept, so SEA computes the teacher's function on the keys it reads), ranking bins by that estimate."""
-    model = sea_model(teacher, args, **ESTIMATE_RANKING)
-    losses = SeaDistillationArguments(**dict.fromkeys(OUTPUT_LOSSES, 0.0))
-    return trained("sea-distilled", model, teacher, train, args.steps, losses, args, work, is_estimator_parameter)
+    """The SEA model with its new modules (mask estimator and output gates) distilled on the attention losses and
+    the teacher's outputs, as `conversion/distill.py` does by default (the teacher's weights kept); no LM loss on
+    the text (see `finetuned`)."""
+    losses = SeaDistillationArguments(task_loss_weight=0.0)
+    return trained("sea-distilled", sea_model(teacher, args), teacher, train, args.steps, losses, args, work,
+                   is_sea_parameter)
 
 
 def finetuned(name: str, teacher, train, args, work: Path, **overrides):
@@ -399,11 +399,11 @@ def bert_fold(k: int, encoded, tokenizer, args, work: Path) -> dict:
     budget = dict(sea_key_budget=8, sea_compressed_width=16)
     untrained = convert_to_sea(teacher, **budget)
     student = convert_to_sea(teacher, **budget)
-    for name, param in student.named_parameters():
-        param.requires_grad_(is_estimator_parameter(name))
+    for name, param in student.named_parameters():  # what conversion/distill.py trains by default
+        param.requires_grad_(is_sea_parameter(name))
     start = time.time()
     trainer = SeaDistillationTrainer(model=student, args=training, train_dataset=train, data_collator=collator,
-                                     teacher=teacher, distillation=SeaDistillationArguments(**dict.fromkeys(OUTPUT_LOSSES, 0.0)))
+                                     teacher=teacher, distillation=SeaDistillationArguments())
     trainer.train()
     cost = {"steps": trainer.state.global_step, "tokens_seen": int(trainer.state.num_input_tokens_seen),
             "wall_time_s": round(time.time() - start, 1), "device": str(training.device)}
@@ -535,11 +535,10 @@ def llama_report(args, work: Path, argv):
     measure("sea (converted, untrained)", "sea-untrained", lambda: sea_model(teacher, args))
     measure("sea estimate (converted, untrained)", "sea-estimate-untrained",
             lambda: sea_model(teacher, args, **ESTIMATE_RANKING))
-    estimate_sea, _ = distilled_sea(teacher, train, args, work)
-    measure("sea estimate (distilled)", "sea-estimate-distilled", lambda: estimate_sea)
-    # The default selection with the distilled weights: what is published.
-    sea = with_trained_weights(sea_model(teacher, args), work / "sea-distilled.safetensors")
+    sea, _ = distilled_sea(teacher, train, args, work)
     measure(DISTILLED, "sea-distilled", lambda: sea)
+    measure("sea estimate (distilled)", "sea-estimate-distilled", lambda: with_trained_weights(
+        sea_model(teacher, args, **ESTIMATE_RANKING), work / "sea-distilled.safetensors"))
     for row, (file_name, overrides) in SAME_BUDGET_BASELINES.items():
         measure(row, file_name, lambda: sea_model(teacher, args, **overrides))
     measure(KERNEL, "kernel-baseline", lambda: kernel_baseline(teacher, train, args, work)[0], attention_stats=False)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from sea.configuration_sea import with_bin_ranking
+
 TEMPLATE = Path(__file__).with_name("template.md")
 PLOT_CAPTIONS = {
     "plots/scaling.png": "Time and peak memory of one attention layer vs sequence length: SEA next to dense attention.",
@@ -107,7 +109,7 @@ def render_card(folder: str | os.PathLike, load_from: str) -> ModelCard:
         base_architecture=config["model_type"].upper(),
         task_description=TASKS[task]["description"],
         usage_code=usage_code(task, load_from),
-        sea_config={k: v for k, v in config.items() if k.startswith("sea_")},
+        sea_config={k: v for k, v in with_bin_ranking(config).items() if k.startswith("sea_")},
         eval_description=summary["dataset"]["description"],
         eval_table=evaluation_table(summary["evaluation"]),
         cost_text=cost_text(summary["training"]),

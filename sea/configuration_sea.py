@@ -88,14 +88,15 @@ SEA_FIELD_RULES = {
 
 
 def with_bin_ranking(config_dict: dict) -> dict:
-    """A saved SEA config as this code reads it. Configs saved before `sea_bin_ranking` existed ranked bins by the
-    estimate, or by the content ranking their `sea_baseline` named: they keep that ranking."""
-    if "sea_bin_ranking" in config_dict or not any(key.startswith("sea_") for key in config_dict):
+    """A saved SEA config as this code reads it. Configs saved before `sea_bin_ranking` existed (every saved SEA
+    config holds `sea_budget_rule`) ranked bins by the estimate, or by the content ranking their `sea_baseline`
+    named, and those saved before `sea_candidate_factor` existed re-ranked nothing: they keep that selection."""
+    if "sea_bin_ranking" in config_dict or "sea_budget_rule" not in config_dict:
         return config_dict
-    baseline = config_dict.get("sea_baseline")
-    if baseline in SEA_BIN_RANKINGS:
-        return {**config_dict, "sea_bin_ranking": baseline, "sea_baseline": None}
-    return {**config_dict, "sea_bin_ranking": "estimate"}
+    upgraded = {"sea_candidate_factor": 1, **config_dict, "sea_bin_ranking": "estimate"}
+    if upgraded.get("sea_baseline") in SEA_BIN_RANKINGS:
+        upgraded["sea_bin_ranking"], upgraded["sea_baseline"] = upgraded["sea_baseline"], None
+    return upgraded
 
 
 @dataclass(kw_only=True, repr=False)

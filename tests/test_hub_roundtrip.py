@@ -237,18 +237,21 @@ def test_config_validation_names_the_field(field, value, message):
         SeaOptConfig(**{field: value})
 
 
-@pytest.mark.parametrize("saved_baseline, ranking, baseline", [(None, "estimate", None), ("oracle", "estimate", "oracle"),
-                                                             ("key_bounds", "key_bounds", None)])
-def test_a_config_saved_before_bin_rankings_keeps_its_ranking(tmp_path, saved_baseline, ranking, baseline):
+@pytest.mark.parametrize("saved_baseline, saved_factor, ranking, baseline, factor", [
+    (None, None, "estimate", None, 1), ("oracle", 3, "estimate", "oracle", 3), ("key_bounds", 1, "key_bounds", None, 1)])
+def test_a_config_saved_before_bin_rankings_keeps_its_ranking(tmp_path, saved_baseline, saved_factor, ranking, baseline,
+                                                              factor):
     """A config.json written before `sea_bin_ranking` existed (no such key) ranked bins by SEA's estimate, or by the
-    content ranking its `sea_baseline` named: loaded, it ranks them the same way; a config that has the key keeps
-    it."""
-    config = tiny_opt_config(sea_candidate_factor=1).to_dict()
-    del config["sea_bin_ranking"]
+    content ranking its `sea_baseline` named, and one written before `sea_candidate_factor` existed re-ranked
+    nothing: loaded, it selects the same way; a config that has the key keeps it."""
+    config = tiny_opt_config().to_dict()
+    del config["sea_bin_ranking"], config["sea_candidate_factor"]
     config["sea_baseline"] = saved_baseline
+    if saved_factor is not None:
+        config["sea_candidate_factor"] = saved_factor
     (tmp_path / "config.json").write_text(json.dumps(config))
     loaded = SeaOptConfig.from_pretrained(tmp_path)
-    assert (loaded.sea_bin_ranking, loaded.sea_baseline, loaded.sea_candidate_factor) == (ranking, baseline, 1)
+    assert (loaded.sea_bin_ranking, loaded.sea_baseline, loaded.sea_candidate_factor) == (ranking, baseline, factor)
     tiny_opt_config().save_pretrained(tmp_path)  # the default ranking is written out, and read back as it is
     assert SeaOptConfig.from_pretrained(tmp_path).sea_bin_ranking == "key_summaries"
 
