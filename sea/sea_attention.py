@@ -814,6 +814,11 @@ class SelectionRule:
     anchor_bins: bool
     """`sea_anchor_bins`: the first and last bin of every row first (`anchored`)."""
 
+    @property
+    def candidate_budget(self) -> int:
+        """Keys the candidates of `reranked` hold at most: the newest budget keys and c x budget keys besides."""
+        return (self.candidate_factor + 1) * self.budget
+
 
 def anchored(ranking: torch.Tensor, edges: torch.Tensor, anchor_bins: bool) -> torch.Tensor:
     """`ranking` with the anchor bins (first and last, when `anchor_bins`) first and the empty bins (from `edges`)
@@ -842,7 +847,7 @@ def reranked(ranking: torch.Tensor, edges: torch.Tensor, candidate_log_mass, rul
     sizes = edges.diff(dim=-1)
     newest = (edges[..., :-1] >= edges[..., -1:] - rule.budget) & (sizes > 0)  # bins starting in the newest budget
     candidates = ranking.masked_fill(newest.unsqueeze(1), torch.finfo(ranking.dtype).max)
-    starts, lengths, bins = select_keys(candidates, edges, (rule.candidate_factor + 1) * rule.budget, "constant")
+    starts, lengths, bins = select_keys(candidates, edges, rule.candidate_budget, "constant")
     mass = candidate_log_mass(starts, lengths).masked_fill(lengths == 0, float("-inf"))
     exact = torch.full_like(ranking, float("-inf"), dtype=mass.dtype).scatter_(-1, bins, mass)
     return anchored(exact, edges, rule.anchor_bins)

@@ -194,7 +194,7 @@ class SeaAttention(nn.Module):
     def ranks_by_estimate(self) -> bool:
         """Whether anything but the causal state reads the estimated rows: SEA's ranking by them, or the kernel
         attention of the "kernel_attention" baseline."""
-        return self.baseline == "kernel_attention" or (self.baseline is None and self.bin_ranking == "estimate")
+        return self.kernel_attention_only or (self.baseline is None and self.bin_ranking == "estimate")
 
     @torch.no_grad()
     def init_sea_weights(self):
@@ -296,8 +296,8 @@ class SeaAttention(nn.Module):
         ranked by their first row (`sea_block_ranking="first_row"`) then also estimate only the rows that choose
         keys (the first of every block): `estimate_log_probs` has one row per block; so do causal inference
         forwards whose keys all fit in the budget or whose ranking reads no estimate (`ranks_by_estimate`), as one
-        block of every row (the estimate still carries the state on). Training losses and plots ask for probabilities and get every row. `dropout`: the
-        attention dropout of the sparse probabilities, which the model passes in training only (as transformers'
+        block of every row (the estimate still carries the state on). Training losses and plots ask for probabilities
+        and get every row. `dropout`: the attention dropout of the sparse probabilities, which the model passes in training only (as transformers'
         attention does); it changes the context, not the returned probabilities. `new_slots` (T,): where the
         new positions lie in k, v and key_valid when they are not the last T, as in a static cache's buffers,
         whose unfilled slots after them `key_valid` marks invalid. An inference forward without probabilities
@@ -361,8 +361,7 @@ class SeaAttention(nn.Module):
             with torch.no_grad():
                 attend = sparse_attention_implementation(q, self.kernel)
 
-                # Candidates are (c + 1) x budget keys at most (`reranked`).
-                candidate_keys = min(k.shape[2], (self.candidate_factor + 1) * self.budget)
+                candidate_keys = min(k.shape[2], self.selection_rule.candidate_budget)
 
                 def rows_log_mass(rows, starts, lengths, row_counts):
                     return range_log_mass(q[:, :, rows], k, v, starts, lengths, positions, row_counts, scaling, attend,
