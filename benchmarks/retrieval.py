@@ -16,8 +16,8 @@ Rows (each sparse row at every key budget, a share of the length): the dense tea
 with its default selection (bins ranked by the keys' content, `sea_bin_ranking="key_summaries"`, whose best 4x
 budget keys and the newest budget keys are candidates that each query re-ranks by its exact attention over them,
 `sea_candidate_factor=4`) and with the paper's, bins ranked by SEA's estimate (`sea_bin_ranking="estimate"`, no
-re-ranking), right after conversion and with its estimator distilled (`benchmarks/quality.py`'s recipe, its
-weights file); sink + local window and random bins + anchors (SEA's first and last bin); the oracle: the bins
+re-ranking), each right after conversion and distilled (`benchmarks/quality.py`'s recipe, which trains the
+estimator and the output gates, its weights file); sink + local window and random bins + anchors (SEA's first and last bin); the oracle: the bins
 holding the most of each layer's exact attention mass (`sea_baseline="oracle"`), the upper bound of any bin
 selector at that budget, with and without the anchors; the content rankings alone, by each bin's mean key
 (MoBA-style) and by Quest's per-channel bound of the bin's scores (`sea_bin_ranking="key_means"` /
@@ -71,6 +71,7 @@ COPY_SPAN, COPY_GIVEN = 64, 48
 ROWS = {
     "dense": None,
     "sea (converted)": {},
+    "sea (distilled)": {},
     "sea estimate (converted)": dict(sea_bin_ranking="estimate", sea_candidate_factor=1),
     "sea estimate (distilled)": dict(sea_bin_ranking="estimate", sea_candidate_factor=1),
     "sink + local window": dict(sea_baseline="local_window", sea_candidate_factor=1),
@@ -83,9 +84,7 @@ ROWS = {
     "key bounds, 2x candidates re-ranked exactly": dict(sea_bin_ranking="key_bounds", sea_candidate_factor=2),
     "sea (converted), no anchors": dict(sea_anchor_bins=False),
 }
-# The estimator's distillation changes no weight that the default selection reads (the gates stay neutral), so only
-# the estimate ranking has a distilled row.
-DISTILLED_ROWS = ("sea estimate (distilled)",)
+DISTILLED_ROWS = ("sea (distilled)", "sea estimate (distilled)")
 # What a row's fields replace: every sparse row starts from SEA's defaults.
 ROW_DEFAULTS = {name: getattr(SeaConfigMixin, name)
                 for name in ("sea_bin_ranking", "sea_candidate_factor", "sea_anchor_bins", "sea_baseline")}
